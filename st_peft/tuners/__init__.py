@@ -1,0 +1,1 @@
+"""PEFT tuners of st-peft; importing this package registers them with PEFT."""
