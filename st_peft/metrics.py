@@ -1,0 +1,232 @@
+"""Masked forecasting metrics: MAE, RMSE, MAPE, WAPE per horizon, pinball loss and CRPS.
+
+Every function takes torch tensors or numpy arrays laid out ``(B, H, N, C)`` (any layout
+works for the point metrics as long as ``pred`` and ``target`` match; ``horizon_metrics``
+reads the horizon from axis 1). Torch inputs give a 0-dim tensor that keeps its graph,
+so the same functions serve as training losses; numpy inputs give a Python float.
+
+Which entries count:
+    * ``mask`` (bool, True = observed) when given; it overrides ``null_value``.
+    * otherwise every entry whose target differs from ``null_value`` (``0.0`` by
+      default, or ``float("nan")`` to drop NaN targets).
+    * non-finite targets never count, whatever the mask says: a NaN target means
+      "missing" in every data set this project reads.
+
+A slice with no counted entry gives 0, never NaN. MAPE and WAPE are in percent, the way
+BasicTS and the papers report them (``9.32`` means 9.32 %). MAPE also skips entries
+whose target is exactly 0, where a relative error is undefined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_tensor(value: ArrayLike | None) -> torch.Tensor | None:
+    """Wrap numpy arrays as float64 tensors (no copy); leave tensors alone."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    if array.dtype == np.bool_:
+        return torch.from_numpy(array)
+    return torch.from_numpy(array.astype(np.float64, copy=False))
+
+
+def _output(value: torch.Tensor, numpy_in: bool) -> torch.Tensor | float:
+    return float(value) if numpy_in else value
+
+
+def _check_shapes(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
+    if mask is not None and mask.shape != target.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but target has shape {tuple(target.shape)}")
+
+
+def valid_mask(target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0) -> torch.Tensor:
+    """Return the bool tensor of entries that count, shaped like ``target``.
+
+    Args:
+        target: ground truth ``(B, H, N, C)``.
+        mask: bool ``(B, H, N, C)``, True = observed; overrides ``null_value``.
+        null_value: the value that marks a missing target when ``mask`` is None (0.0 or NaN).
+    """
+    target_t = _as_tensor(target)
+    finite = torch.isfinite(target_t)
+    if mask is not None:
+        return _as_tensor(mask).to(torch.bool) & finite
+    if math.isnan(null_value):
+        return finite
+    return finite & (target_t != null_value)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # torch.where instead of multiplying by the mask: pred may be NaN or inf at masked
+    # entries, and 0 * inf would leak NaN into the mean.
+    total = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    count = valid.sum()
+    return total / count.clamp(min=1)
+
+
+def _prepare(
+    pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None, null_value: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    numpy_in = not isinstance(pred, torch.Tensor)
+    pred_t, target_t, mask_t = _as_tensor(pred), _as_tensor(target), _as_tensor(mask)
+    _check_shapes(pred_t, target_t, mask_t)
+    valid = valid_mask(target_t, mask_t, null_value)
+    # zero out missing targets so that arithmetic on them stays finite
+    target_t = torch.where(valid, target_t, torch.zeros((), dtype=target_t.dtype, device=target_t.device))
+    return pred_t, target_t, valid, numpy_in
+
+
+def masked_mae(
+    pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
+) -> torch.Tensor | float:
+    """Mean absolute error over observed entries of ``(B, H, N, C)`` inputs (0 when none is observed)."""
+    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
+    return _output(_masked_mean((pred_t - target_t).abs(), valid), numpy_in)
+
+
+def masked_mse(
+    pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
+) -> torch.Tensor | float:
+    """Mean squared error over observed entries of ``(B, H, N, C)`` inputs (0 when none is observed)."""
+    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
+    return _output(_masked_mean((pred_t - target_t) ** 2, valid), numpy_in)
+
+
+def masked_rmse(
+    pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
+) -> torch.Tensor | float:
+    """Root mean squared error over observed entries of ``(B, H, N, C)`` inputs (0 when none is observed)."""
+    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
+    return _output(_masked_mean((pred_t - target_t) ** 2, valid).sqrt(), numpy_in)
+
+
+def masked_mape(
+    pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
+) -> torch.Tensor | float:
+    """Mean absolute percentage error in percent over observed, non-zero targets of ``(B, H, N, C)`` inputs."""
+    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
+    valid = valid & (target_t != 0)
+    safe_target = torch.where(valid, target_t, torch.ones((), dtype=target_t.dtype, device=target_t.device))
+    return _output(100.0 * _masked_mean(((pred_t - target_t) / safe_target).abs(), valid), numpy_in)
+
+
+def masked_wape(
+    pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
+) -> torch.Tensor | float:
+    """Weighted absolute percentage error in percent: ``100 * sum|pred - target| / sum|target|`` over observed entries.
+
+    Inputs are ``(B, H, N, C)``. Gives 0 when the observed targets sum to 0 in absolute value
+    (in particular when nothing is observed).
+    """
+    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
+    zero = torch.zeros((), dtype=pred_t.dtype, device=pred_t.device)
+    error = torch.where(valid, (pred_t - target_t).abs(), zero).sum()
+    scale = target_t.abs().sum()
+    wape = torch.where(scale > 0, 100.0 * error / scale.clamp(min=torch.finfo(scale.dtype).tiny), zero)
+    return _output(wape, numpy_in)
+
+
+POINT_METRICS = {"mae": masked_mae, "rmse": masked_rmse, "mape": masked_mape, "wape": masked_wape}
+
+
+def horizon_metrics(
+    pred: ArrayLike,
+    target: ArrayLike,
+    mask: ArrayLike | None = None,
+    horizons: Sequence[int] = (3, 6, 12),
+    null_value: float = 0.0,
+) -> dict[str, float]:
+    """MAE, RMSE, MAPE and WAPE at chosen horizon steps and over all of them.
+
+    Args:
+        pred: forecast in original units ``(B, H, N, C)``.
+        target: ground truth ``(B, H, N, C)``.
+        mask: bool ``(B, H, N, C)``, True = observed; overrides ``null_value``.
+        horizons: 1-based steps ahead to report, each in ``[1, H]`` (step 3 is ``pred[:, 2]``).
+        null_value: the value that marks a missing target when ``mask`` is None.
+
+    Returns:
+        ``{"mae@3": ..., "rmse@3": ..., "mape@3": ..., "wape@3": ..., ..., "mae": ..., "rmse": ...,
+        "mape": ..., "wape": ...}`` as floats. The keys without ``@`` pool every observed entry of
+        every step, as BasicTS does, so an all-masked step simply adds nothing to them.
+    """
+    pred_t, target_t, mask_t = _as_tensor(pred), _as_tensor(target), _as_tensor(mask)
+    _check_shapes(pred_t, target_t, mask_t)
+    if pred_t.dim() < 2:
+        raise ValueError(f"horizon_metrics needs inputs shaped (B, H, ...), got shape {tuple(pred_t.shape)}")
+    steps = pred_t.shape[1]
+    bad = [h for h in horizons if not 1 <= h <= steps]
+    if bad:
+        raise ValueError(f"horizons {bad} are outside [1, {steps}]: the forecast has {steps} steps")
+    with torch.no_grad():
+        results: dict[str, float] = {}
+        for h in horizons:
+            step_mask = None if mask_t is None else mask_t[:, h - 1]
+            for name, fn in POINT_METRICS.items():
+                results[f"{name}@{h}"] = float(fn(pred_t[:, h - 1], target_t[:, h - 1], step_mask, null_value))
+        for name, fn in POINT_METRICS.items():
+            results[name] = float(fn(pred_t, target_t, mask_t, null_value))
+    return results
+
+
+def pinball_loss(
+    quantile_pred: ArrayLike,
+    target: ArrayLike,
+    quantiles: Sequence[float],
+    mask: ArrayLike | None = None,
+    null_value: float = 0.0,
+) -> torch.Tensor | float:
+    """Quantile (pinball) loss averaged over quantiles and observed entries.
+
+    For quantile ``q`` and error ``e = target - pred_q`` the loss is ``max(q * e, (q - 1) * e)``.
+
+    Args:
+        quantile_pred: quantile forecasts ``(B, H, N, C, Q)``, the last axis following ``quantiles``.
+        target: ground truth ``(B, H, N, C)``.
+        quantiles: the ``Q`` levels, each in ``(0, 1)``.
+        mask: bool ``(B, H, N, C)``, True = observed; overrides ``null_value``.
+        null_value: the value that marks a missing target when ``mask`` is None.
+    """
+    numpy_in = not isinstance(quantile_pred, torch.Tensor)
+    pred_t, target_t, mask_t = _as_tensor(quantile_pred), _as_tensor(target), _as_tensor(mask)
+    if pred_t.shape[:-1] != target_t.shape or pred_t.shape[-1] != len(quantiles):
+        raise ValueError(
+            f"quantile_pred has shape {tuple(pred_t.shape)}; expected target's shape {tuple(target_t.shape)} "
+            f"plus a last axis of {len(quantiles)} quantiles"
+        )
+    if any(not 0.0 < q < 1.0 for q in quantiles):
+        raise ValueError(f"quantiles must lie in (0, 1), got {list(quantiles)}")
+    if mask_t is not None and mask_t.shape != target_t.shape:
+        raise ValueError(f"mask has shape {tuple(mask_t.shape)} but target has shape {tuple(target_t.shape)}")
+    valid = valid_mask(target_t, mask_t, null_value)
+    target_t = torch.where(valid, target_t, torch.zeros((), dtype=target_t.dtype, device=target_t.device))
+    levels = torch.as_tensor(quantiles, dtype=pred_t.dtype, device=pred_t.device)
+    error = target_t.unsqueeze(-1) - pred_t
+    loss = torch.maximum(levels * error, (levels - 1.0) * error).mean(dim=-1)
+    return _output(_masked_mean(loss, valid), numpy_in)
+
+
+def crps(
+    quantile_pred: ArrayLike,
+    target: ArrayLike,
+    quantiles: Sequence[float],
+    mask: ArrayLike | None = None,
+    null_value: float = 0.0,
+) -> torch.Tensor | float:
+    """Continuous ranked probability score approximated from quantile forecasts.
+
+    CRPS equals ``2 * integral over q in (0, 1) of pinball_q``; with evenly spread levels
+    (``0.1, ..., 0.9``) the integral is approximated by the mean over the given quantiles,
+    so this returns ``2 * pinball_loss(...)``. Shapes as in :func:`pinball_loss`.
+    """
+    return 2.0 * pinball_loss(quantile_pred, target, quantiles, mask, null_value)
