@@ -71,7 +71,7 @@ def test_all_masked_gives_zero_not_nan():
     grad_pred = torch.zeros(1, 2, 2, 1, requires_grad=True)
     loss = masked_mae(grad_pred, torch.zeros(1, 2, 2, 1))
     loss.backward()
-    assert float(loss) == 0.0 and torch.isfinite(grad_pred.grad).all()
+    assert float(loss.detach()) == 0.0 and torch.isfinite(grad_pred.grad).all()
 
 
 def test_horizon_metrics_per_step_and_pooled():
