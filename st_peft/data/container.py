@@ -1,0 +1,215 @@
+"""`STData`: the one in-memory container of a spatio-temporal data set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from st_peft.data.errors import DataError
+
+MINUTES_PER_DAY = 1440
+
+
+@dataclass
+class STData:
+    """Values of N nodes over T time steps, with what is needed to forecast them.
+
+    Attributes:
+        values: float32 ``(T, N, C)``; missing entries hold 0.
+        mask: bool ``(T, N, C)``, True where the value was observed.
+        steps_per_day: time steps in one day (288 for 5 minutes; 1 for daily or coarser data).
+        name: the data set's name.
+        timestamps: datetime64[ns] ``(T,)``, or None when only the step length is known.
+        start_day_of_week: day of week (Monday = 0) of step 0 when ``timestamps`` is None.
+        adjacency: float32 ``(N, N)`` weighted or binary adjacency, or None.
+        node_ids: one id per node; defaults to ``"0" .. "N-1"``.
+        channel_names: one name per channel; defaults to ``"c0" ..``.
+    """
+
+    values: np.ndarray
+    mask: np.ndarray
+    steps_per_day: int
+    name: str = "data"
+    timestamps: np.ndarray | None = None
+    start_day_of_week: int = 0
+    adjacency: np.ndarray | None = None
+    node_ids: list[str] = field(default_factory=list)
+    channel_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        values = np.asarray(self.values)
+        if values.ndim != 3:
+            raise DataError(f"{self.name}: values must be (T, N, C), got shape {values.shape}")
+        mask = np.asarray(self.mask, dtype=bool)
+        if mask.shape != values.shape:
+            raise DataError(f"{self.name}: mask shape {mask.shape} differs from values shape {values.shape}")
+        if not np.isfinite(values[mask]).all():
+            raise DataError(
+                f"{self.name}: values hold NaN or inf at observed positions; "
+                "mark them missing in `mask` or use a reader that treats them as missing"
+            )
+        self.values = np.where(mask, values, 0).astype(np.float32)
+        self.mask = mask
+        t, n, c = values.shape
+        if self.steps_per_day < 1:
+            raise DataError(f"{self.name}: steps_per_day must be >= 1, got {self.steps_per_day}")
+        if self.timestamps is not None:
+            self.timestamps = np.asarray(self.timestamps, dtype="datetime64[ns]")
+            if self.timestamps.shape != (t,):
+                raise DataError(f"{self.name}: {self.timestamps.shape[0]} timestamps for {t} time steps")
+        if self.adjacency is not None:
+            self.adjacency = np.asarray(self.adjacency, dtype=np.float32)
+            if self.adjacency.shape != (n, n):
+                raise DataError(f"{self.name}: adjacency is {self.adjacency.shape} but the data has {n} nodes")
+            if not np.isfinite(self.adjacency).all():
+                raise DataError(f"{self.name}: adjacency holds NaN or inf")
+        self.node_ids = [str(i) for i in self.node_ids] or [str(i) for i in range(n)]
+        if len(self.node_ids) != n:
+            raise DataError(f"{self.name}: {len(self.node_ids)} node ids for {n} nodes")
+        self.channel_names = list(self.channel_names) or [f"c{i}" for i in range(c)]
+        if len(self.channel_names) != c:
+            raise DataError(f"{self.name}: {len(self.channel_names)} channel names for {c} channels")
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of time steps."""
+        return self.values.shape[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """N, the number of nodes."""
+        return self.values.shape[1]
+
+    @property
+    def num_channels(self) -> int:
+        """C, the number of channels."""
+        return self.values.shape[2]
+
+    def calendar(self) -> np.ndarray:
+        """Calendar features of every step.
+
+        Returns:
+            int64 ``(T, 2)``: time-of-day slot in ``[0, steps_per_day)`` and day of week in ``[0, 7)``.
+        """
+        if self.timestamps is not None:
+            stamps = pd.DatetimeIndex(self.timestamps)
+            minutes = stamps.hour * 60 + stamps.minute
+            slot = (np.asarray(minutes) * self.steps_per_day) // MINUTES_PER_DAY
+            day = np.asarray(stamps.dayofweek)
+        else:
+            steps = np.arange(self.num_steps)
+            slot = steps % self.steps_per_day
+            day = (steps // self.steps_per_day + self.start_day_of_week) % 7
+        return np.stack([slot, day], axis=-1).astype(np.int64)
+
+    def select_nodes(self, node_index: np.ndarray) -> STData:
+        """Return a copy restricted to the nodes ``node_index`` (int array), adjacency included."""
+        node_index = np.asarray(node_index, dtype=np.int64)
+        adjacency = None if self.adjacency is None else self.adjacency[np.ix_(node_index, node_index)]
+        return STData(
+            values=self.values[:, node_index],
+            mask=self.mask[:, node_index],
+            steps_per_day=self.steps_per_day,
+            name=self.name,
+            timestamps=self.timestamps,
+            start_day_of_week=self.start_day_of_week,
+            adjacency=adjacency,
+            node_ids=[self.node_ids[i] for i in node_index],
+            channel_names=self.channel_names,
+        )
+
+    def to_hf_dataset(self):
+        """Convert to a ``datasets.Dataset`` with one row per time step.
+
+        Columns: ``values`` and ``mask`` (each ``(N, C)`` per row) and, when known,
+        ``timestamp``. Graph and metadata travel as JSON in ``info.description``, so the
+        data set can be pushed to and pulled from the Hub whole.
+        """
+        import datasets
+
+        t, n, c = self.values.shape
+        columns = {
+            "values": self.values,
+            "mask": self.mask,
+        }
+        features = {
+            "values": datasets.Array2D(shape=(n, c), dtype="float32"),
+            "mask": datasets.Array2D(shape=(n, c), dtype="bool"),
+        }
+        if self.timestamps is not None:
+            columns["timestamp"] = self.timestamps.astype("datetime64[ns]")
+            features["timestamp"] = datasets.Value("timestamp[ns]")
+        metadata = {
+            "st_peft": {
+                "name": self.name,
+                "steps_per_day": self.steps_per_day,
+                "start_day_of_week": self.start_day_of_week,
+                "node_ids": self.node_ids,
+                "channel_names": self.channel_names,
+                "adjacency": None if self.adjacency is None else self.adjacency.tolist(),
+            }
+        }
+        dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+        dataset.info.description = json.dumps(metadata)
+        return dataset
+
+    @classmethod
+    def from_hf_dataset(cls, dataset, name: str | None = None, steps_per_day: int | None = None) -> STData:
+        """Build from a ``datasets.Dataset`` made by :meth:`to_hf_dataset` (or shaped like one).
+
+        Args:
+            dataset: rows of ``values`` ``(N, C)``, optional ``mask`` and ``timestamp``.
+            name: overrides the stored name.
+            steps_per_day: required when the data set carries no st-peft metadata.
+        """
+        try:
+            metadata = json.loads(dataset.info.description or "{}").get("st_peft", {})
+        except json.JSONDecodeError:
+            metadata = {}
+        if "values" not in dataset.column_names:
+            raise DataError(f"the dataset has no 'values' column (columns: {dataset.column_names})")
+        table = dataset.with_format("numpy")
+        values = np.asarray(table["values"][:], dtype=np.float32)
+        if values.ndim == 2:
+            values = values[..., None]
+        mask = (
+            np.asarray(table["mask"][:], dtype=bool).reshape(values.shape)
+            if "mask" in dataset.column_names
+            else np.isfinite(values)
+        )
+        timestamps = np.asarray(table["timestamp"][:]) if "timestamp" in dataset.column_names else None
+        spd = steps_per_day or metadata.get("steps_per_day")
+        if spd is None:
+            raise DataError("steps_per_day is unknown: pass it, the dataset carries no st-peft metadata")
+        adjacency = metadata.get("adjacency")
+        return cls(
+            values=np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) * mask,
+            mask=mask,
+            steps_per_day=int(spd),
+            name=name or metadata.get("name", "data"),
+            timestamps=timestamps,
+            start_day_of_week=int(metadata.get("start_day_of_week", 0)),
+            adjacency=None if adjacency is None else np.asarray(adjacency, dtype=np.float32),
+            node_ids=metadata.get("node_ids", []),
+            channel_names=metadata.get("channel_names", []),
+        )
+
+
+def observed_mask(values: np.ndarray, missing_value: float | None) -> np.ndarray:
+    """Mask of observed entries: finite values that do not equal ``missing_value``.
+
+    Args:
+        values: any array.
+        missing_value: the value the format uses for "missing" (0 for traffic sensors), or None
+            when every finite value is real.
+
+    Returns:
+        bool array of the same shape, True where observed.
+    """
+    mask = np.isfinite(values)
+    if missing_value is not None:
+        mask &= values != missing_value
+    return mask

@@ -1,0 +1,160 @@
+"""Readers for the signal formats people have: PEMS npz, METR-LA/PEMS-BAY h5, wide CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from st_peft.data.container import MINUTES_PER_DAY, STData, observed_mask
+from st_peft.data.errors import DataError
+
+
+def read_npz(
+    path: str | Path,
+    steps_per_day: int,
+    key: str = "data",
+    channels: list[int] | None = None,
+    missing_value: float | None = 0.0,
+    name: str | None = None,
+    **metadata,
+) -> STData:
+    """Read a PEMS-style ``.npz`` whose ``key`` array is ``(T, N, C)`` (or ``(T, N)``).
+
+    NaN is an error in this format (it has no notion of a missing cell); ``missing_value``
+    (0 for traffic sensors) marks missing readings.
+
+    Args:
+        path: the file.
+        steps_per_day: time steps in a day (288 for PEMS' 5 minutes).
+        key: the array's name inside the archive.
+        channels: which channels to keep (all by default).
+        missing_value: the value that means "missing", or None.
+        name: the data set's name (default: the file's stem).
+        **metadata: passed on to :class:`STData` (adjacency, timestamps, node_ids, ...).
+    """
+    path = Path(path)
+    values = _load_npz_array(path, key)
+    if values.ndim == 2:
+        values = values[..., None]
+    if values.ndim != 3:
+        raise DataError(f"{path}: '{key}' must be (T, N, C), got shape {values.shape}")
+    if channels is not None:
+        values = values[..., channels]
+    if np.isnan(values).any():
+        raise DataError(f"{path}: '{key}' holds NaN, which this format does not use for missing values")
+    _refuse_inf(values, path)
+    mask = observed_mask(values, missing_value)
+    return STData(values=values, mask=mask, steps_per_day=steps_per_day, name=name or path.stem, **metadata)
+
+
+def read_h5(
+    path: str | Path,
+    key: str | None = None,
+    missing_value: float | None = 0.0,
+    name: str | None = None,
+    **metadata,
+) -> STData:
+    """Read a METR-LA / PEMS-BAY ``.h5``: a pandas frame, datetime index, one column per sensor.
+
+    Empty cells (NaN) and ``missing_value`` are missing. Needs PyTables (``pip install tables``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        frame = pd.read_hdf(path, key=key)
+    except ImportError as error:
+        raise DataError(f"reading {path} needs PyTables: pip install tables ({error})") from error
+    except Exception as error:
+        raise DataError(f"corrupt h5 file {path}: {error}") from error
+    return _from_frame(frame, path, missing_value, name, **metadata)
+
+
+def read_wide_csv(
+    path: str | Path,
+    date_column: str | None = "date",
+    steps_per_day: int | None = None,
+    missing_value: float | None = None,
+    name: str | None = None,
+    **metadata,
+) -> STData:
+    """Read a wide CSV: an optional date column and one column per node (or variable).
+
+    Empty cells are missing. With ``date_column=None`` every column is a node and
+    ``steps_per_day`` must be given; otherwise it is inferred from the timestamps.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        frame = pd.read_csv(path)
+    except Exception as error:
+        raise DataError(f"corrupt CSV file {path}: {error}") from error
+    if date_column is not None:
+        if date_column not in frame.columns:
+            raise DataError(f"{path}: no date column '{date_column}' (columns: {list(frame.columns)[:5]}...)")
+        frame = frame.set_index(pd.to_datetime(frame.pop(date_column)))
+    elif steps_per_day is None:
+        raise DataError(f"{path}: pass steps_per_day when the CSV has no date column")
+    return _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day, **metadata)
+
+
+def steps_per_day_of(timestamps: pd.DatetimeIndex) -> int:
+    """Infer steps per day from the most common gap between timestamps (1 for daily or coarser)."""
+    if len(timestamps) < 2:
+        raise DataError("at least two timestamps are needed to infer the step length")
+    gaps = np.diff(timestamps.to_numpy(dtype="datetime64[m]")).astype(np.int64)
+    step_minutes = int(pd.Series(gaps).mode().iloc[0])
+    if step_minutes <= 0:
+        raise DataError("timestamps are not increasing")
+    return max(1, MINUTES_PER_DAY // step_minutes)
+
+
+def _from_frame(
+    frame: pd.DataFrame,
+    path: Path,
+    missing_value: float | None,
+    name: str | None,
+    steps_per_day: int | None = None,
+    **metadata,
+) -> STData:
+    try:
+        values = frame.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{path}: non-numeric values ({error})") from error
+    _refuse_inf(values, path)
+    timestamps = None
+    if isinstance(frame.index, pd.DatetimeIndex):
+        timestamps = frame.index.to_numpy(dtype="datetime64[ns]")
+        steps_per_day = steps_per_day or steps_per_day_of(frame.index)
+    values = values[..., None]
+    return STData(
+        values=np.nan_to_num(values),
+        mask=observed_mask(values, missing_value),
+        steps_per_day=int(steps_per_day),
+        name=name or path.stem,
+        timestamps=timestamps,
+        node_ids=metadata.pop("node_ids", [str(c) for c in frame.columns]),
+        **metadata,
+    )
+
+
+def _load_npz_array(path: Path, key: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                raise DataError(f"{path}: no array '{key}' (arrays: {archive.files})")
+            return np.asarray(archive[key], dtype=np.float64)
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"corrupt npz file {path}: {error}") from error
+
+
+def _refuse_inf(values: np.ndarray, path: Path) -> None:
+    if np.isinf(values).any():
+        raise DataError(f"{path}: values hold inf, which no format uses for missing data")

@@ -1,0 +1,268 @@
+"""Forecasting windows over an `STData`: splits, few-shot, and a collator that gathers batches.
+
+Windows are never materialised. Each split is a ``datasets.Dataset`` with one column,
+``start``, the first step of a window of ``input_len + horizon`` steps; the collator
+gathers a whole batch of windows from the numpy arrays with one fancy index per array,
+which is about a hundred times faster than indexing torch tensors window by window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from st_peft.data.container import STData
+from st_peft.data.errors import DataError
+from st_peft.data.scaler import StandardScaler
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class WindowCollator:
+    """Turns rows ``{"start": s}`` into a batch dict of the project's layout.
+
+    Attributes:
+        inputs: float32 ``(T, N, C_in)``, scaled, missing entries 0.
+        targets: float32 ``(T, N, C_out)`` in original units, missing entries 0.
+        target_mask: bool ``(T, N, C_out)``, True where observed.
+        calendar: int64 ``(T, 2)``: time-of-day slot, day of week.
+        input_len: L.
+        horizon: H.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    target_mask: np.ndarray
+    calendar: np.ndarray
+    input_len: int
+    horizon: int
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Collate rows of a split into a batch (the ``data_collator`` of a Trainer)."""
+        return self.gather(np.fromiter((row["start"] for row in rows), dtype=np.int64, count=len(rows)))
+
+    def gather(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
+        """Gather the windows that begin at ``starts`` ``(B,)``.
+
+        Returns:
+            ``x`` ``(B, L, N, C_in)``, ``y`` ``(B, H, N, C_out)``, ``y_mask`` ``(B, H, N, C_out)``,
+            ``x_time`` ``(B, L, 2)``, ``y_time`` ``(B, H, 2)``.
+        """
+        past = starts[:, None] + np.arange(self.input_len)
+        future = starts[:, None] + self.input_len + np.arange(self.horizon)
+        return {
+            "x": torch.from_numpy(self.inputs[past]),
+            "y": torch.from_numpy(self.targets[future]),
+            "y_mask": torch.from_numpy(self.target_mask[future]),
+            "x_time": torch.from_numpy(self.calendar[past]),
+            "y_time": torch.from_numpy(self.calendar[future]),
+        }
+
+
+@dataclass
+class ForecastingSplits:
+    """Train / validation / test windows of one data set and everything needed to use them.
+
+    Attributes:
+        data: the source data set.
+        train, val, test: ``datasets.Dataset`` of window starts (column ``start``).
+        collator: gathers a batch from rows of any split.
+        scaler: the target channels' scaler (fitted on the training span only); models
+            predict scaled values and ``scaler.inverse_transform`` brings them back.
+        input_scaler: the input channels' scaler.
+        input_len, horizon: L and H.
+        input_channels, target_channels: channel indices of ``data`` used as x and y.
+    """
+
+    data: STData
+    train: datasets.Dataset
+    val: datasets.Dataset
+    test: datasets.Dataset
+    collator: WindowCollator
+    scaler: StandardScaler
+    input_scaler: StandardScaler
+    input_len: int
+    horizon: int
+    input_channels: list[int]
+    target_channels: list[int]
+
+    @property
+    def num_nodes(self) -> int:
+        """N."""
+        return self.data.num_nodes
+
+    @property
+    def in_channels(self) -> int:
+        """C_in."""
+        return len(self.input_channels)
+
+    @property
+    def out_channels(self) -> int:
+        """C_out."""
+        return len(self.target_channels)
+
+    @property
+    def steps_per_day(self) -> int:
+        """Time steps per day of the data."""
+        return self.data.steps_per_day
+
+    @property
+    def adjacency(self) -> np.ndarray | None:
+        """float32 ``(N, N)`` adjacency of the data, or None."""
+        return self.data.adjacency
+
+    def model_kwargs(self) -> dict:
+        """The shared constructor arguments of every forecaster for this data."""
+        return {
+            "num_nodes": self.num_nodes,
+            "input_len": self.input_len,
+            "horizon": self.horizon,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+        }
+
+    def split(self, name: str) -> datasets.Dataset:
+        """The split called ``name`` (train, val or test)."""
+        if name not in SPLIT_NAMES:
+            raise DataError(f"unknown split '{name}': use one of {SPLIT_NAMES}")
+        return getattr(self, name)
+
+    def iter_batches(self, name: str, batch_size: int = 64) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the batches of a split in order, for evaluation and plotting."""
+        starts = np.asarray(self.split(name)["start"], dtype=np.int64)
+        for begin in range(0, len(starts), batch_size):
+            yield self.collator.gather(starts[begin : begin + batch_size])
+
+
+def build_splits(
+    data: STData,
+    input_len: int = 12,
+    horizon: int = 12,
+    ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    index_file: str | Path | None = None,
+    few_shot: float = 1.0,
+    input_channels: Sequence[int] | None = None,
+    target_channels: Sequence[int] | None = None,
+) -> ForecastingSplits:
+    """Cut ``data`` into chronological train / validation / test windows.
+
+    With ``ratios`` the time axis is cut in three spans; a window belongs to the span its
+    target lies in (its history may reach back into the span before). With ``index_file``
+    the windows are read from an ``.npz`` holding ``train``/``val``/``test`` arrays of
+    ``(start, split, end)`` rows (the STAEformer layout). ``few_shot`` keeps the most recent
+    fraction of the training windows, as a new city would have them; the scaler is fitted
+    on the observed values of the training steps those windows cover, never beyond.
+
+    Args:
+        data: the data set ``(T, N, C)``.
+        input_len: L, history steps of a window.
+        horizon: H, future steps of a window.
+        ratios: train, validation, test fractions of the time axis.
+        index_file: an index ``.npz`` used instead of ``ratios``.
+        few_shot: fraction in ``(0, 1]`` of training windows kept.
+        input_channels: channels of ``data`` fed to the model (all by default).
+        target_channels: channels to forecast (all by default).
+
+    Returns:
+        The splits, the collator and the scalers.
+    """
+    if input_len < 1 or horizon < 1:
+        raise DataError(f"input_len and horizon must be >= 1, got {input_len} and {horizon}")
+    if not 0.0 < few_shot <= 1.0:
+        raise DataError(f"few_shot must be in (0, 1], got {few_shot}")
+    input_channels = _channels(input_channels, data)
+    target_channels = _channels(target_channels, data)
+    if index_file is not None:
+        starts = _starts_from_index(Path(index_file), data.num_steps, input_len, horizon)
+    else:
+        starts = _starts_from_ratios(ratios, data.num_steps, input_len, horizon, data.name)
+    kept = max(1, math.ceil(few_shot * len(starts["train"])))
+    starts["train"] = starts["train"][-kept:]
+    fit_span = slice(int(starts["train"][0]), int(starts["train"][-1]) + input_len + horizon)
+    scaler = StandardScaler.fit(data.values[fit_span], data.mask[fit_span])
+    input_scaler = scaler.select(input_channels)
+    inputs = input_scaler.transform(data.values[..., input_channels])
+    inputs = np.where(data.mask[..., input_channels], inputs, 0.0).astype(np.float32)
+    collator = WindowCollator(
+        inputs=inputs,
+        targets=np.ascontiguousarray(data.values[..., target_channels]),
+        target_mask=np.ascontiguousarray(data.mask[..., target_channels]),
+        calendar=data.calendar(),
+        input_len=input_len,
+        horizon=horizon,
+    )
+    split_sets = {name: datasets.Dataset.from_dict({"start": starts[name]}) for name in SPLIT_NAMES}
+    return ForecastingSplits(
+        data=data,
+        collator=collator,
+        scaler=scaler.select(target_channels),
+        input_scaler=input_scaler,
+        input_len=input_len,
+        horizon=horizon,
+        input_channels=input_channels,
+        target_channels=target_channels,
+        **split_sets,
+    )
+
+
+def _channels(channels: Sequence[int] | None, data: STData) -> list[int]:
+    if channels is None:
+        return list(range(data.num_channels))
+    channels = [int(c) for c in channels]
+    bad = [c for c in channels if not 0 <= c < data.num_channels]
+    if bad or not channels:
+        raise DataError(f"{data.name}: channels {channels} out of range for {data.num_channels} channels")
+    return channels
+
+
+def _starts_from_ratios(
+    ratios: tuple[float, float, float], num_steps: int, input_len: int, horizon: int, name: str
+) -> dict[str, np.ndarray]:
+    if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1.0) > 1e-6:
+        raise DataError(f"ratios must be three positive fractions summing to 1, got {ratios}")
+    window = input_len + horizon
+    train_end = round(num_steps * ratios[0])
+    val_end = train_end + round(num_steps * ratios[1])
+    bounds = {
+        "train": (0, train_end - window),
+        "val": (train_end - input_len, val_end - window),
+        "test": (val_end - input_len, num_steps - window),
+    }
+    starts = {}
+    for split, (first, last) in bounds.items():
+        if first < 0 or last < first:
+            raise DataError(
+                f"{name}: a window of {input_len} + {horizon} steps does not fit the {split} span "
+                f"of a series of {num_steps} steps split {ratios}"
+            )
+        starts[split] = np.arange(first, last + 1, dtype=np.int64)
+    return starts
+
+
+def _starts_from_index(path: Path, num_steps: int, input_len: int, horizon: int) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"index file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            index = {split: np.asarray(archive[split], dtype=np.int64) for split in SPLIT_NAMES}
+    except KeyError as error:
+        raise DataError(f"{path}: an index file needs arrays {SPLIT_NAMES} ({error})") from error
+    except Exception as error:
+        raise DataError(f"corrupt index file {path}: {error}") from error
+    starts = {}
+    for split, rows in index.items():
+        if rows.ndim != 2 or rows.shape[1] != 3 or len(rows) == 0:
+            raise DataError(f"{path}: '{split}' must be a non-empty (n, 3) array, got {rows.shape}")
+        if not ((rows[:, 1] - rows[:, 0] == input_len).all() and (rows[:, 2] - rows[:, 1] == horizon).all()):
+            raise DataError(f"{path}: '{split}' windows are not {input_len} in and {horizon} out")
+        if rows[:, 0].min() < 0 or rows[:, 2].max() > num_steps:
+            raise DataError(f"{path}: '{split}' windows reach step {rows[:, 2].max()} of a {num_steps}-step series")
+        starts[split] = rows[:, 0]
+    return starts
