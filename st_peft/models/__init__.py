@@ -1,1 +1,3 @@
 """transformers models of st-peft; importing this package registers them with the Auto classes."""
+
+from st_peft.models import factost  # noqa: F401
