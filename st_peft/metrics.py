@@ -14,7 +14,8 @@ Which entries count:
 
 A slice with no counted entry gives 0, never NaN. MAPE and WAPE are in percent, the way
 BasicTS and the papers report them (``9.32`` means 9.32 %). MAPE also skips entries
-whose target is exactly 0, where a relative error is undefined.
+whose target is within ``MAPE_ZERO_TOLERANCE`` (5e-5, the BasicTS tolerance) of 0: the
+relative error is undefined there, and real files store some zeros as 1e-17 residues.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 ArrayLike = torch.Tensor | np.ndarray
+MAPE_ZERO_TOLERANCE = 5e-5
 
 
 def _as_tensor(value: ArrayLike | None) -> torch.Tensor | None:
@@ -113,9 +115,12 @@ def masked_rmse(
 def masked_mape(
     pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
 ) -> torch.Tensor | float:
-    """Mean absolute percentage error in percent over observed, non-zero targets of ``(B, H, N, C)`` inputs."""
+    """Mean absolute percentage error in percent over observed targets of ``(B, H, N, C)`` inputs.
+
+    Targets within ``MAPE_ZERO_TOLERANCE`` of 0 are skipped.
+    """
     pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
-    valid = valid & (target_t != 0)
+    valid = valid & (target_t.abs() > MAPE_ZERO_TOLERANCE)
     safe_target = torch.where(valid, target_t, torch.ones((), dtype=target_t.dtype, device=target_t.device))
     return _output(100.0 * _masked_mean(((pred_t - target_t) / safe_target).abs(), valid), numpy_in)
 

@@ -131,3 +131,10 @@ def test_median_pinball_is_half_mae():
     pred = rng.normal(size=(4, 3, 5, 2))
     value = pinball_loss(pred[..., None], target, (0.5,), null_value=float("nan"))
     assert value == pytest.approx(0.5 * masked_mae(pred, target, null_value=float("nan")))
+
+
+def test_mape_skips_float_residues_of_zero():
+    # real files store some zeros as 1e-17; a relative error there would be ~1e17 %
+    target = np.array([1e-17, 2.0])
+    pred = np.array([1.0, 3.0])
+    assert masked_mape(pred, target, np.array([True, True])) == pytest.approx(50.0)

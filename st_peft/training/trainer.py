@@ -1,0 +1,247 @@
+"""``STTrainer``: a ``transformers.Trainer`` for spatio-temporal forecasters.
+
+The batch is the project's dict (see ``docs/ARCHITECTURE.md``): the trainer takes ``y``
+and ``y_mask`` out of it, calls ``model(**rest)``, maps the scaled forecast back to
+original units with the split's scaler and computes a masked loss there. Evaluation
+gathers forecasts across processes and reports :func:`st_peft.metrics.horizon_metrics`.
+Anything ``Trainer`` can train (a plain ``nn.Module``, a ``PeftModel``, a
+``PreTrainedModel``) goes through the same code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
+from transformers.utils import logging
+
+from st_peft.metrics import POINT_METRICS, horizon_metrics
+from st_peft.outputs import prediction_of
+from st_peft.training.losses import LossFn, get_loss
+from st_peft.training.samplers import MemoryReplaySampler
+
+logger = logging.get_logger(__name__)
+
+SCALER_NAME = "scaler.json"
+DEFAULT_HORIZONS = (3, 6, 12)
+TARGET_KEYS = ("y", "y_mask")
+
+
+def st_training_args(
+    output_dir: str,
+    epochs: float = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    **overrides: Any,
+) -> TrainingArguments:
+    """``TrainingArguments`` suited to forecasting with :class:`STTrainer`.
+
+    Evaluates and saves every epoch, keeps the checkpoint with the lowest validation MAE and
+    reloads it at the end, runs on the CPU when no GPU is visible, reports to no tracker,
+    and clips gradients at 5 (as BasicTS does). Any ``TrainingArguments`` field can be
+    overridden by keyword.
+    """
+    settings: dict[str, Any] = {
+        "output_dir": output_dir,
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        "learning_rate": lr,
+        "weight_decay": weight_decay,
+        "max_grad_norm": 5.0,
+        "seed": seed,
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "logging_strategy": "epoch",
+        "save_total_limit": 2,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "mae",
+        "greater_is_better": False,
+        "remove_unused_columns": False,
+        "label_names": list(TARGET_KEYS),
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+    }
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def default_horizons(steps: int) -> tuple[int, ...]:
+    """The usual report steps 3, 6 and 12 that fit in a forecast of ``steps`` steps, or ``(steps,)``."""
+    return tuple(h for h in DEFAULT_HORIZONS if h <= steps) or (steps,)
+
+
+class STTrainer(Trainer):
+    """Trainer for models that map the batch dict to a scaled forecast ``(B, H, N, C_out)``.
+
+    Args:
+        model: a plain ``nn.Module``, a ``PeftModel`` or a ``PreTrainedModel`` called as
+            ``model(x=..., x_time=..., y_time=..., ...)`` and returning a tensor or a
+            ``ForecastOutput``; its ``aux_loss``, when present, is added to the loss.
+        args: training arguments; :func:`st_training_args` gives sensible ones.
+            ``remove_unused_columns`` is forced to False: the data set holds window starts
+            that only the collator understands.
+        train_dataset, eval_dataset: ``splits.train`` / ``splits.val``.
+        data_collator: ``splits.collator``.
+        scaler: ``splits.scaler``; its ``inverse_transform`` maps the scaled forecast to
+            original units. ``None`` means the model already predicts in original units.
+        train_sampler: a ``Sampler`` of row indices, or a batch sampler (a
+            ``torch.utils.data.BatchSampler`` or :class:`MemoryReplaySampler`) yielding lists
+            of them, used instead of the random sampler for training.
+        loss: ``"mae"`` (default), ``"mse"``, ``"huber"`` or a callable ``(pred, target, mask)``.
+        horizons: 1-based steps reported by evaluation; by default 3, 6 and 12 where they fit.
+        early_stopping_patience: stop after this many evaluations without a better
+            ``metric_for_best_model`` (needs evaluation and ``metric_for_best_model`` set).
+        **kwargs: anything else ``transformers.Trainer`` takes (``callbacks``, ``optimizers``, ...).
+    """
+
+    # compute_loss returns a per-batch mean, so Trainer divides by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        data_collator: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None,
+        scaler: Any = None,
+        train_sampler: Sampler | None = None,
+        loss: str | LossFn = "mae",
+        horizons: Sequence[int] | None = None,
+        early_stopping_patience: int | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args.remove_unused_columns:
+            logger.info("STTrainer sets remove_unused_columns=False: the batch is built by the collator.")
+            args.remove_unused_columns = False
+        if early_stopping_patience is not None:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EarlyStoppingCallback(early_stopping_patience)]
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            compute_metrics=compute_metrics or self._horizon_metrics,
+            **kwargs,
+        )
+        self.scaler = scaler
+        self.train_sampler = train_sampler
+        self.loss_fn = get_loss(loss)
+        self.horizons = tuple(horizons) if horizons is not None else None
+
+    def _to_original_units(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction if self.scaler is None else self.scaler.inverse_transform(prediction)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Masked loss in original units (plus the model's ``aux_loss``).
+
+        Returns the loss, and with ``return_outputs`` also the forecast in original units
+        ``(B, H, N, C_out)``.
+        """
+        model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_KEYS}
+        missing = [k for k in TARGET_KEYS if k not in inputs]
+        if missing:
+            raise KeyError(f"the batch has no {missing}; its keys are {sorted(inputs)}")
+        outputs = model(**model_inputs)
+        prediction = self._to_original_units(prediction_of(outputs))
+        target = inputs["y"]
+        if prediction.shape != target.shape:
+            raise ValueError(
+                f"the model predicts shape {tuple(prediction.shape)} but the target y has shape {tuple(target.shape)}"
+            )
+        loss = self.loss_fn(prediction, target, inputs["y_mask"])
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        return (loss, prediction) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Loss, forecast in original units ``(B, H, N, C_out)`` and ``(y, y_mask as float)``.
+
+        The mask travels as float because it is gathered across processes with the forecast.
+        """
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, prediction = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, prediction.detach(), (inputs["y"], inputs["y_mask"].to(prediction.dtype))
+
+    def _horizon_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
+        target, mask = eval_prediction.label_ids
+        prediction = np.asarray(eval_prediction.predictions)
+        horizons = self.horizons or default_horizons(prediction.shape[1])
+        return horizon_metrics(prediction, target, np.asarray(mask) > 0.5, horizons=horizons)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The training loader; a batch sampler given as ``train_sampler`` decides every batch."""
+        if not isinstance(self.train_sampler, (BatchSampler, MemoryReplaySampler)):
+            return super().get_train_dataloader()
+        if self.train_dataset is None:
+            raise ValueError("STTrainer: training requires a train_dataset.")
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # a checkpoint must be usable on its own: keep the scaler that maps back to original units
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and self.scaler is not None and hasattr(self.scaler, "to_dict"):
+            with open(os.path.join(output_dir, SCALER_NAME), "w") as handle:
+                json.dump(self.scaler.to_dict(), handle)
+
+    def evaluate_test(self, test_dataset: Any, horizons: Sequence[int] | None = None) -> dict[str, float]:
+        """Metrics of the current model on ``test_dataset`` (e.g. ``splits.test``).
+
+        Returns the :func:`~st_peft.metrics.horizon_metrics` keys without prefix
+        (``"mae@3"``, ..., ``"mae"``, ``"rmse"``, ``"mape"``, ``"wape"``) and the test ``"loss"``.
+        """
+        saved, self.horizons = self.horizons, tuple(horizons) if horizons is not None else self.horizons
+        try:
+            # predict, not evaluate: test metrics must not reach early stopping or the best-model logic
+            metrics = self.predict(test_dataset, metric_key_prefix="test").metrics
+        finally:
+            self.horizons = saved
+        stripped = {key.removeprefix("test_"): value for key, value in metrics.items()}
+        return {
+            key: value
+            for key, value in stripped.items()
+            if key == "loss" or key.split("@")[0] in POINT_METRICS
+        }
