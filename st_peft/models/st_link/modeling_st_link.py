@@ -1,0 +1,729 @@
+"""ST-LINK: GPT-2 blocks over (node, patch) tokens with SE-Attention, MRFFN and partially frozen attention.
+
+Jeon et al., "ST-LINK: Spatially-Aware Large Language Models for Spatio-Temporal
+Forecasting" (CIKM 2025, arXiv 2509.13753). The authors' code is not public; this file
+follows the method as published and records each choice the paper leaves open.
+
+Tokens are ordered patch-major: token ``p * N + n`` holds patch ``p`` of node ``n``, so that
+under GPT-2's causal mask the tokens of the last patch see every node's earlier patches.
+
+This file is copied next to the weights by ``save_pretrained`` (``register_for_auto_class``),
+so it imports only ``torch``, ``transformers``, ``st_peft.outputs`` and its sibling
+configuration file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from transformers import GPT2Config, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import ModelOutput, cached_file
+
+from st_peft.outputs import ForecastOutput
+
+from .configuration_st_link import STLinkConfig
+
+
+@dataclass
+class STLinkModelOutput(ModelOutput):
+    """Output of [`STLinkModel`].
+
+    Attributes:
+        last_hidden_state: token states after the final LayerNorm, ``(B, P, N, d)``.
+        aux_loss: router load-balancing loss summed over the MRFFN layers (unweighted), a scalar;
+            ``None`` when no layer has an MRFFN.
+        hidden_states: the token states entering each block and leaving the last one, each
+            ``(B, P, N, d)``, when ``output_hidden_states=True``.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs ``(x[..., i], x[..., i + D/2])`` by the angles whose cosines and sines are given.
+
+    Args:
+        x: ``(..., T, D)`` with ``D`` even.
+        cos, sin: ``(T, D)``, each angle written twice (once per half).
+
+    Returns:
+        The rotated tensor, shape of ``x``.
+    """
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class STLinkRotaryEmbedding(nn.Module):
+    """Angles of SE-Attention: patch position for the temporal dims, a learned node rotation for the spatial ones.
+
+    The spatial angle of node ``n`` at frequency ``i`` is ``node_rotation[n, i] * omega_i``: the
+    base rotary frequencies ``omega_i`` scaled by a learnable per-node embedding. It starts at
+    the node's index (plain RoPE over the node order) and moves during training, so the
+    attention score between two nodes depends on their learned difference.
+
+    Args:
+        config: the model configuration (rotary split, theta, number of nodes).
+    """
+
+    def __init__(self, config: STLinkConfig):
+        super().__init__()
+        self.temporal_dims, self.spatial_dims = config.rotary_dims
+        self.theta = config.rope_theta
+        self.node_rotation = nn.Parameter(torch.empty(config.num_nodes, self.spatial_dims // 2))
+
+    def base_frequencies(self, dims: int, device: torch.device) -> torch.Tensor:
+        """The ``dims / 2`` rotary frequencies ``theta ** (-2i / dims)``, float32."""
+        exponents = torch.arange(0, dims, 2, device=device, dtype=torch.float32) / max(dims, 1)
+        return self.theta**-exponents
+
+    def node_frequencies(self) -> torch.Tensor:
+        """Effective spatial frequencies of every node, ``(N, spatial_dims / 2)``."""
+        return self.node_rotation * self.base_frequencies(self.spatial_dims, self.node_rotation.device)
+
+    def forward(
+        self, num_patches: int, node_index: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines for every token.
+
+        Args:
+            num_patches: ``P``.
+            node_index: ``(N,)`` graph indices of the nodes in the batch.
+            dtype: dtype of the queries.
+
+        Returns:
+            ``(cos, sin)``, each ``(P * N, head_dim)``: temporal dims first, then spatial.
+        """
+        device = self.node_rotation.device
+        num_nodes = node_index.shape[0]
+        patch = torch.arange(num_patches, device=device, dtype=torch.float32)
+        temporal = patch[:, None] * self.base_frequencies(self.temporal_dims, device)
+        temporal = temporal[:, None, :].expand(num_patches, num_nodes, -1)
+        spatial = self.node_frequencies()[node_index]
+        spatial = spatial[None, :, :].expand(num_patches, num_nodes, -1)
+        angles = torch.cat((temporal, temporal, spatial, spatial), dim=-1).reshape(
+            num_patches * num_nodes, -1
+        )
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class STLinkAttention(nn.Module):
+    """GPT-2 self-attention (``c_attn``, ``c_proj``) with SE-Attention rotations, computed by SDPA.
+
+    Args:
+        config: the model configuration.
+        layer_idx: index of the block, for GPT-2's optional per-layer scaling.
+    """
+
+    def __init__(self, config: STLinkConfig, layer_idx: int):
+        super().__init__()
+        gpt2 = config.gpt2_config
+        self.embed_dim = gpt2.n_embd
+        self.num_heads = gpt2.n_head
+        self.head_dim = self.embed_dim // self.num_heads
+        self.temporal_dims = config.rotary_dims[0]
+        self.is_causal = config.is_causal
+        self.scaling = self.head_dim**-0.5 if gpt2.scale_attn_weights else 1.0
+        if gpt2.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+        self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)
+        self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
+        self.attn_dropout = gpt2.attn_pdrop
+        self.resid_dropout = nn.Dropout(gpt2.resid_pdrop)
+
+    def rotate(self, states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Apply the temporal rotation to the first dims of each head and the spatial one to the rest.
+
+        Args:
+            states: queries or keys ``(B, heads, T, head_dim)``.
+            rotary: ``(cos, sin)``, each ``(T, head_dim)``.
+        """
+        cos, sin = rotary
+        split = self.temporal_dims
+        parts = []
+        if split > 0:
+            parts.append(rotate_pairs(states[..., :split], cos[:, :split], sin[:, :split]))
+        if split < self.head_dim:
+            parts.append(rotate_pairs(states[..., split:], cos[:, split:], sin[:, split:]))
+        return torch.cat(parts, dim=-1)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Attend over all tokens of each sample.
+
+        Args:
+            hidden_states: ``(B, T, d)`` with ``T = P * N``.
+            rotary: SE-Attention ``(cos, sin)`` ``(T, head_dim)``, or ``None`` for plain GPT-2 attention.
+
+        Returns:
+            ``(B, T, d)``.
+        """
+        batch, tokens, _ = hidden_states.shape
+        query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
+        query, key, value = (
+            t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (query, key, value)
+        )
+        if rotary is not None:
+            query, key = self.rotate(query, rotary), self.rotate(key, rotary)
+        attended = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.is_causal,
+            scale=self.scaling,
+        )
+        attended = attended.transpose(1, 2).reshape(batch, tokens, self.embed_dim)
+        return self.resid_dropout(self.c_proj(attended))
+
+
+class STLinkMRFFN(nn.Module):
+    """Memory-retrieval feed-forward network: key-value memory, top-k retrieval, routed GPT-2 experts.
+
+    Each token (the LayerNorm output ``h``) retrieves its ``memory_top_k`` most similar slots
+    (cosine similarity to ``memory_keys``) and mixes their ``memory_values`` by a softmax over
+    the similarities. A router reads ``[h, retrieved, attention output]`` and sends the token
+    through its ``experts_per_token`` best experts, weighted by renormalised router
+    probabilities; the retrieved pattern is added to the experts' output. Keys are a buffer
+    moved by an exponential moving average of the tokens whose nearest slot they are (while
+    training); values start at zero and learn by gradient, so a layer whose experts are copies
+    of one MLP computes exactly that MLP until it trains.
+
+    Args:
+        config: the model configuration.
+    """
+
+    def __init__(self, config: STLinkConfig):
+        super().__init__()
+        gpt2 = config.gpt2_config
+        width = gpt2.n_embd
+        inner = gpt2.n_inner if gpt2.n_inner is not None else 4 * width
+        self.experts = nn.ModuleList([GPT2MLP(inner, gpt2) for _ in range(config.num_experts)])
+        self.router = nn.Linear(3 * width, config.num_experts)
+        self.memory_values = nn.Parameter(torch.empty(config.num_memory_slots, width))
+        self.register_buffer("memory_keys", torch.empty(config.num_memory_slots, width))
+        self.memory_top_k = config.memory_top_k
+        self.experts_per_token = config.experts_per_token
+        self.ema_decay = config.memory_ema_decay
+        # cosine similarities lie in [-1, 1]; scaling by sqrt(width) keeps the retrieval softmax from being flat
+        self.retrieval_scale = math.sqrt(width)
+
+    def retrieve(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read the memory.
+
+        Args:
+            tokens: ``(T, d)``.
+
+        Returns:
+            ``(retrieved (T, d), slot indices (T, memory_top_k))``, the nearest slot first.
+        """
+        similarity = F.normalize(tokens, dim=-1) @ F.normalize(self.memory_keys, dim=-1).T
+        top_similarity, slots = similarity.topk(self.memory_top_k, dim=-1)
+        weights = torch.softmax(top_similarity * self.retrieval_scale, dim=-1)
+        retrieved = torch.einsum("tk,tkd->td", weights, self.memory_values[slots])
+        return retrieved, slots
+
+    @torch.no_grad()
+    def update_keys(self, tokens: torch.Tensor, nearest: torch.Tensor) -> None:
+        """Move each key towards the mean of the tokens assigned to it; keys with no token stay put.
+
+        Args:
+            tokens: ``(T, d)``.
+            nearest: ``(T,)`` the nearest slot of each token.
+        """
+        sums = torch.zeros_like(self.memory_keys).index_add_(
+            0, nearest, tokens.detach().to(self.memory_keys.dtype)
+        )
+        counts = torch.bincount(nearest, minlength=self.memory_keys.shape[0]).to(sums.dtype)
+        used = counts > 0
+        means = sums[used] / counts[used, None]
+        self.memory_keys[used] = self.ema_decay * self.memory_keys[used] + (1.0 - self.ema_decay) * means
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route every token through its experts.
+
+        Args:
+            hidden_states: LayerNorm output ``(B, T, d)``.
+            attention_output: the block's attention output for the same tokens ``(B, T, d)``.
+
+        Returns:
+            ``(output (B, T, d), balance loss)``; the loss is the Switch-Transformer product of
+            the share of routing slots and the mean router probability of each expert, times the
+            number of experts (1.0 for perfectly even routing).
+        """
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])
+        retrieved, slots = self.retrieve(tokens)
+        router_input = torch.cat((tokens, retrieved, attention_output.reshape(-1, shape[-1])), dim=-1)
+        probabilities = torch.softmax(self.router(router_input), dim=-1)
+        gates, chosen = probabilities.topk(self.experts_per_token, dim=-1)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+
+        output = retrieved.clone()
+        for expert_id, expert in enumerate(self.experts):
+            rows, rank = torch.nonzero(chosen == expert_id, as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            output.index_add_(0, rows, gates[rows, rank, None] * expert(tokens[rows]))
+
+        num_experts = len(self.experts)
+        share = (
+            torch.bincount(chosen.flatten(), minlength=num_experts).to(probabilities.dtype) / chosen.numel()
+        )
+        balance = num_experts * (share * probabilities.mean(dim=0)).sum()
+        if self.training:
+            self.update_keys(tokens, slots[:, 0])
+        return output.reshape(shape), balance
+
+
+class STLinkBlock(nn.Module):
+    """A GPT-2 block (``ln_1``, ``attn``, ``ln_2``, ``mlp``) whose ``mlp`` may be an MRFFN.
+
+    Args:
+        config: the model configuration.
+        layer_idx: index of the block.
+        use_mrffn: put an [`STLinkMRFFN`] in place of GPT-2's MLP.
+    """
+
+    def __init__(self, config: STLinkConfig, layer_idx: int, use_mrffn: bool):
+        super().__init__()
+        gpt2 = config.gpt2_config
+        inner = gpt2.n_inner if gpt2.n_inner is not None else 4 * gpt2.n_embd
+        self.ln_1 = nn.LayerNorm(gpt2.n_embd, eps=gpt2.layer_norm_epsilon)
+        self.attn = STLinkAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(gpt2.n_embd, eps=gpt2.layer_norm_epsilon)
+        self.mlp = STLinkMRFFN(config) if use_mrffn else GPT2MLP(inner, gpt2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pre-LayerNorm attention and feed-forward, each with a residual connection.
+
+        Args:
+            hidden_states: ``(B, T, d)``.
+            rotary: SE-Attention ``(cos, sin)`` or ``None``.
+
+        Returns:
+            ``(hidden_states (B, T, d), balance loss or None)``.
+        """
+        attention_output = self.attn(self.ln_1(hidden_states), rotary)
+        hidden_states = hidden_states + attention_output
+        normed = self.ln_2(hidden_states)
+        if isinstance(self.mlp, STLinkMRFFN):
+            feed_forward, balance = self.mlp(normed, attention_output)
+        else:
+            feed_forward, balance = self.mlp(normed), None
+        return hidden_states + feed_forward, balance
+
+
+class STLinkEmbeddings(nn.Module):
+    """Tokens of (node, patch): patch values, node embedding, calendar of the patch's last step.
+
+    Without SE-Attention GPT-2's learned absolute position embedding ``wpe`` is added over the
+    patch-major token index, as ST-LLM does.
+
+    Args:
+        config: the model configuration.
+    """
+
+    def __init__(self, config: STLinkConfig):
+        super().__init__()
+        width = config.gpt2_config.n_embd
+        self.patch_len = config.patch_len
+        self.steps_per_day = config.steps_per_day
+        self.patch = nn.Linear(config.patch_len * config.in_channels, width)
+        self.node = nn.Embedding(config.num_nodes, width)
+        self.time_of_day = nn.Embedding(config.steps_per_day, width)
+        self.day_of_week = nn.Embedding(7, width)
+        self.wpe = None if config.use_se_attention else nn.Embedding(config.gpt2_config.n_positions, width)
+        self.dropout = nn.Dropout(config.gpt2_config.embd_pdrop)
+
+    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None, node_index: torch.Tensor) -> torch.Tensor:
+        """Embed a history.
+
+        Args:
+            x: ``(B, L, N, C_in)``, already normalised.
+            x_time: ``(B, L, 2)`` time-of-day slot and day of week, or ``None`` to skip the calendar.
+            node_index: ``(N,)`` graph indices of the nodes in ``x``.
+
+        Returns:
+            Tokens ``(B, P * N, d)``, patch-major.
+        """
+        batch, length, num_nodes, channels = x.shape
+        num_patches = length // self.patch_len
+        patches = x.reshape(batch, num_patches, self.patch_len, num_nodes, channels).permute(0, 1, 3, 2, 4)
+        tokens = self.patch(patches.reshape(batch, num_patches, num_nodes, self.patch_len * channels))
+        tokens = tokens + self.node(node_index)
+        if x_time is not None:
+            last_step = x_time[:, self.patch_len - 1 :: self.patch_len]
+            calendar = self.time_of_day(last_step[..., 0]) + self.day_of_week(last_step[..., 1])
+            tokens = tokens + calendar[:, :, None, :]
+        tokens = tokens.reshape(batch, num_patches * num_nodes, -1)
+        if self.wpe is not None:
+            tokens = tokens + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.dropout(tokens)
+
+
+class STLinkRevIN(nn.Module):
+    """Reversible instance normalisation per node and channel over the history window.
+
+    Args:
+        config: the model configuration (channels, affine switch, epsilon).
+    """
+
+    def __init__(self, config: STLinkConfig):
+        super().__init__()
+        self.eps = config.revin_eps
+        self.affine = config.revin_affine
+        self.weight = nn.Parameter(torch.ones(config.in_channels)) if config.revin_affine else None
+        self.bias = nn.Parameter(torch.zeros(config.in_channels)) if config.revin_affine else None
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Normalise ``x`` ``(B, L, N, C_in)``; return it and its ``(mean, std)``, each ``(B, 1, N, C_in)``."""
+        mean = x.mean(dim=1, keepdim=True).detach()
+        std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + self.eps).detach()
+        normed = (x - mean) / std
+        if self.affine:
+            normed = normed * self.weight + self.bias
+        return normed, (mean, std)
+
+    def denormalize(self, y: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Undo the normalisation on ``y`` ``(B, H, N, C_out)`` with the statistics of the first ``C_out`` input channels."""
+        channels = y.shape[-1]
+        mean, std = stats[0][..., :channels], stats[1][..., :channels]
+        if self.affine:
+            y = (y - self.bias[:channels]) / (self.weight[:channels] + self.eps**2)
+        return y * std + mean
+
+
+def _read_gpt2_state_dict(name_or_path: str | os.PathLike, keep: set[str]) -> dict[str, torch.Tensor]:
+    """Read the tensors named in ``keep`` from a GPT-2 checkpoint (a folder or a Hub id), nothing else.
+
+    Keys are read without the ``transformer.`` prefix that ``GPT2LMHeadModel`` checkpoints carry,
+    so the token embedding table ``wte`` is never loaded.
+    """
+    safetensors_file = cached_file(
+        name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False
+    )
+    if safetensors_file is not None:
+        tensors = {}
+        with safe_open(safetensors_file, framework="pt") as handle:
+            for key in handle.keys():
+                short = key.removeprefix("transformer.")
+                if short in keep:
+                    tensors[short] = handle.get_tensor(key)
+        return tensors
+    bin_file = cached_file(name_or_path, "pytorch_model.bin", _raise_exceptions_for_missing_entries=False)
+    if bin_file is None:
+        raise FileNotFoundError(
+            f"No model.safetensors or pytorch_model.bin found for GPT-2 checkpoint {name_or_path!r}."
+        )
+    state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    return {
+        key.removeprefix("transformer."): value
+        for key, value in state.items()
+        if key.removeprefix("transformer.") in keep
+    }
+
+
+class STLinkPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, partial freezing and GPT-2 loading shared by the ST-LINK models."""
+
+    config: STLinkConfig
+    config_class = STLinkConfig
+    base_model_prefix = "st_link"
+    main_input_name = "x"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["STLinkBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation, plus the ST-LINK parameters: node rotations, memory, RevIN."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.bias)
+        if isinstance(module, (STLinkAttention, GPT2MLP)):
+            # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) (two residual paths per block)
+            init.normal_(
+                module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers)
+            )
+        if isinstance(module, STLinkRotaryEmbedding):
+            node_positions = torch.arange(module.node_rotation.shape[0], dtype=module.node_rotation.dtype)
+            init.copy_(module.node_rotation, node_positions[:, None].expand_as(module.node_rotation))
+        if isinstance(module, STLinkMRFFN):
+            init.normal_(module.memory_keys, mean=0.0, std=1.0)
+            init.zeros_(module.memory_values)
+        if isinstance(module, STLinkRevIN) and module.affine:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def apply_partial_freeze(self) -> None:
+        """Set ``requires_grad`` by the configuration: lower blocks frozen except ``ln_1``/``ln_2``, the rest trainable."""
+        backbone = getattr(self, self.base_model_prefix, self)
+        first_upper = self.config.num_hidden_layers - self.config.num_unfrozen_layers
+        for index, block in enumerate(backbone.h):
+            frozen = self.config.use_partial_freeze and index < first_upper
+            for name, parameter in block.named_parameters():
+                parameter.requires_grad_(not frozen or name.startswith(("ln_1.", "ln_2.")))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """[`PreTrainedModel.from_pretrained`], then the configured freezing.
+
+        Loading replaces every parameter by a new trainable one, so the freezing applied at
+        construction has to be applied again.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.apply_partial_freeze()
+        return loaded
+
+    @classmethod
+    def from_gpt2(cls, name_or_path: str | os.PathLike, **config_kwargs) -> STLinkPreTrainedModel:
+        """Build the model around pretrained GPT-2 blocks.
+
+        Each block's LayerNorms and attention come from the checkpoint's layer of the same
+        index; its MLP either stays an MLP or is copied into every expert of the MRFFN;
+        ``ln_f`` and (without SE-Attention) ``wpe`` are copied too. The token embedding table
+        is neither allocated nor read.
+
+        Args:
+            name_or_path: a folder holding a GPT-2 checkpoint (``config.json`` and
+                ``model.safetensors`` or ``pytorch_model.bin``) or a Hub id such as
+                ``"openai-community/gpt2"``.
+            **config_kwargs: fields of [`STLinkConfig`]. ``gpt2_config`` (a dict) overrides fields
+                of the checkpoint's configuration, e.g. ``{"n_layer": 6}`` to keep the first six
+                layers or new dropout rates; the width and the number of heads must match the checkpoint.
+
+        Returns:
+            The model with the checkpoint's weights, in training mode with the configured freezing.
+        """
+        checkpoint_config = GPT2Config.from_pretrained(name_or_path)
+        overrides = config_kwargs.pop("gpt2_config", None) or {}
+        if isinstance(overrides, GPT2Config):
+            overrides = overrides.to_diff_dict()
+        for name in ("n_embd", "n_head"):
+            wanted = overrides.get(name, getattr(checkpoint_config, name))
+            if wanted != getattr(checkpoint_config, name):
+                raise ValueError(
+                    f"GPT-2 checkpoint {str(name_or_path)!r} has {name}={getattr(checkpoint_config, name)} but the "
+                    f"ST-LINK configuration asks for {name}={wanted}."
+                )
+        layers = overrides.get("n_layer", checkpoint_config.n_layer)
+        if layers > checkpoint_config.n_layer:
+            raise ValueError(
+                f"ST-LINK asks for {layers} GPT-2 layers but checkpoint {str(name_or_path)!r} has only "
+                f"{checkpoint_config.n_layer}."
+            )
+        gpt2_config = checkpoint_config.to_dict()
+        gpt2_config.update(overrides)
+        model = cls(STLinkConfig(gpt2_config=gpt2_config, **config_kwargs))
+
+        backbone = getattr(model, cls.base_model_prefix, model)
+        targets: dict[str, list[torch.Tensor]] = {
+            "ln_f.weight": [backbone.ln_f.weight],
+            "ln_f.bias": [backbone.ln_f.bias],
+        }
+        if backbone.embeddings.wpe is not None:
+            targets["wpe.weight"] = [backbone.embeddings.wpe.weight]
+        for index, block in enumerate(backbone.h):
+            for name, parameter in block.named_parameters():
+                if name.startswith(("ln_", "attn.")):
+                    targets.setdefault(f"h.{index}.{name}", []).append(parameter)
+            experts = block.mlp.experts if isinstance(block.mlp, STLinkMRFFN) else [block.mlp]
+            for expert in experts:
+                for name, parameter in expert.named_parameters():
+                    targets.setdefault(f"h.{index}.mlp.{name}", []).append(parameter)
+        state = _read_gpt2_state_dict(name_or_path, set(targets))
+        missing = sorted(set(targets) - set(state))
+        if missing:
+            raise ValueError(
+                f"GPT-2 checkpoint {str(name_or_path)!r} lacks {len(missing)} tensors: {missing[:5]}"
+            )
+        with torch.no_grad():
+            for key, parameters in targets.items():
+                for parameter in parameters:
+                    parameter.copy_(state[key])
+        return model
+
+
+class STLinkModel(STLinkPreTrainedModel):
+    """GPT-2 blocks over (node, patch) tokens; returns the token states ``(B, P, N, d)``.
+
+    The lower ``n_layer - U`` blocks are frozen but for their LayerNorms when
+    ``use_partial_freeze`` is set (partially frozen attention, from ST-LLM); the upper ``U``
+    blocks train and, with ``use_mrffn``, hold an MRFFN instead of the MLP.
+
+    Args:
+        config: the model configuration.
+    """
+
+    def __init__(self, config: STLinkConfig):
+        super().__init__(config)
+        gpt2 = config.gpt2_config
+        first_upper = gpt2.n_layer - config.num_unfrozen_layers
+        self.embeddings = STLinkEmbeddings(config)
+        self.rotary = STLinkRotaryEmbedding(config) if config.use_se_attention else None
+        self.h = nn.ModuleList(
+            [
+                STLinkBlock(config, i, use_mrffn=config.use_mrffn and i >= first_upper)
+                for i in range(gpt2.n_layer)
+            ]
+        )
+        self.ln_f = nn.LayerNorm(gpt2.n_embd, eps=gpt2.layer_norm_epsilon)
+        self.post_init()
+        self.apply_partial_freeze()
+
+    def check_input(self, x: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
+        """Refuse inputs that disagree with the configuration; return the node indices ``(N,)``."""
+        config = self.config
+        if x.ndim != 4:
+            raise ValueError(
+                f"ST-LINK expects x of shape (batch, time, nodes, channels); got {tuple(x.shape)}."
+            )
+        _, length, num_nodes, channels = x.shape
+        if length != config.input_len:
+            raise ValueError(
+                f"x has {length} time steps but the model was configured with input_len={config.input_len}."
+            )
+        if channels != config.in_channels:
+            raise ValueError(
+                f"x has {channels} channels but the model was configured with in_channels={config.in_channels}."
+            )
+        if node_index is None:
+            if num_nodes != config.num_nodes:
+                raise ValueError(
+                    f"x has {num_nodes} nodes but the model was configured with num_nodes={config.num_nodes}; "
+                    "pass node_index to forecast a subset of the graph."
+                )
+            return torch.arange(num_nodes, device=x.device)
+        node_index = node_index.to(x.device)
+        if node_index.shape != (num_nodes,):
+            raise ValueError(f"node_index has shape {tuple(node_index.shape)} but x has {num_nodes} nodes.")
+        if num_nodes and (node_index.min() < 0 or node_index.max() >= config.num_nodes):
+            raise ValueError(f"node_index holds values outside [0, {config.num_nodes}).")
+        return node_index
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_time: torch.Tensor | None = None,
+        node_index: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> STLinkModelOutput:
+        """Encode a normalised history.
+
+        Args:
+            x: ``(B, L, N, C_in)``.
+            x_time: ``(B, L, 2)`` int64 time-of-day slot and day of week, or ``None``.
+            node_index: ``(N,)`` graph indices of the nodes in ``x`` when it covers a subset.
+            output_hidden_states: also return the states entering each block.
+            **kwargs: other batch entries (``y``, ``y_mask``, ``y_time``), ignored.
+
+        Returns:
+            [`STLinkModelOutput`] with ``last_hidden_state`` ``(B, P, N, d)``.
+        """
+        node_index = self.check_input(x, node_index)
+        if x_time is not None and x_time.numel() and x_time[..., 0].max() >= self.config.steps_per_day:
+            raise ValueError(
+                f"x_time holds time-of-day slot {int(x_time[..., 0].max())} but the model was configured with "
+                f"steps_per_day={self.config.steps_per_day}."
+            )
+        batch, _, num_nodes, _ = x.shape
+        num_patches = self.config.num_patches
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+
+        hidden = self.embeddings(x, x_time, node_index)
+        rotary = None if self.rotary is None else self.rotary(num_patches, node_index, hidden.dtype)
+        states = []
+        balance_losses = []
+        for block in self.h:
+            if output_hidden_states:
+                states.append(hidden)
+            hidden, balance = block(hidden, rotary)
+            if balance is not None:
+                balance_losses.append(balance)
+        hidden = self.ln_f(hidden)
+        if output_hidden_states:
+            states.append(hidden)
+
+        def to_grid(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens.reshape(batch, num_patches, num_nodes, -1)
+
+        return STLinkModelOutput(
+            last_hidden_state=to_grid(hidden),
+            aux_loss=torch.stack(balance_losses).sum() if balance_losses else None,
+            hidden_states=tuple(to_grid(s) for s in states) if output_hidden_states else None,
+        )
+
+
+class STLinkForForecasting(STLinkPreTrainedModel):
+    """ST-LINK forecaster: RevIN, [`STLinkModel`], and a per-node head from its ``P`` tokens to ``(H, C_out)``.
+
+    Args:
+        config: the model configuration.
+    """
+
+    def __init__(self, config: STLinkConfig):
+        super().__init__(config)
+        self.st_link = STLinkModel(config)
+        self.revin = STLinkRevIN(config) if config.use_revin else None
+        self.head = nn.Linear(config.num_patches * config.hidden_size, config.horizon * config.out_channels)
+        self.post_init()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_time: torch.Tensor | None = None,
+        node_index: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ForecastOutput:
+        """Forecast from a scaled history.
+
+        Args:
+            x: scaled history ``(B, L, N, C_in)``.
+            x_time: ``(B, L, 2)`` int64 time-of-day slot and day of week, or ``None``.
+            node_index: ``(N,)`` graph indices of the nodes in ``x`` when it covers a subset.
+            **kwargs: other batch entries (``y``, ``y_mask``, ``y_time``), ignored.
+
+        Returns:
+            [`ForecastOutput`] with the scaled ``prediction`` ``(B, H, N, C_out)`` and ``aux_loss``, the
+            router balance loss times ``router_aux_loss_coef`` (``None`` without MRFFN).
+        """
+        config = self.config
+        stats = None
+        if self.revin is not None:
+            self.st_link.check_input(x, node_index)
+            x, stats = self.revin.normalize(x)
+        encoded = self.st_link(x=x, x_time=x_time, node_index=node_index)
+        hidden = encoded.last_hidden_state
+        batch, num_patches, num_nodes, width = hidden.shape
+        per_node = hidden.permute(0, 2, 1, 3).reshape(batch, num_nodes, num_patches * width)
+        prediction = self.head(per_node).reshape(batch, num_nodes, config.horizon, config.out_channels)
+        prediction = prediction.permute(0, 2, 1, 3)
+        if stats is not None:
+            prediction = self.revin.denormalize(prediction, stats)
+        aux_loss = None if encoded.aux_loss is None else config.router_aux_loss_coef * encoded.aux_loss
+        return ForecastOutput(prediction=prediction, aux_loss=aux_loss)
+
+
+__all__ = ["STLinkForForecasting", "STLinkModel", "STLinkModelOutput", "STLinkPreTrainedModel"]
