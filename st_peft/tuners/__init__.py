@@ -1,1 +1,2 @@
 """PEFT tuners of st-peft; importing this package registers them with PEFT."""
+import st_peft.tuners.st_lora  # noqa: F401  (registers STLORA)

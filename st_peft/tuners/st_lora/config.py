@@ -1,0 +1,113 @@
+"""Configuration of ST-LoRA (Ruan et al., ECML-PKDD 2025, arXiv 2404.07919)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from st_peft.tuners.registration import extend_peft_type
+
+# The enum member must exist before the first config is built, whichever of the tuner's
+# modules is imported first; extending is idempotent.
+STLORA = extend_peft_type("STLORA")
+
+
+@dataclass
+class STLoraConfig(PeftConfig):
+    """Configuration of an ST-LoRA adapter.
+
+    ST-LoRA appends a node-specific predictor to a forecaster ``f(x, **kwargs) -> (B, H, N, C_out)``
+    and can also wrap the forecaster's own ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers
+    with node-adaptive low-rank layers (NALLs): ``W x + b + (alpha / r) * B A_i x`` where ``i`` is
+    the node of the row, ``W, b`` are the frozen layer's and ``B`` starts at zero.
+
+    Per-node factors: ``A_i = diag(s_i) A`` with a shared ``A`` (``r x d_in``) and a per-node
+    scale ``s_i`` of ``r`` numbers. In wrapped layers ``s_i`` is a learned ``(N, r)`` table
+    (initialised to ones); in the predictor ``s_i = 1 + G e_i`` is generated from one small node
+    embedding ``e_i`` (``node_embedding_dim`` numbers per node, shared by all of the predictor's
+    NALLs) and a zero-initialised ``G`` per NALL, so the per-node part costs
+    ``N * node_embedding_dim`` parameters per adapter.
+
+    Args:
+        num_nodes: nodes ``N`` of the graph the adapter is built for (required).
+        input_len: history length ``L``.
+        horizon: forecast length ``H``.
+        in_channels: channels ``C_in`` of the history ``x``.
+        out_channels: channels ``C_out`` of the prediction.
+        r: rank of every NALL.
+        alpha: the low-rank update is scaled by ``alpha / r``.
+        dropout: dropout on the input of the low-rank path.
+        hidden_dim: width of the predictor's residual stream.
+        node_embedding_dim: width of the predictor's node embedding.
+        num_nall_layers: residual NALL layers per predictor block.
+        num_blocks: stacked predictor blocks; 0 means no predictor (then ``target_modules`` is required).
+        target_modules: names (suffixes) or a regex of the forecaster's own layers to wrap with NALLs.
+        node_axis: axis of the node dimension in the *inputs* of the wrapped layers
+            (``-2`` fits ``nn.Linear`` on ``(B, N, D)`` or ``(B, T, N, D)`` and convolutions on
+            ``(B, C, N, T)``).
+        modules_to_save: forecaster modules to train and save in full alongside the adapter.
+        train_backbone: train the forecaster's own weights too (frozen by default); the adapter
+            checkpoint then also holds the forecaster's weights so that loading reproduces it.
+        scaling_l2: weight of the paper's L2 penalty on the adapter's per-node scaling, i.e. on
+            ``s_i - 1`` of every NALL; when positive the adapted model returns a
+            ``ForecastOutput`` whose ``aux_loss`` holds the penalty.
+    """
+
+    num_nodes: int | None = field(default=None, metadata={"help": "Nodes N of the graph (required)."})
+    input_len: int = field(default=12, metadata={"help": "History length L."})
+    horizon: int = field(default=12, metadata={"help": "Forecast length H."})
+    in_channels: int = field(default=1, metadata={"help": "Channels C_in of the history x."})
+    out_channels: int = field(default=1, metadata={"help": "Channels C_out of the prediction."})
+    r: int = field(default=4, metadata={"help": "Rank of every node-adaptive low-rank layer."})
+    alpha: float = field(default=4.0, metadata={"help": "The low-rank update is scaled by alpha / r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the low-rank path."})
+    hidden_dim: int = field(default=8, metadata={"help": "Width of the predictor's residual stream."})
+    node_embedding_dim: int = field(default=4, metadata={"help": "Width of the predictor's node embedding."})
+    num_nall_layers: int = field(default=4, metadata={"help": "Residual NALL layers per predictor block."})
+    num_blocks: int = field(default=1, metadata={"help": "Predictor blocks; 0 disables the predictor."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Forecaster layers (names or regex) to wrap with NALLs."}
+    )
+    node_axis: int = field(default=-2, metadata={"help": "Node axis of the wrapped layers' inputs."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Forecaster modules to train and save in full."}
+    )
+    train_backbone: bool = field(default=False, metadata={"help": "Train the forecaster's own weights too."})
+    scaling_l2: float = field(default=0.0, metadata={"help": "Weight of the L2 penalty on the per-node scaling."})
+    # peft's injection reads this attribute on every config; ST-LoRA targets modules, not parameters.
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused by ST-LoRA."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = STLORA
+        if self.num_nodes is None:
+            raise ValueError("STLoraConfig needs num_nodes, the number of nodes N of the graph")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        positive = {
+            "num_nodes": self.num_nodes,
+            "input_len": self.input_len,
+            "horizon": self.horizon,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "r": self.r,
+            "hidden_dim": self.hidden_dim,
+            "node_embedding_dim": self.node_embedding_dim,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"STLoraConfig.{name} must be a positive integer; got {value!r}")
+        if self.num_blocks < 0 or self.num_nall_layers < 0:
+            raise ValueError(
+                f"STLoraConfig.num_blocks and num_nall_layers must be >= 0; got num_blocks={self.num_blocks}, "
+                f"num_nall_layers={self.num_nall_layers}"
+            )
+        if self.num_blocks == 0 and not self.target_modules:
+            raise ValueError(
+                "STLoraConfig with num_blocks=0 has no predictor, so it needs target_modules to adapt anything"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"STLoraConfig.dropout must be in [0, 1); got {self.dropout}")
+        if self.scaling_l2 < 0:
+            raise ValueError(f"STLoraConfig.scaling_l2 must be >= 0; got {self.scaling_l2}")

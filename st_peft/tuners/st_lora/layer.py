@@ -1,0 +1,429 @@
+"""Layers of ST-LoRA: node-adaptive low-rank layers (NALL) and the node-specific predictor.
+
+Every tensor that reaches the predictor is ``(batch, time, nodes, channels)``. A NALL computes
+``W x + b + (alpha / r) * B diag(s_i) A x`` for the rows of node ``i``: ``A`` (``r x d_in``) and
+``B`` (``d_out x r``, zero at initialisation) are shared by all nodes and ``s_i`` (``r`` numbers)
+is the node's own factor, so ``A_i = diag(s_i) A`` is a per-node low-rank factor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from st_peft.outputs import ForecastOutput, prediction_of
+from st_peft.tuners.st_lora.config import STLoraConfig
+
+
+class NodeSelection:
+    """The nodes covered by the current forward pass, shared by all layers of one adapted model.
+
+    Attributes:
+        index: int64 ``(N_sub,)`` node indices passed as ``node_index`` to the forecaster, or ``None``
+            when the batch covers the whole graph.
+    """
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+
+
+def node_rows(table: torch.Tensor, nodes: int, selection: NodeSelection, owner: str) -> torch.Tensor:
+    """Rows of a per-node table for the nodes of the current batch.
+
+    Args:
+        table: per-node values ``(N, k)``.
+        nodes: number of nodes ``n`` in the current input.
+        selection: the batch's node selection.
+        owner: name of the layer, for the error message.
+
+    Returns:
+        ``(n, k)``: ``table[selection.index]`` when a node index of length ``n`` was given, else
+        the whole table when ``n == N``.
+    """
+    index = selection.index
+    if index is not None and len(index) == nodes:
+        return table[index]
+    if nodes == table.shape[0]:
+        return table
+    raise ValueError(
+        f"{owner} was built for num_nodes={table.shape[0]} but its input has {nodes} nodes"
+        + ("" if index is None else f" and node_index has {len(index)} entries")
+    )
+
+
+def check_wrappable(module: nn.Module, node_axis: int | None, name: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless a NALL can wrap ``module`` with this node axis.
+
+    Args:
+        module: the forecaster's layer.
+        node_axis: axis of the nodes in the layer's input, or ``None`` to check the type only.
+        name: the layer's name in the forecaster.
+    """
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        raise TypeError(
+            f"ST-LoRA cannot wrap target module {name!r} of type {type(module).__name__}: only nn.Linear, "
+            "nn.Conv1d and nn.Conv2d are supported"
+        )
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+        raise TypeError(
+            f"ST-LoRA cannot wrap target module {name!r}: grouped convolutions (groups={module.groups}) are not "
+            "supported"
+        )
+    if node_axis is None:
+        return
+    if isinstance(module, nn.Linear):
+        if node_axis == -1:
+            raise TypeError(f"ST-LoRA cannot wrap {name!r}: node_axis=-1 is the feature axis of an nn.Linear")
+        return
+    spatial = 1 if isinstance(module, nn.Conv1d) else 2
+    valid = {2 + i for i in range(spatial)} | {-1 - i for i in range(spatial)}
+    if node_axis not in valid:
+        raise TypeError(
+            f"ST-LoRA cannot wrap {name!r} ({type(module).__name__}) with node_axis={node_axis}: the node axis of "
+            f"a convolution's input must be one of its spatial axes {sorted(valid)}"
+        )
+
+
+class STLoraLayer(BaseTunerLayer):
+    """Base of every ST-LoRA tuner layer; ST-LoRA adapters cannot be merged into the forecaster."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Refuse: see ``STLoraModel._check_merge_allowed`` for the reason."""
+        raise ValueError(MERGE_REFUSAL)
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged, so there is nothing to undo."""
+
+
+MERGE_REFUSAL = (
+    "ST-LoRA adapters cannot be merged into the forecaster: a node-adaptive layer adds B diag(s_i) A x with a "
+    "different s_i for every node i, while the wrapped layer applies one weight W to all nodes, so no single W' "
+    "reproduces it; the node-specific predictor is a separate network, not a weight update. Use unload() to get "
+    "the unchanged forecaster back, or keep the PeftModel for inference."
+)
+
+
+class NodeAdaptiveLayer(nn.Module, STLoraLayer):
+    """A NALL wrapped around a forecaster's own ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``.
+
+    The node axis of the wrapped layer's input is given per adapter (``STLoraConfig.node_axis``);
+    it must be a batch-like axis for ``nn.Linear`` (not the last one) and a spatial axis
+    (``>= 2``) for convolutions, and the layer must keep its size.
+
+    Args:
+        base_layer: the layer to wrap; it stays frozen and unchanged.
+        selection: the adapted model's node selection.
+        name: the layer's name in the forecaster, for error messages.
+    """
+
+    adapter_layer_names = ("stlora_A", "stlora_B", "stlora_node_scale")
+    other_param_names = ("stlora_dropout", "stlora_scaling", "stlora_node_axis")
+
+    def __init__(self, base_layer: nn.Module, selection: NodeSelection, name: str) -> None:
+        super().__init__()
+        check_wrappable(base_layer, None, name)
+        self.base_layer = base_layer
+        self.selection = selection
+        self.layer_name = name
+        self.stlora_A = nn.ModuleDict()
+        self.stlora_B = nn.ModuleDict()
+        self.stlora_node_scale = nn.ParameterDict()
+        self.stlora_dropout = nn.ModuleDict()
+        self.stlora_scaling: dict[str, float] = {}
+        self.stlora_node_axis: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    @property
+    def feature_axis(self) -> int:
+        """Axis of the features the wrapped layer mixes: last for ``nn.Linear``, 1 for convolutions."""
+        return -1 if isinstance(self.base_layer, nn.Linear) else 1
+
+    def update_layer(self, adapter_name: str, config: STLoraConfig) -> None:
+        """Add (or re-initialise) the adapter ``adapter_name`` with ``A``, ``B = 0`` and ``s = 1``."""
+        check_wrappable(self.base_layer, config.node_axis, self.layer_name)
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            down = nn.Linear(base.in_features, config.r, bias=False)
+            up = nn.Linear(config.r, base.out_features, bias=False)
+        else:
+            conv = type(base)
+            down = conv(
+                base.in_channels,
+                config.r,
+                base.kernel_size,
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                bias=False,
+                padding_mode=base.padding_mode,
+            )
+            up = conv(config.r, base.out_channels, 1, bias=False)
+        nn.init.zeros_(up.weight)
+        self.stlora_A[adapter_name] = down
+        self.stlora_B[adapter_name] = up
+        self.stlora_node_scale[adapter_name] = nn.Parameter(torch.ones(config.num_nodes, config.r))
+        self.stlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.stlora_scaling[adapter_name] = config.alpha / config.r
+        self.stlora_node_axis[adapter_name] = config.node_axis
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _node_scale(self, adapter_name: str, low: torch.Tensor) -> torch.Tensor:
+        """Per-node scale of adapter ``adapter_name`` shaped to broadcast against ``low`` (the ``A`` output)."""
+        axis = self.stlora_node_axis[adapter_name] % low.dim()
+        feature = self.feature_axis % low.dim()
+        if axis == feature:
+            raise ValueError(
+                f"{self.layer_name!r}: node_axis={self.stlora_node_axis[adapter_name]} is the feature axis of a "
+                f"{low.dim()}-d input"
+            )
+        table = node_rows(
+            self.stlora_node_scale[adapter_name], low.shape[axis], self.selection, f"ST-LoRA layer {self.layer_name!r}"
+        )
+        shape = [1] * low.dim()
+        shape[axis], shape[feature] = table.shape
+        return (table if axis < feature else table.t()).reshape(shape)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer(x)`` plus the node-adaptive low-rank update of every active adapter; same shape."""
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.stlora_A:
+                continue
+            low = self.stlora_A[name](self.stlora_dropout[name](x))
+            result = result + self.stlora_scaling[name] * self.stlora_B[name](low * self._node_scale(name, low))
+        return result
+
+    def scaling_penalty(self, adapter_name: str) -> torch.Tensor:
+        """Squared distance of the per-node scales from one, ``sum_i ||s_i - 1||^2`` (a scalar)."""
+        return (self.stlora_node_scale[adapter_name] - 1).pow(2).sum()
+
+
+class NodeAdaptiveLinear(nn.Module):
+    """A NALL of the predictor on the last axis, with per-node scales generated from a node embedding.
+
+    ``h -> W h + b + (alpha / r) * B diag(s_i) A dropout(h)`` with ``s_i = 1 + G^T e_i``; ``W, b, A``
+    train, ``B`` and ``G`` start at zero.
+    """
+
+    def __init__(self, dim: int, config: STLoraConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.lora_A = nn.Linear(dim, config.r, bias=False)
+        self.lora_B = nn.Linear(config.r, dim, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.generator = nn.Parameter(torch.zeros(config.node_embedding_dim, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.alpha / config.r
+
+    def node_scale(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Per-node scales ``(n, r)`` from node embeddings ``(n, d_e)``."""
+        return 1 + embedding @ self.generator
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Map ``hidden`` ``(B, n, dim)`` with node embeddings ``(n, d_e)`` to ``(B, n, dim)``."""
+        low = self.lora_A(self.dropout(hidden)) * self.node_scale(embedding)
+        return self.linear(hidden) + self.scaling * self.lora_B(low)
+
+
+class PredictorBlock(nn.Module):
+    """One block of the node-specific predictor.
+
+    From each node's history and current prediction, residual NALL layers
+    ``H_l = H_(l-1) + NALL_l(relu(H_(l-1)))`` compute a correction ``c``; the candidate is
+    ``Z = y + c`` and a gate ``R = sigmoid(F([x, mean_h Z]))`` blends ``R * y + (1 - R) * Z``.
+    The correction's output layer starts at zero, so a new block returns ``y`` exactly.
+    """
+
+    def __init__(self, config: STLoraConfig) -> None:
+        super().__init__()
+        history = config.input_len * config.in_channels
+        future = config.horizon * config.out_channels
+        self.input = nn.Linear(history + future, config.hidden_dim)
+        self.layers = nn.ModuleList(NodeAdaptiveLinear(config.hidden_dim, config) for _ in range(config.num_nall_layers))
+        self.act = nn.ReLU()
+        self.output = nn.Linear(config.hidden_dim, future)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+        self.gate = nn.Linear(history + config.out_channels, future)
+
+    def forward(self, history: torch.Tensor, prediction: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Refine ``prediction``.
+
+        Args:
+            history: each node's flattened history ``(B, n, L * C_in)``.
+            prediction: current prediction ``(B, H, n, C_out)``.
+            embedding: node embeddings ``(n, d_e)``.
+
+        Returns:
+            The refined prediction ``(B, H, n, C_out)``.
+        """
+        batch, horizon, nodes, channels = prediction.shape
+        future = prediction.transpose(1, 2).reshape(batch, nodes, horizon * channels)
+        hidden = self.input(torch.cat([history, future], dim=-1))
+        for layer in self.layers:
+            hidden = hidden + layer(self.act(hidden), embedding)
+        correction = self.output(hidden).reshape(batch, nodes, horizon, channels).transpose(1, 2)
+        candidate = prediction + correction
+        gate = torch.sigmoid(self.gate(torch.cat([history, candidate.mean(dim=1)], dim=-1)))
+        gate = gate.reshape(batch, nodes, horizon, channels).transpose(1, 2)
+        # R * y + (1 - R) * Z written as y + (1 - R) * (Z - y): equal in exact arithmetic, and in floating
+        # point it returns y bit for bit while the correction is zero.
+        return prediction + (1 - gate) * correction
+
+
+class NodeSpecificPredictor(nn.Module):
+    """The node-specific predictor of one adapter: a node embedding and stacked ``PredictorBlock``s.
+
+    Args:
+        config: the adapter's configuration (``num_nodes``, sizes, ``num_blocks``...).
+    """
+
+    def __init__(self, config: STLoraConfig) -> None:
+        super().__init__()
+        self.input_len, self.in_channels = config.input_len, config.in_channels
+        self.horizon, self.out_channels = config.horizon, config.out_channels
+        self.node_embedding = nn.Parameter(torch.randn(config.num_nodes, config.node_embedding_dim))
+        self.blocks = nn.ModuleList(PredictorBlock(config) for _ in range(config.num_blocks))
+
+    def forward(self, x: torch.Tensor, prediction: torch.Tensor, selection: NodeSelection) -> torch.Tensor:
+        """Refine the forecaster's ``prediction`` ``(B, H, n, C_out)`` from the history ``x`` ``(B, L, n, C_in)``."""
+        if x.dim() != 4 or x.shape[1] != self.input_len or x.shape[3] != self.in_channels:
+            raise ValueError(
+                f"The ST-LoRA predictor was built for x of shape (batch, input_len={self.input_len}, nodes, "
+                f"in_channels={self.in_channels}); got x.shape={tuple(x.shape)}"
+            )
+        expected = (x.shape[0], self.horizon, x.shape[2], self.out_channels)
+        if tuple(prediction.shape) != expected:
+            raise ValueError(
+                f"The ST-LoRA predictor expects the forecaster's prediction of shape (batch, horizon, nodes, "
+                f"out_channels)={expected}; got {tuple(prediction.shape)}"
+            )
+        batch, length, nodes, channels = x.shape
+        embedding = node_rows(self.node_embedding, nodes, selection, "The ST-LoRA predictor")
+        history = x.transpose(1, 2).reshape(batch, nodes, length * channels)
+        for block in self.blocks:
+            prediction = block(history, prediction, embedding)
+        return prediction
+
+    def scaling_penalty(self) -> torch.Tensor:
+        """``sum_l sum_i ||s_i^(l) - 1||^2`` over every NALL of the predictor (a scalar)."""
+        penalty = self.node_embedding.new_zeros(())
+        for block in self.blocks:
+            for layer in block.layers:
+                penalty = penalty + (layer.node_scale(self.node_embedding) - 1).pow(2).sum()
+        return penalty
+
+
+class STLoraPredictorLayer(nn.Module, STLoraLayer):
+    """Holds the node-specific predictors of all adapters and applies the active one to the forecaster.
+
+    It is installed as a child of the forecaster's root module and hooks the root's forward: a
+    pre-hook records ``node_index`` and checks the batch's node count, a forward hook replaces the
+    forecaster's prediction ``(B, H, N, C_out)`` by the active adapter's refined prediction (and
+    adds the scaling penalty as ``aux_loss`` when configured). With adapters disabled, or with no
+    adapter active, the forecaster's output is returned untouched.
+
+    Args:
+        num_nodes: nodes ``N`` of the graph.
+    """
+
+    adapter_layer_names = ("stlora_heads",)
+    other_param_names = ("stlora_scaling_l2",)
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__()
+        self.num_nodes = num_nodes
+        self.selection = NodeSelection()
+        self.stlora_heads = nn.ModuleDict()
+        self.stlora_scaling_l2: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._hook_handles: list[Any] = []
+
+    def update_layer(self, adapter_name: str, config: STLoraConfig, device: torch.device | None = None) -> None:
+        """Add the adapter ``adapter_name``: its predictor (when ``num_blocks > 0``) and penalty weight."""
+        if config.num_blocks > 0:
+            self.stlora_heads[adapter_name] = NodeSpecificPredictor(config).to(device)
+        self.stlora_scaling_l2[adapter_name] = config.scaling_l2
+        self.set_adapter(self.active_adapters)
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook the forward of the forecaster ``model`` (its root module)."""
+        self._hook_handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+
+    def detach(self) -> None:
+        """Remove the hooks; the forecaster's forward is its own again."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    def _active(self) -> list[str]:
+        if self.disable_adapters:
+            return []
+        return [name for name in self.active_adapters if name in self.stlora_scaling_l2]
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        index = kwargs.get("node_index")
+        self.selection.index = index
+        if not self._active():
+            return
+        x = kwargs["x"] if "x" in kwargs else args[0]
+        nodes = x.shape[2]
+        if index is None and nodes != self.num_nodes:
+            raise ValueError(
+                f"The ST-LoRA adapter was built for num_nodes={self.num_nodes} but the batch has {nodes} nodes "
+                f"(x.shape={tuple(x.shape)})"
+            )
+        if index is not None and (len(index) != nodes or int(index.max()) >= self.num_nodes):
+            raise ValueError(
+                f"node_index has {len(index)} entries (largest {int(index.max())}) but x has {nodes} nodes and "
+                f"the ST-LoRA adapter was built for num_nodes={self.num_nodes}"
+            )
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        active = self._active()
+        if not active:
+            return output
+        if not isinstance(output, (torch.Tensor, ForecastOutput)):
+            raise TypeError(
+                f"ST-LoRA needs the forecaster to return a tensor (B, H, N, C_out) or a ForecastOutput; "
+                f"{type(module).__name__} returned {type(output).__name__}"
+            )
+        x = kwargs["x"] if "x" in kwargs else args[0]
+        prediction = prediction_of(output)
+        refined = prediction
+        penalty = None
+        for name in active:
+            if name in self.stlora_heads:
+                refined = self.stlora_heads[name](x, refined, self.selection)
+            if self.stlora_scaling_l2[name] > 0:
+                term = self.stlora_scaling_l2[name] * self._scaling_penalty(module, name)
+                penalty = term if penalty is None else penalty + term
+        if isinstance(output, torch.Tensor):
+            return refined if penalty is None else ForecastOutput(prediction=refined, aux_loss=penalty)
+        quantiles = output.quantiles
+        if quantiles is not None:
+            quantiles = quantiles + (refined - prediction).unsqueeze(-1)
+        aux_loss = output.aux_loss
+        if penalty is not None:
+            aux_loss = penalty if aux_loss is None else aux_loss + penalty
+        # The forecaster's own loss, if any, describes the unrefined prediction, so it is not passed on.
+        return ForecastOutput(prediction=refined, quantiles=quantiles, aux_loss=aux_loss)
+
+    def _scaling_penalty(self, model: nn.Module, adapter_name: str) -> torch.Tensor:
+        """The adapter's scaling penalty summed over its predictor and its NALL-wrapped layers."""
+        terms = [layer.scaling_penalty(adapter_name) for layer in model.modules()
+                 if isinstance(layer, NodeAdaptiveLayer) and adapter_name in layer.stlora_node_scale]
+        if adapter_name in self.stlora_heads:
+            terms.append(self.stlora_heads[adapter_name].scaling_penalty())
+        return torch.stack(terms).sum()

@@ -1,0 +1,228 @@
+"""The ST-LoRA tuner: how PEFT injects, trains, saves and removes ST-LoRA adapters.
+
+ST-LoRA's main part, the node-specific predictor, is not a replacement of one of the
+forecaster's layers but a network appended to the forecaster's output. PEFT's
+``BaseTuner.inject_adapter`` only replaces named sub-modules and ``PeftModel.forward`` calls the
+forecaster itself, not the tuner, so the predictor is made a sub-module target of its own:
+
+1. ``_prepare_model`` (run by ``inject_adapter`` for every new adapter) installs, once, an
+   ``STLoraPredictorLayer`` as the child ``st_lora_predictor`` of the forecaster's root module;
+   it hooks the root's forward and replaces its prediction by the refined one.
+2. ``_check_target_module_exists`` matches that child for every adapter (plus the optional
+   ``target_modules``), so ``_create_and_replace`` adds each adapter's own predictor to it.
+
+Because the container is a regular tuner layer, PEFT's own ``set_adapter``,
+``disable_adapter()``, ``delete_adapter``, trainable-parameter bookkeeping and state-dict
+selection treat it like any LoRA layer; ``unload()`` removes it and its hooks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from st_peft.tuners.st_lora.config import STLoraConfig
+from st_peft.tuners.st_lora.layer import (
+    MERGE_REFUSAL,
+    NodeAdaptiveLayer,
+    STLoraLayer,
+    STLoraPredictorLayer,
+    check_wrappable,
+)
+
+PREDICTOR_NAME = "st_lora_predictor"
+"""Name of the predictor container under the forecaster's root. It must not contain the method
+prefix ``stlora_``: PEFT's ``delete_adapter`` skips modules whose name contains it."""
+
+HEADS_NAME = "stlora_heads"
+
+
+class STLoraModel(BaseTuner):
+    """ST-LoRA tuner (PEFT type ``STLORA``) around a spatio-temporal forecaster.
+
+    The forecaster is any ``nn.Module`` called as ``model(x=(B, L, N, C_in), **kwargs)`` that
+    returns ``(B, H, N, C_out)`` or a ``ForecastOutput``. Build it with
+    ``peft.get_peft_model(forecaster, STLoraConfig(num_nodes=N, ...))``.
+
+    Args:
+        model: the forecaster.
+        peft_config: the adapter's configuration, or a dict of them.
+        adapter_name: name of the first adapter.
+        low_cpu_mem_usage: create the adapter's weights on the meta device (for loading).
+        state_dict: inject the adapters named by this state dict's keys.
+    """
+
+    prefix: str = "stlora_"
+    tuner_layer_cls = STLoraLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: STLoraConfig, model_config: dict) -> STLoraConfig:
+        """ST-LoRA needs no ``target_modules``: its predictor is always a target."""
+        return peft_config
+
+    def _check_new_adapter_config(self, config: STLoraConfig) -> None:
+        """Refuse an adapter whose ``num_nodes`` differs from the adapters already on the model."""
+        super()._check_new_adapter_config(config)
+        for name, other in self.peft_config.items():
+            if other is not config and other.num_nodes != config.num_nodes:
+                raise ValueError(
+                    f"The new ST-LoRA adapter has num_nodes={config.num_nodes} but adapter {name!r} on the same "
+                    f"forecaster has num_nodes={other.num_nodes}"
+                )
+
+    def _prepare_model(self, peft_config: STLoraConfig, model: nn.Module) -> None:
+        """Check the forecaster against the config and install the predictor container once."""
+        self._check_forecaster(peft_config, model)
+        predictor = model._modules.get(PREDICTOR_NAME)
+        if predictor is None:
+            # PEFT freezes the base model only on the first injection, recognised by the absence of tuner
+            # layers; the container installed here is one, so PEFT will restore the forecaster's current
+            # trainability instead. Set it here to what this first adapter asks for.
+            model.requires_grad_(peft_config.train_backbone and not peft_config.inference_mode)
+            predictor = STLoraPredictorLayer(peft_config.num_nodes)
+            model.add_module(PREDICTOR_NAME, predictor)
+            predictor.attach(model)
+        elif not isinstance(predictor, STLoraPredictorLayer):
+            raise ValueError(
+                f"The forecaster already has a sub-module named {PREDICTOR_NAME!r} "
+                f"({type(predictor).__name__}); ST-LoRA needs that name for its predictor"
+            )
+
+    def _check_forecaster(self, config: STLoraConfig, model: nn.Module) -> None:
+        """Refuse a forecaster of another size, unknown target names and layers a NALL cannot wrap."""
+        nodes = getattr(model, "num_nodes", None)
+        if isinstance(nodes, int) and nodes != config.num_nodes:
+            raise ValueError(
+                f"STLoraConfig.num_nodes={config.num_nodes} but the forecaster {type(model).__name__} has "
+                f"num_nodes={nodes}"
+            )
+        if not config.target_modules:
+            return
+        wrapped = [key for key, module in model.named_modules() if isinstance(module, NodeAdaptiveLayer)]
+        keys = [
+            key
+            for key, _ in model.named_modules()
+            if key
+            and key != PREDICTOR_NAME
+            and not key.startswith(PREDICTOR_NAME + ".")
+            and not any(key.startswith(prefix + ".") for prefix in wrapped)
+        ]
+        targets = config.target_modules
+        if isinstance(targets, str):
+            if not any(re.fullmatch(targets, key) for key in keys):
+                raise ValueError(
+                    f"target_modules={targets!r} matches no module of {type(model).__name__}; its modules are "
+                    f"{keys}"
+                )
+        else:
+            for name in sorted(targets):
+                if not any(key == name or key.endswith("." + name) for key in keys):
+                    raise ValueError(
+                        f"target_modules entry {name!r} matches no module of {type(model).__name__}; its modules "
+                        f"are {keys}"
+                    )
+        for key in keys:
+            if check_target_module_exists(config, key):
+                module = model.get_submodule(key)
+                base = module.base_layer if isinstance(module, NodeAdaptiveLayer) else module
+                check_wrappable(base, config.node_axis, key)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: STLoraConfig, key: str) -> bool:
+        """The predictor container always; a forecaster layer when ``target_modules`` names it."""
+        if key == PREDICTOR_NAME:
+            return True
+        if key.startswith(PREDICTOR_NAME + ".") or not peft_config.target_modules:
+            return False
+        return bool(check_target_module_exists(peft_config, key))
+
+    def _create_and_replace(
+        self,
+        peft_config: STLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        """Add the adapter to the predictor container, or wrap the target layer with a NALL."""
+        if isinstance(target, STLoraPredictorLayer):
+            target.update_layer(adapter_name, peft_config, device=self._forecaster_device())
+            return
+        if isinstance(target, NodeAdaptiveLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = NodeAdaptiveLayer(target, self.model.get_submodule(PREDICTOR_NAME).selection, current_key)
+        new_module.update_layer(adapter_name, peft_config)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _forecaster_device(self) -> torch.device | None:
+        for name, parameter in self.model.named_parameters():
+            if self.prefix not in name:
+                return parameter.device
+        return None
+
+    def _check_merge_allowed(self) -> None:
+        """ST-LoRA never merges; the error says why."""
+        raise ValueError(MERGE_REFUSAL)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """Refuse to merge; otherwise remove the predictor and its hooks and unwrap every NALL."""
+        if merge:
+            self._check_merge_allowed()
+        predictor = self.model._modules.get(PREDICTOR_NAME)
+        if isinstance(predictor, STLoraPredictorLayer):
+            predictor.detach()
+            delattr(self.model, PREDICTOR_NAME)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: STLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's weights, plus the forecaster's own when it was trained along (``train_backbone``)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.train_backbone:
+            selected.update({key: value for key, value in state_dict.items() if cls.prefix not in key})
+        return selected
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Drop the adapter name; inside a predictor it sits in the middle of the key, not before the last part."""
+        marker = f".{HEADS_NAME}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f".{HEADS_NAME}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: STLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Refuse a checkpoint saved for another number of nodes, then map its keys onto the model."""
+        for key, value in state_dict.items():
+            per_node = key.endswith(f".{HEADS_NAME}.node_embedding") or key.endswith(".stlora_node_scale")
+            if per_node and value.shape[0] != config.num_nodes:
+                raise ValueError(
+                    f"The saved ST-LoRA adapter was trained on {value.shape[0]} nodes ({key} has shape "
+                    f"{tuple(value.shape)}) but the config asks for num_nodes={config.num_nodes}"
+                )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
