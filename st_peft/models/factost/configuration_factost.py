@@ -64,6 +64,9 @@ class FactoSTConfig(PreTrainedConfig):
         rope_theta: base of the rotary frequencies.
         norm_eps: epsilon of the layer norms and of the instance normalisation.
         initializer_range: standard deviation of the initial weights.
+        missing_value: when ``forward`` gets no ``x_mask``, entries of ``x`` equal to this value
+            count as missing (the project's batches hold 0 for missing steps after scaling);
+            ``None`` treats only NaN as missing.
     """
 
     model_type = "factost"
@@ -82,6 +85,7 @@ class FactoSTConfig(PreTrainedConfig):
     rope_theta: float | int = 10000.0
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    missing_value: float | None = 0.0
 
     def __post_init__(self, **kwargs):
         self.quantiles = [float(q) for q in self.quantiles]

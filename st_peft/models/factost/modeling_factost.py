@@ -248,11 +248,12 @@ class FactoSTModel(FactoSTPreTrainedModel):
 
         Args:
             x: ``(B, L, N, C)`` history (any affine scaling; each series is normalised on its own).
-                NaN entries count as missing.
+                NaN entries count as missing, and so do entries equal to ``config.missing_value``
+                when no ``x_mask`` is given.
             x_time: int64 ``(B, L, F)`` calendar features of the history, for the adapter.
             y_time: int64 ``(B, H, F)`` calendar features of the horizon, for the adapter.
             horizon: steps to forecast; defaults to ``y_time.shape[1]``, else ``config.max_horizon``.
-            x_mask: bool ``(B, L, N, C)``, True where observed; defaults to the finite entries of ``x``.
+            x_mask: bool ``(B, L, N, C)``, True where observed.
             node_index: int64 ``(N,)`` graph indices of the batch's nodes, for the adapter.
             rollout: allow horizons above ``config.max_horizon`` by feeding median forecasts back.
             use_domain_prompts: prepend the ``prompt_top_k`` codebook entries closest to each series.
@@ -263,7 +264,11 @@ class FactoSTModel(FactoSTPreTrainedModel):
             ``quantiles`` ``(B, H, N, C, Q)``, in the units of ``x``.
         """
         horizon = self._check_inputs(x, x_time, y_time, horizon, rollout)
-        mask = torch.isfinite(x) if x_mask is None else x_mask.to(torch.bool) & torch.isfinite(x)
+        mask = torch.isfinite(x)
+        if x_mask is not None:
+            mask = mask & x_mask.to(torch.bool)
+        elif self.config.missing_value is not None:
+            mask = mask & (x != self.config.missing_value)
         values = torch.where(mask, x, torch.zeros_like(x))
         pieces = []
         done = 0
