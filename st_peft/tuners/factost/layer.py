@@ -1,0 +1,256 @@
+"""The FACTOST adapter's parts and the tuner layer that applies them to the backbone's tokens.
+
+All tensors of tokens are ``(B, N, C, P, D)``: batch, nodes, channels, patches (context
+first, then future), token width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from st_peft.models.factost.modeling_factost import FactoSTTokenContext, FactoSTTokenHookOutput
+from st_peft.tuners.factost.config import FactoSTAdapterConfig
+
+MERGE_REFUSAL = (
+    "FACTOST adapters add tokens, gates and embeddings to the backbone's token pipeline; there are no "
+    "weights to merge them into. Use unload() to get the backbone back, or keep the PeftModel."
+)
+
+
+class MetadataFusion(nn.Module):
+    """Adds a projected node embedding and projected calendar embeddings to every token.
+
+    Both projections start at zero, so a new adapter's fusion adds nothing until trained.
+
+    Args:
+        num_nodes: rows of the node embedding.
+        calendar_sizes: number of values of every calendar column.
+        node_dim: width of the node embedding.
+        calendar_dim: width of each calendar embedding.
+        hidden_size: token width ``D``.
+    """
+
+    def __init__(
+        self, num_nodes: int, calendar_sizes: list[int], node_dim: int, calendar_dim: int, hidden_size: int
+    ):
+        super().__init__()
+        self.calendar_sizes = list(calendar_sizes)
+        self.node_embedding = nn.Embedding(num_nodes, node_dim)
+        self.calendar_embeddings = nn.ModuleList(nn.Embedding(size, calendar_dim) for size in calendar_sizes)
+        self.node_projection = nn.Linear(node_dim, hidden_size, bias=False)
+        self.calendar_projection = nn.Linear(calendar_dim * len(calendar_sizes), hidden_size)
+        nn.init.zeros_(self.node_projection.weight)
+        nn.init.zeros_(self.calendar_projection.weight)
+        nn.init.zeros_(self.calendar_projection.bias)
+
+    def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
+        """Return ``tokens`` ``(B, N, C, P, D)`` plus node and calendar terms."""
+        nodes = self._node_index(tokens.shape[1], context.node_index, tokens.device)
+        patch_time = self._check_calendar(context.patch_time)
+        node_term = self.node_projection(self.node_embedding(nodes))
+        calendar = torch.cat(
+            [embedding(patch_time[..., column]) for column, embedding in enumerate(self.calendar_embeddings)], dim=-1
+        )
+        time_term = self.calendar_projection(calendar)
+        return tokens + node_term[None, :, None, None, :] + time_term[:, None, None, :, :]
+
+    def _node_index(self, nodes: int, node_index: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        known = self.node_embedding.num_embeddings
+        if node_index is None:
+            if nodes != known:
+                raise ValueError(
+                    f"the batch has {nodes} nodes but the FACTOST adapter was built for num_nodes={known}; "
+                    "pass node_index (N,) when a batch covers a subset of the graph."
+                )
+            return torch.arange(nodes, device=device)
+        if node_index.shape != (nodes,):
+            raise ValueError(f"node_index has shape {tuple(node_index.shape)}, expected ({nodes},).")
+        if int(node_index.min()) < 0 or int(node_index.max()) >= known:
+            raise ValueError(
+                f"node_index holds values in [{int(node_index.min())}, {int(node_index.max())}] but the adapter "
+                f"knows nodes 0 .. {known - 1}."
+            )
+        return node_index.to(device)
+
+    def _check_calendar(self, patch_time: torch.Tensor | None) -> torch.Tensor:
+        if patch_time is None:
+            raise ValueError(
+                "FACTOST metadata fusion needs calendar features: pass x_time (B, L, F) and y_time (B, H, F) "
+                "to the model, or build the adapter with use_metadata=False."
+            )
+        if patch_time.shape[-1] != len(self.calendar_sizes):
+            raise ValueError(
+                f"the calendar features have {patch_time.shape[-1]} columns but the adapter was built for "
+                f"{len(self.calendar_sizes)} (calendar_sizes={self.calendar_sizes})."
+            )
+        for column, size in enumerate(self.calendar_sizes):
+            low, high = int(patch_time[..., column].min()), int(patch_time[..., column].max())
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"calendar column {column} holds values in [{low}, {high}] but the adapter allows 0 .. {size - 1} "
+                    "(check steps_per_day / calendar_sizes of the adapter config)."
+                )
+        return patch_time
+
+
+class InteractionFilter(nn.Module):
+    """Gates every token by spatial, temporal and lagged interaction scores.
+
+    Three small attentions summarise, for every token, the tokens of the other nodes at the
+    same patch (spatial, softmax over ``N`` keys), the other patches of the same series
+    (temporal, over ``P`` keys) and the same series' last ``max_lag`` patches plus itself
+    (lagged, over up to ``max_lag + 1`` keys). Their summaries set a gate
+    ``1 + tanh(W s)`` per token and width; ``W`` starts at zero, so the gate starts at 1.
+
+    Args:
+        hidden_size: token width ``D``.
+        rank: width of the queries, keys and values of each score.
+        max_lag: patches back the lagged score looks.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, max_lag: int):
+        super().__init__()
+        self.rank = rank
+        self.max_lag = max_lag
+        self.norm = nn.LayerNorm(hidden_size)
+        self.spatial = nn.Linear(hidden_size, 3 * rank)
+        self.temporal = nn.Linear(hidden_size, 3 * rank)
+        self.lagged = nn.Linear(hidden_size, 3 * rank)
+        self.gate = nn.Linear(3 * rank, hidden_size)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
+        """Return ``tokens`` ``(B, N, C, P, D)`` multiplied by their gates."""
+        normed = self.norm(tokens)
+        query, key, value = self.spatial(normed).movedim(1, 3).chunk(3, dim=-1)
+        spatial = F.scaled_dot_product_attention(query, key, value).movedim(3, 1)
+        query, key, value = self.temporal(normed).chunk(3, dim=-1)
+        temporal = F.scaled_dot_product_attention(query, key, value)
+        lagged = self._lagged(*self.lagged(normed).chunk(3, dim=-1))
+        gate = 1.0 + torch.tanh(self.gate(torch.cat((spatial, temporal, lagged), dim=-1)))
+        return tokens * gate
+
+    def _lagged(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention of each patch over itself and its ``max_lag`` predecessors; ``(..., P, r)`` in and out."""
+        patches = query.shape[-2]
+        lags = range(min(self.max_lag, patches - 1) + 1)
+        shifted_keys = torch.stack([F.pad(key, (0, 0, lag, 0))[..., :patches, :] for lag in lags], dim=-2)
+        shifted_values = torch.stack([F.pad(value, (0, 0, lag, 0))[..., :patches, :] for lag in lags], dim=-2)
+        scores = (query[..., None, :] * shifted_keys).sum(dim=-1) / math.sqrt(self.rank)
+        position = torch.arange(patches, device=query.device)[:, None]
+        valid = position >= torch.tensor(list(lags), device=query.device)[None, :]
+        weights = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+        return (weights[..., None] * shifted_values).sum(dim=-2)
+
+
+class DomainPrompts(nn.Module):
+    """Prompt tokens: the backbone's codebook entries closest to each series plus a learned low-rank part.
+
+    Each series' query is the mean of its (adapted) context tokens; its ``num_tokens`` best
+    cosine matches in the frozen codebook are taken in order of similarity, and prompt slot
+    ``k`` adds row ``k`` of the learned ``down @ up`` (``up`` starts at zero).
+
+    Args:
+        hidden_size: token width ``D``.
+        num_tokens: prompt tokens ``K``.
+        rank: rank of the learned part.
+    """
+
+    def __init__(self, hidden_size: int, num_tokens: int, rank: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.down = nn.Parameter(torch.randn(num_tokens, rank) / math.sqrt(rank))
+        self.up = nn.Parameter(torch.zeros(rank, hidden_size))
+
+    def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
+        """Prompt tokens ``(B, N, C, K, D)`` for ``tokens`` ``(B, N, C, P, D)``."""
+        codebook = context.codebook
+        if codebook.shape[0] < self.num_tokens:
+            raise ValueError(
+                f"the adapter asks for {self.num_tokens} prompt tokens but the backbone's codebook has only "
+                f"{codebook.shape[0]} entries."
+            )
+        query = tokens[..., : context.num_context_patches, :].mean(dim=-2)
+        similarity = F.normalize(query, dim=-1) @ F.normalize(codebook, dim=-1).T
+        matched = codebook[similarity.topk(self.num_tokens, dim=-1).indices]
+        return matched + self.down @ self.up
+
+
+class FactoSTAdapterLayer(nn.Module, BaseTunerLayer):
+    """Tuner layer around the backbone's token hook; holds every adapter's parts by name.
+
+    With adapters disabled it returns exactly what the wrapped hook returns. Otherwise each
+    active adapter in turn adds its metadata terms, gates the tokens, and contributes its
+    prompt tokens to the prefix.
+
+    Args:
+        base_layer: the backbone's ``FactoSTTokenHook``.
+        adapter_name: name of the first adapter.
+        config: its configuration.
+        hidden_size: the backbone's token width ``D``.
+    """
+
+    adapter_layer_names = ("factost_metadata", "factost_filter", "factost_prompts")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FactoSTAdapterConfig, hidden_size: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.hidden_size = hidden_size
+        self.factost_metadata = nn.ModuleDict()
+        self.factost_filter = nn.ModuleDict()
+        self.factost_prompts = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: FactoSTAdapterConfig) -> None:
+        """Build the parts that ``config`` switches on under ``adapter_name``."""
+        if config.use_metadata:
+            self.factost_metadata[adapter_name] = MetadataFusion(
+                config.num_nodes,
+                config.calendar_sizes,
+                config.node_embedding_dim,
+                config.calendar_embedding_dim,
+                self.hidden_size,
+            )
+        if config.use_interaction:
+            self.factost_filter[adapter_name] = InteractionFilter(self.hidden_size, config.filter_rank, config.max_lag)
+        if config.use_prompts:
+            self.factost_prompts[adapter_name] = DomainPrompts(
+                self.hidden_size, config.num_prompt_tokens, config.prompt_rank
+            )
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> FactoSTTokenHookOutput:
+        """Adapt ``tokens`` ``(B, N, C, P, D)``; prompt tokens come back as ``prefix_tokens`` ``(B, N, C, K, D)``."""
+        output = self.base_layer(tokens, context)
+        if self.disable_adapters:
+            return output
+        tokens = output.tokens
+        prefixes = [] if output.prefix_tokens is None else [output.prefix_tokens]
+        for name in self.active_adapters:
+            if name in self.factost_metadata:
+                tokens = self.factost_metadata[name](tokens, context)
+            if name in self.factost_filter:
+                tokens = self.factost_filter[name](tokens, context)
+            if name in self.factost_prompts:
+                prefixes.append(self.factost_prompts[name](tokens, context))
+        prefix = torch.cat(prefixes, dim=-2) if prefixes else None
+        return FactoSTTokenHookOutput(tokens=tokens, prefix_tokens=prefix)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """FACTOST adapters cannot be merged; always raises."""
+        raise ValueError(MERGE_REFUSAL)
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged, so there is nothing to undo."""
+
+    def __repr__(self) -> str:
+        return "factost." + super().__repr__()

@@ -1,0 +1,116 @@
+"""The FACTOST tuner: how PEFT injects, trains, saves and removes FactoST adapters.
+
+A ``FactoSTModel`` backbone routes its tokens through one sub-module, ``token_hook``. The
+tuner replaces that hook by a ``FactoSTAdapterLayer`` that wraps it, so PEFT's own
+machinery (several adapters, ``set_adapter``, ``disable_adapter()``, ``delete_adapter``,
+trainable-parameter bookkeeping, saving and loading) works as for LoRA, and the backbone
+stays frozen. Nothing is monkey-patched and there is no fallback path: an adapter that
+cannot run raises.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from st_peft.models.factost.modeling_factost import FactoSTTokenHook
+from st_peft.tuners.factost.config import FactoSTAdapterConfig
+from st_peft.tuners.factost.layer import MERGE_REFUSAL, FactoSTAdapterLayer
+
+
+class FactoSTAdapterModel(BaseTuner):
+    """FACTOST tuner (PEFT type ``FACTOST``) around a frozen ``FactoSTModel``.
+
+    Build it with ``peft.get_peft_model(backbone, FactoSTAdapterConfig(num_nodes=N, ...))``;
+    the adapted model is called like the backbone, ``model(x=(B, L, N, C), x_time=..., y_time=...)``,
+    and returns a ``ForecastOutput`` with ``prediction`` ``(B, H, N, C)``.
+
+    Args:
+        model: the ``FactoSTModel`` backbone.
+        peft_config: the adapter's configuration, or a dict of them.
+        adapter_name: name of the first adapter.
+        low_cpu_mem_usage: accepted for PEFT's interface; the adapter's weights are always materialised.
+        state_dict: inject the adapters named by this state dict's keys.
+    """
+
+    prefix: str = "factost_"
+    tuner_layer_cls = FactoSTAdapterLayer
+    target_module_mapping: dict[str, list[str]] = {"factost": ["token_hook"]}
+
+    def _prepare_model(self, peft_config: FactoSTAdapterConfig, model: nn.Module) -> None:
+        """Refuse backbones without a FactoST token hook."""
+        hooks = [name for name, module in model.named_modules() if isinstance(module, FactoSTTokenHook)]
+        if not hooks:
+            raise TypeError(
+                f"FACTOST adapters need a FactoSTModel backbone (a module with a FactoSTTokenHook); "
+                f"got {type(model).__name__}."
+            )
+
+    def _create_and_replace(
+        self,
+        peft_config: FactoSTAdapterConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        """Add the adapter to the hook's tuner layer, wrapping the hook first if needed."""
+        if isinstance(target, FactoSTAdapterLayer):
+            target.update_layer(adapter_name, peft_config)
+            target.to(self._backbone_device())
+            return
+        if not isinstance(target, FactoSTTokenHook):
+            raise TypeError(
+                f"FACTOST can only wrap the backbone's FactoSTTokenHook; target_modules matched {current_key!r}, "
+                f"a {type(target).__name__}."
+            )
+        new_module = FactoSTAdapterLayer(target, adapter_name, peft_config, self.model.config.hidden_size)
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is made active
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Swap the hook and its tuner layer, on the backbone's device.
+
+        PEFT's version places the new module by the weights of the replaced one; the token hook
+        has no weights, so the backbone's device is used.
+        """
+        setattr(parent, child_name, new_module)
+        new_module.to(self._backbone_device())
+
+    def _backbone_device(self) -> torch.device:
+        return next(parameter.device for name, parameter in self.model.named_parameters() if self.prefix not in name)
+
+    def _check_merge_allowed(self) -> None:
+        """FACTOST never merges; the error says why."""
+        raise ValueError(MERGE_REFUSAL)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Drop the adapter name, which sits right after the part's name inside the key."""
+        for part in FactoSTAdapterLayer.adapter_layer_names:
+            marker = f".{part}.{adapter_name}."
+            if marker in key:
+                return key.replace(marker, f".{part}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: FactoSTAdapterConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Refuse a checkpoint saved for another number of nodes, then map its keys onto the model."""
+        for key, value in state_dict.items():
+            if key.endswith("factost_metadata.node_embedding.weight") and value.shape[0] != config.num_nodes:
+                raise ValueError(
+                    f"the saved FACTOST adapter was trained on {value.shape[0]} nodes ({key} has shape "
+                    f"{tuple(value.shape)}) but its config asks for num_nodes={config.num_nodes}."
+                )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
