@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import FACTOST_SIZES, FactoSTConfig
 from st_peft.models.factost.modeling_factost import FactoSTModel, masked_instance_norm
 
@@ -112,24 +113,6 @@ def frequency_view(values: torch.Tensor, low_pass: torch.Tensor, cutoff: torch.T
     return torch.fft.irfft(spectrum * keep, n=values.shape[-1], dim=-1)
 
 
-def pinball_loss(
-    quantiles: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, levels: Sequence[float]
-) -> torch.Tensor:
-    """Mean pinball loss over observed entries and all quantile levels.
-
-    Args:
-        quantiles: ``(..., Q)`` forecasts.
-        target: ``(...)`` observed values.
-        mask: bool ``(...)``, True where ``target`` counts.
-        levels: the ``Q`` quantile levels.
-    """
-    tau = torch.tensor(list(levels), dtype=quantiles.dtype, device=quantiles.device)
-    error = target[..., None] - quantiles
-    loss = torch.maximum(tau * error, (tau - 1.0) * error).mean(dim=-1)
-    weight = mask.to(loss.dtype)
-    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
-
-
 @dataclass
 class PretrainingObjective:
     """Random context lengths, random horizons, masking and augmentation around the pinball loss.
@@ -207,8 +190,8 @@ class PretrainingObjective:
         return pinball_loss(
             (forecast - window_loc[:, :, None]) / window_scale[:, :, None],
             (target - window_loc) / window_scale,
-            target_mask,
             config.quantiles,
+            mask=target_mask,
         )
 
 
