@@ -1,0 +1,284 @@
+"""FACTOST adapter: a full PEFT citizen on a frozen FactoST backbone."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import PeftType
+
+import st_peft  # noqa: F401  (registers FACTOST)
+from st_peft.data import build_splits, load
+from st_peft.models.factost import FactoSTConfig, FactoSTModel
+from st_peft.models.factost.modeling_factost import FactoSTAttention, FactoSTTokenContext
+from st_peft.training.samplers import MemoryReplaySampler
+from st_peft.tuners.factost import (
+    FactoSTAdapterConfig,
+    FactoSTAdapterLayer,
+    InteractionFilter,
+    MetadataFusion,
+)
+
+NODES = 5
+STEPS_PER_DAY = 96
+
+
+def backbone() -> FactoSTModel:
+    torch.manual_seed(0)
+    config = FactoSTConfig(
+        patch_length=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_context_length=24,
+        max_horizon=12,
+        dropout=0.0,
+    )
+    return FactoSTModel(config).eval()
+
+
+def batch(batch_size: int = 2, nodes: int = NODES) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    steps = torch.randint(0, STEPS_PER_DAY - 24, (batch_size, 1), generator=generator) + torch.arange(24)
+    calendar = torch.stack((steps, torch.full_like(steps, 3)), dim=-1)
+    return {
+        "x": torch.randn(batch_size, 12, nodes, 1, generator=generator),
+        "x_time": calendar[:, :12],
+        "y_time": calendar[:, 12:],
+    }
+
+
+def adapter_config(**overrides) -> FactoSTAdapterConfig:
+    return FactoSTAdapterConfig(num_nodes=NODES, steps_per_day=STEPS_PER_DAY, **overrides)
+
+
+def perturb_adapter(model: torch.nn.Module, scale: float = 0.2) -> None:
+    """Move the adapter away from its initialisation, as training would."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "factost_" in name:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def test_peft_type_and_trainable_parameters():
+    model = get_peft_model(backbone(), adapter_config())
+    assert model.peft_config["default"].peft_type == PeftType.FACTOST
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".token_hook.factost_" in name for name in trainable)
+    parts = {name.split(".token_hook.")[1].split(".")[0] for name in trainable}
+    assert parts == {"factost_metadata", "factost_filter", "factost_prompts"}
+    node_embedding = model.base_model.model.token_hook.factost_metadata["default"].node_embedding
+    assert node_embedding.weight.shape == (NODES, 32)
+
+
+def test_disabled_adapter_gives_exactly_the_backbone_output():
+    base = backbone()
+    inputs = batch()
+    reference = base(**inputs).quantiles
+    model = get_peft_model(base, adapter_config())
+    perturb_adapter(model)
+    assert not torch.allclose(model(**inputs).quantiles, reference)
+    with model.disable_adapter():
+        assert torch.equal(model(**inputs).quantiles, reference)
+    assert not torch.allclose(model(**inputs).quantiles, reference)
+
+
+def test_new_adapter_without_prompts_starts_as_the_backbone():
+    base = backbone()
+    inputs = batch()
+    reference = base(**inputs).prediction
+    model = get_peft_model(base, adapter_config(use_prompts=False))
+    torch.testing.assert_close(model(**inputs).prediction, reference)
+
+
+def test_training_moves_only_the_adapter():
+    model = get_peft_model(backbone(), adapter_config())
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**batch()).prediction.abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    parameters = dict(model.named_parameters())
+    assert all(torch.equal(parameters[name], value) for name, value in frozen.items())
+    assert any(not torch.equal(parameters[name], value) for name, value in trainable.items())
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    base = backbone()
+    clean_state = copy.deepcopy(base.state_dict())
+    model = get_peft_model(base, adapter_config()).eval()
+    perturb_adapter(model)
+    inputs = batch()
+    expected = model(**inputs).quantiles
+    model.save_pretrained(tmp_path)
+    fresh = backbone()
+    fresh.load_state_dict(clean_state)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    assert isinstance(loaded.peft_config["default"], FactoSTAdapterConfig)
+    assert torch.equal(loaded(**inputs).quantiles, expected)
+
+
+def test_loading_an_adapter_for_another_graph_is_refused(tmp_path):
+    model = get_peft_model(backbone(), adapter_config())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trained on 5 nodes"):
+        PeftModel.from_pretrained(backbone(), tmp_path, config=FactoSTAdapterConfig(num_nodes=7))
+
+
+def test_several_adapters_switch_and_delete():
+    base = backbone()
+    inputs = batch()
+    reference = base(**inputs).prediction
+    model = get_peft_model(base, adapter_config())
+    perturb_adapter(model)
+    first = model(**inputs).prediction
+    model.add_adapter("second", adapter_config(use_prompts=False))
+    model.set_adapter("second")
+    torch.testing.assert_close(model(**inputs).prediction, reference)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".second." in name for name in trainable)
+    model.set_adapter("default")
+    assert torch.equal(model(**inputs).prediction, first)
+    model.delete_adapter("second")
+    assert list(model.peft_config) == ["default"]
+    assert not any(".second." in name for name, _ in model.named_parameters())
+
+
+def test_merge_is_refused_and_unload_returns_the_backbone():
+    base = backbone()
+    inputs = batch()
+    reference = base(**inputs).prediction
+    model = get_peft_model(base, adapter_config())
+    with pytest.raises(ValueError, match="no weights to merge them into"):
+        model.merge_and_unload()
+    unloaded = model.unload()
+    assert not any(isinstance(m, FactoSTAdapterLayer) for m in unloaded.modules())
+    assert torch.equal(unloaded(**inputs).prediction, reference)
+
+
+@pytest.mark.parametrize(
+    ("switch", "part"),
+    [("use_metadata", "factost_metadata"), ("use_interaction", "factost_filter"), ("use_prompts", "factost_prompts")],
+)
+def test_each_part_can_be_switched_off(switch, part):
+    model = get_peft_model(backbone(), adapter_config(**{switch: False}))
+    layer = model.base_model.model.token_hook
+    assert "default" not in getattr(layer, part)
+    assert model(**batch()).prediction.shape == (2, 12, NODES, 1)
+
+
+def test_adapter_without_parts_is_refused():
+    with pytest.raises(ValueError, match="needs at least one of them"):
+        adapter_config(use_metadata=False, use_interaction=False, use_prompts=False)
+    with pytest.raises(ValueError, match="needs num_nodes"):
+        FactoSTAdapterConfig()
+
+
+def test_missing_calendar_is_refused_when_metadata_fusion_needs_it():
+    model = get_peft_model(backbone(), adapter_config())
+    inputs = batch()
+    with pytest.raises(ValueError, match="metadata fusion needs calendar features: pass x_time"):
+        model(x=inputs["x"], horizon=12)
+    without_metadata = get_peft_model(backbone(), adapter_config(use_metadata=False))
+    assert without_metadata(x=inputs["x"], horizon=12).prediction.shape == (2, 12, NODES, 1)
+
+
+def test_calendar_out_of_range_and_wrong_node_count_are_refused():
+    model = get_peft_model(backbone(), adapter_config())
+    inputs = batch()
+    inputs["x_time"] = inputs["x_time"] + STEPS_PER_DAY
+    with pytest.raises(ValueError, match=r"calendar column 0 holds values in \[\d+, \d+\] but the adapter allows 0 .. 95"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="the batch has 3 nodes but the FACTOST adapter was built for num_nodes=5"):
+        model(**batch(nodes=3))
+    subset = batch(nodes=3)
+    assert model(**subset, node_index=torch.tensor([0, 2, 4])).prediction.shape == (2, 12, 3, 1)
+
+
+def test_prompts_keep_the_context_positions():
+    model = get_peft_model(backbone(), adapter_config())
+    seen = []
+    attention = next(m for m in model.modules() if isinstance(m, FactoSTAttention))
+    attention.register_forward_hook(lambda module, args, output: seen.append(args[1].tolist()))
+    model(**batch())
+    # register + 3 prompts at position 0, then 3 context and 3 future patches at 1 .. 6
+    assert seen[0] == [0.0] * 4 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_metadata_fusion_adds_hand_computed_terms():
+    fusion = MetadataFusion(num_nodes=2, calendar_sizes=[4, 7], node_dim=1, calendar_dim=1, hidden_size=2)
+    with torch.no_grad():
+        fusion.node_embedding.weight.copy_(torch.tensor([[1.0], [2.0]]))
+        fusion.calendar_embeddings[0].weight.copy_(torch.arange(4.0)[:, None])
+        fusion.calendar_embeddings[1].weight.copy_(10 * torch.arange(7.0)[:, None])
+        fusion.node_projection.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        fusion.calendar_projection.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+        fusion.calendar_projection.bias.zero_()
+    tokens = torch.zeros(1, 2, 1, 1, 2)
+    context = FactoSTTokenContext(
+        num_context_patches=1, patch_time=torch.tensor([[[3, 5]]]), node_index=None, codebook=torch.zeros(3, 2)
+    )
+    out = fusion(tokens, context)
+    # node n adds its embedding to width 0; time of day 3 plus day of week 5 (x10) go to width 1
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([[1.0, 53.0], [2.0, 53.0]]))
+
+
+def test_interaction_scores_learn_through_more_than_one_key():
+    torch.manual_seed(0)
+    filter_ = InteractionFilter(hidden_size=8, rank=4, max_lag=3)
+    tokens = torch.randn(2, 5, 1, 4, 8)
+    context = FactoSTTokenContext(num_context_patches=2, patch_time=None, node_index=None, codebook=torch.zeros(3, 8))
+    torch.testing.assert_close(filter_(tokens, context), tokens)
+    with torch.no_grad():
+        filter_.gate.weight.normal_()
+    filter_(tokens, context).square().sum().backward()
+    rank = filter_.rank
+    for scores in (filter_.spatial, filter_.temporal, filter_.lagged):
+        query_and_key_grad = scores.weight.grad[: 2 * rank]
+        assert query_and_key_grad.abs().sum() > 0
+
+
+def test_lagged_scores_look_only_back():
+    torch.manual_seed(0)
+    filter_ = InteractionFilter(hidden_size=4, rank=2, max_lag=1)
+    query, key, value = torch.randn(3, 1, 3, 2).unbind(0)
+    out = filter_._lagged(query, key, value)
+    torch.testing.assert_close(out[:, 0], value[:, 0])
+    scores = torch.stack([(query[:, 2] * key[:, 2]).sum(-1), (query[:, 2] * key[:, 1]).sum(-1)], -1) / np.sqrt(2)
+    weights = scores.softmax(-1)
+    torch.testing.assert_close(out[:, 2], weights[:, :1] * value[:, 2] + weights[:, 1:] * value[:, 1])
+
+
+def test_memory_replay_sampler_follows_the_config():
+    config = adapter_config()
+    sampler = config.replay_sampler(list(range(100)), batch_size=10, seed=0)
+    assert isinstance(sampler, MemoryReplaySampler)
+    first_batch = next(iter(sampler))
+    assert sum(index < 20 for index in first_batch) >= 3
+    assert adapter_config(use_memory_replay=False).replay_sampler(list(range(100)), batch_size=10) is None
+
+
+def test_adapter_on_a_real_few_shot_split():
+    data = load("sz-taxi")
+    splits = build_splits(data, input_len=12, horizon=12, few_shot=0.1)
+    rows = [splits.train[i] for i in range(4)]
+    inputs = {k: v for k, v in splits.collator(rows).items() if k in ("x", "x_time", "y_time")}
+    config = FactoSTAdapterConfig(num_nodes=splits.num_nodes, steps_per_day=splits.steps_per_day)
+    model = get_peft_model(backbone(), config)
+    output = model(**inputs)
+    assert output.prediction.shape == (4, 12, splits.num_nodes, 1)
+    assert torch.isfinite(output.quantiles).all()
+
+
+def test_non_factost_backbone_is_refused():
+    with pytest.raises(TypeError, match="FACTOST adapters need a FactoSTModel backbone"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), adapter_config(target_modules=["0"]))
