@@ -29,6 +29,9 @@ from typing import Any
 import yaml
 from torch import nn
 
+from st_peft.models.factost.pretraining import add_pretrain_arguments, run_pretrain
+from st_peft.tuners.factost.model import factost_cli_adapter
+
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
@@ -42,7 +45,7 @@ def no_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) ->
 
 
 AdapterFn = Callable[[nn.Module, Any, argparse.Namespace], nn.Module]
-ADAPTERS: dict[str, AdapterFn] = {"none": no_adapter}
+ADAPTERS: dict[str, AdapterFn] = {"none": no_adapter, "factost": factost_cli_adapter}
 
 
 def _mapping(text: str) -> dict[str, Any]:
@@ -228,6 +231,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command(train, "train a backbone or an adapter and write model + metrics", add_train_arguments),
     "evaluate": Command(evaluate, "evaluate a trained model folder and write metrics JSON", add_evaluate_arguments),
+    "pretrain": Command(run_pretrain, "pretrain a FactoST backbone on univariate series", add_pretrain_arguments),
 }
 
 

@@ -297,7 +297,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         help="a datasets.Dataset saved with save_to_disk (one series per row) used instead of --data",
     )
     parser.add_argument("--column", default="target", help="series column of --hf-dataset")
-    parser.add_argument("--output", required=True, help="folder for the pretrained backbone")
+    parser.add_argument("--output", help="folder for the pretrained backbone (required)")
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -310,6 +310,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def run_pretrain(args: argparse.Namespace) -> dict:
     """Run ``st-peft pretrain`` with parsed ``args``; returns the pretraining log."""
+    if args.output is None:
+        raise SystemExit("st-peft pretrain: missing --output (flag or --config key)")
     if args.hf_dataset is not None:
         corpus = datasets.load_from_disk(args.hf_dataset)
     else:

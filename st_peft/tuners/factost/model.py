@@ -10,6 +10,10 @@ cannot run raises.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+from typing import Any
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -114,3 +118,33 @@ class FactoSTAdapterModel(BaseTuner):
                     f"{tuple(value.shape)}) but its config asks for num_nodes={config.num_nodes}."
                 )
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+SHIPPED_BACKBONE = Path(__file__).resolve().parents[2] / "checkpoints" / "factost-cpu"
+
+
+def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) -> nn.Module:
+    """``st-peft train --adapter factost``: a pretrained FactoST backbone with a FACTOST adapter.
+
+    FACTOST adapts FactoST backbones only, so the ``--model`` backbone the command line built
+    is not used. ``--adapter-args`` may name the backbone folder (``backbone``, default: the
+    shipped ``factost-cpu`` checkpoint) and any ``FactoSTAdapterConfig`` field; ``num_nodes``
+    and ``steps_per_day`` come from the data.
+
+    Args:
+        backbone: the command line's backbone (ignored, see above).
+        splits: the data's ``ForecastingSplits``.
+        options: parsed options; ``options.adapter_args`` is a mapping.
+
+    Returns:
+        The ``PeftModel`` with its FACTOST adapter.
+    """
+    from peft import get_peft_model
+
+    from st_peft.models.factost import FactoSTModel
+
+    settings = dict(options.adapter_args)
+    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", SHIPPED_BACKBONE))
+    settings.setdefault("num_nodes", splits.num_nodes)
+    settings.setdefault("steps_per_day", splits.steps_per_day)
+    return get_peft_model(pretrained, FactoSTAdapterConfig(**settings))
