@@ -165,6 +165,18 @@ def save_run(output_dir: str, model: nn.Module, splits: Any, options: argparse.N
     _write_json(os.path.join(output_dir, METRICS_FILE), metrics)
 
 
+def adapter_sampler(model: nn.Module, splits: Any, options: argparse.Namespace) -> Any:
+    """The training sampler an adapter asks for, or ``None``.
+
+    A PEFT config may define ``replay_sampler(starts, batch_size, seed)`` (FACTOST's memory
+    replay does); it receives the training windows' starts and returns a sampler or ``None``.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not hasattr(config, "replay_sampler"):
+        return None
+    return config.replay_sampler(splits.train["start"], batch_size=options.batch_size, seed=options.seed)
+
+
 def train(options: argparse.Namespace) -> None:
     """Train ``--model`` (+ ``--adapter``) on ``--dataset`` and write the run into ``--output-dir``."""
     from transformers import set_seed
@@ -184,6 +196,7 @@ def train(options: argparse.Namespace) -> None:
         seed=options.seed,
     )
     trainer = STTrainer(model, args, splits.train, splits.val, splits.collator, splits.scaler,
+                        train_sampler=adapter_sampler(model, splits, options),
                         loss=options.loss, early_stopping_patience=options.patience)
     trainer.train(resume_from_checkpoint=options.resume)
     metrics = trainer.evaluate_test(splits.test)

@@ -89,3 +89,24 @@ def test_registered_adapter_trains_and_reloads(tmp_path, monkeypatch):
     cli.main(["evaluate", "--model-dir", str(adapter_run), "--output", str(tmp_path / "m.json")])
     metrics = json.loads((adapter_run / "metrics.json").read_text())
     assert json.loads((tmp_path / "m.json").read_text())["mae"] == pytest.approx(metrics["mae"], rel=1e-5)
+
+
+def test_adapter_config_can_ask_for_a_training_sampler():
+    from types import SimpleNamespace
+
+    import st_peft.data as std
+    from st_peft.training import MemoryReplaySampler
+
+    splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)
+    options = SimpleNamespace(batch_size=10, seed=3)
+
+    def replay_sampler(starts, batch_size, seed):
+        return MemoryReplaySampler(starts, batch_size=batch_size, seed=seed)
+
+    model = SimpleNamespace(active_peft_config=SimpleNamespace(replay_sampler=replay_sampler))
+    sampler = cli.adapter_sampler(model, splits, options)
+    assert isinstance(sampler, MemoryReplaySampler) and sampler.batch_size == 10 and sampler.seed == 3
+    assert len(sampler.memory) + len(sampler.stream) == len(splits.train)
+    lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(target_modules=["0"]))
+    assert cli.adapter_sampler(lora, splits, options) is None
+    assert cli.adapter_sampler(torch.nn.Linear(2, 2), splits, options) is None

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -48,6 +49,8 @@ def test_two_process_ddp_training(tmp_path):
     assert reports[0]["final_hash"] == reports[1]["final_hash"]
     assert reports[0]["initial_hash"] == reports[1]["initial_hash"] != reports[0]["final_hash"]
     assert reports[0]["metrics"] == reports[1]["metrics"]
+    # each rank trained on half of the memory-replay batches
+    assert [r["global_step"] for r in reports] == [math.ceil(reports[0]["sampler_batches"] / 2)] * 2
 
     # the gathered test MAE covers every test window exactly once (no padding duplicates)
     script = load_script()

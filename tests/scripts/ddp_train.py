@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import st_peft.data as std
-from st_peft.training import STTrainer, st_training_args
+from st_peft.training import MemoryReplaySampler, STTrainer, st_training_args
 
 TEST_ROWS = 75  # not a multiple of 2 processes x batch: gathering must drop the padding
 
@@ -61,7 +61,10 @@ def main() -> None:
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False, disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
-    trainer = STTrainer(model, args, splits.train.select(range(0, 2000, 10)), None, splits.collator, splits.scaler)
+    train = splits.train.select(range(0, 2000, 10))
+    # the batch-sampler path: Accelerate must hand each rank its share of the replay batches
+    sampler = MemoryReplaySampler(np.asarray(train["start"]), batch_size=16, replay_fraction=0.25)
+    trainer = STTrainer(model, args, train, None, splits.collator, splits.scaler, train_sampler=sampler)
     trainer.train()
     metrics = trainer.evaluate_test(splits.test.select(range(TEST_ROWS)), horizons=(1, 12))
 
@@ -70,6 +73,8 @@ def main() -> None:
         "rank": rank,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "trainer_world_size": trainer.args.world_size,
+        "sampler_batches": len(sampler),
+        "global_step": trainer.state.global_step,
         "initial_hash": initial,
         "final_hash": parameter_hash(model),
         "metrics": metrics,
