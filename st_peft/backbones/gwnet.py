@@ -1,0 +1,283 @@
+"""Graph WaveNet (Wu et al., IJCAI 2019, arXiv:1906.00121).
+
+Stacks of gated dilated causal convolutions over time (dilations 1, 2, 1, 2, ... with the
+paper's 4 blocks of 2 layers) interleaved with diffusion graph convolutions over the
+forward and backward random-walk transition matrices of the given graph and over a
+self-adaptive adjacency ``softmax(relu(E1 E2^T))`` learned from node embeddings. Skip
+connections from every layer feed two 1x1 output convolutions that emit the whole horizon.
+
+Layout: ``x`` arrives as ``(B, L, N, C_in)`` and is moved to ``(B, C, N, T)`` so that
+``nn.Conv2d`` with kernel ``(1, k)`` convolves along time and 1x1 convolutions mix channels
+(the node axis is 2 inside the network); the head's ``(B, H * C_out, N, 1)`` is reshaped to
+``(B, H, N, C_out)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history
+from st_peft.backbones.graph_ops import ADJACENCY_CODERS, transition_matrix
+
+
+def diffuse(support: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """One diffusion step ``out[:, :, n] = sum_m support[n, m] * hidden[:, :, m]``.
+
+    Args:
+        support: ``(N, N)`` row-normalised transition matrix.
+        hidden: ``(B, C, N, T)``.
+
+    Returns:
+        ``(B, C, N, T)``.
+    """
+    return torch.einsum("nm,bcmt->bcnt", support, hidden)
+
+
+class DiffusionGraphConv(nn.Module):
+    """Diffusion convolution ``Z = X W_0 + sum_s sum_{k=1..K} P_s^k X W_{s,k}`` followed by dropout.
+
+    The powers of every support are concatenated along channels and mixed by one 1x1
+    convolution, as in the paper's code. Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T)``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_supports: int, order: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.order = order
+        self.mlp = nn.Conv2d((order * num_supports + 1) * in_channels, out_channels, kernel_size=1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, supports: list[torch.Tensor]) -> torch.Tensor:
+        """Convolve ``hidden`` ``(B, C_in, N, T)`` over each ``(N, N)`` support."""
+        terms = [hidden]
+        for support in supports:
+            power = hidden
+            for _ in range(self.order):
+                power = diffuse(support, power)
+                terms.append(power)
+        return self.dropout(self.mlp(torch.cat(terms, dim=1)))
+
+
+class GWNetLayer(nn.Module):
+    """One Graph WaveNet layer: gated dilated causal TCN, skip output, graph conv, residual, batch norm.
+
+    Shapes: ``(B, R, N, T) -> ((B, R, N, T - d (k - 1)), skip (B, S, N, T - d (k - 1)))``
+    with ``R`` residual channels, ``S`` skip channels, dilation ``d`` and kernel size ``k``.
+    A ``last`` layer feeds only the skip path and returns ``None`` as its output: the paper's
+    code computes a graph convolution there whose result nothing reads, so its weights would
+    never train.
+    """
+
+    def __init__(
+        self,
+        residual_channels: int,
+        dilation_channels: int,
+        skip_channels: int,
+        kernel_size: int,
+        dilation: int,
+        num_supports: int,
+        order: int,
+        dropout: float,
+        last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.filter_conv = nn.Conv2d(
+            residual_channels, dilation_channels, (1, kernel_size), dilation=(1, dilation)
+        )
+        self.gate_conv = nn.Conv2d(
+            residual_channels, dilation_channels, (1, kernel_size), dilation=(1, dilation)
+        )
+        self.skip_conv = nn.Conv2d(dilation_channels, skip_channels, kernel_size=1)
+        self.last = last
+        if not last:
+            self.graph_conv = DiffusionGraphConv(
+                dilation_channels, residual_channels, num_supports, order, dropout
+            )
+            self.norm = nn.BatchNorm2d(residual_channels)
+
+    def forward(
+        self, hidden: torch.Tensor, supports: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Return the layer output (``None`` for the last layer) and its skip contribution."""
+        gated = torch.tanh(self.filter_conv(hidden)) * torch.sigmoid(self.gate_conv(hidden))
+        skip = self.skip_conv(gated)
+        if self.last:
+            return None, skip
+        out = self.graph_conv(gated, supports) + hidden[..., -gated.shape[-1] :]
+        return self.norm(out), skip
+
+
+class GWNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="st-peft",
+    tags=["spatio-temporal", "forecasting", "graph-wavenet"],
+    paper_url="https://arxiv.org/abs/1906.00121",
+    coders=ADJACENCY_CODERS,
+):
+    """Graph WaveNet forecaster.
+
+    Args:
+        num_nodes: number of nodes ``N``.
+        input_len: history length ``L``.
+        horizon: forecast length ``H``.
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``.
+        adjacency: optional ``(N, N)`` graph (binary or weighted, array, tensor or nested list;
+            ``adjacency[i, j]`` is the edge ``i -> j``). Its forward and backward transition
+            matrices are diffusion supports. ``None`` uses the adaptive adjacency alone.
+        adaptive_adjacency: learn the self-adaptive adjacency ``softmax(relu(E1 E2^T))``.
+        adaptive_embed_dim: width of the node embeddings ``E1``, ``E2`` (10 in the paper).
+        residual_channels, dilation_channels, skip_channels, end_channels: widths (paper: 32, 32, 256, 512).
+        kernel_size: temporal kernel size (2).
+        blocks: number of blocks; ``None`` picks the fewest whose receptive field covers
+            ``input_len`` (4 for 12 steps, as in the paper).
+        layers: layers per block, with dilations ``1, 2, 4, ...`` (2).
+        diffusion_order: number of diffusion steps ``K`` per support (2).
+        dropout: dropout after each graph convolution (0.3).
+
+    The history is left-padded with zeros up to the receptive field, as the paper's code does,
+    so the last layer sees exactly one time step.
+    """
+
+    def __init__(
+        self,
+        num_nodes: int,
+        input_len: int,
+        horizon: int,
+        in_channels: int,
+        out_channels: int,
+        adjacency: AdjacencyLike | None = None,
+        adaptive_adjacency: bool = True,
+        adaptive_embed_dim: int = 10,
+        residual_channels: int = 32,
+        dilation_channels: int = 32,
+        skip_channels: int = 256,
+        end_channels: int = 512,
+        kernel_size: int = 2,
+        blocks: int | None = None,
+        layers: int = 2,
+        diffusion_order: int = 2,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if adjacency is None and not adaptive_adjacency:
+            raise ValueError("GWNet needs a graph: pass adjacency, or keep adaptive_adjacency=True")
+        self.num_nodes = num_nodes
+        self.input_len = input_len
+        self.horizon = horizon
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+        # Each block of `layers` layers widens the receptive field by (k - 1)(1 + 2 + ... + 2^(layers-1)).
+        per_block = (kernel_size - 1) * (2**layers - 1)
+        if blocks is None:
+            blocks = max(1, math.ceil((input_len - 1) / per_block))
+        self.blocks = blocks
+        self.receptive_field = 1 + blocks * per_block
+        if self.receptive_field < input_len:
+            raise ValueError(
+                f"GWNet with blocks={blocks}, layers={layers}, kernel_size={kernel_size} sees "
+                f"{self.receptive_field} steps but input_len={input_len}; use blocks >= "
+                f"{math.ceil((input_len - 1) / per_block)} or blocks=None"
+            )
+
+        self.has_graph = adjacency is not None
+        if self.has_graph:
+            matrix = as_adjacency(adjacency, model="GWNet", num_nodes=num_nodes)
+            self.register_buffer("adjacency", torch.tensor(matrix, dtype=torch.float32))
+            self.register_buffer(
+                "forward_transition", torch.tensor(transition_matrix(matrix), dtype=torch.float32)
+            )
+            self.register_buffer(
+                "backward_transition", torch.tensor(transition_matrix(matrix.T), dtype=torch.float32)
+            )
+        self.use_adaptive = adaptive_adjacency
+        if adaptive_adjacency:
+            self.source_embedding = nn.Parameter(torch.randn(num_nodes, adaptive_embed_dim))
+            self.target_embedding = nn.Parameter(torch.randn(num_nodes, adaptive_embed_dim))
+        num_supports = 2 * int(self.has_graph) + int(adaptive_adjacency)
+
+        self.start_conv = nn.Conv2d(in_channels, residual_channels, kernel_size=1)
+        self.layers = nn.ModuleList(
+            GWNetLayer(
+                residual_channels,
+                dilation_channels,
+                skip_channels,
+                kernel_size,
+                dilation=2**i,
+                num_supports=num_supports,
+                order=diffusion_order,
+                dropout=dropout,
+                last=block == blocks - 1 and i == layers - 1,
+            )
+            for block in range(blocks)
+            for i in range(layers)
+        )
+        self.end_conv_1 = nn.Conv2d(skip_channels, end_channels, kernel_size=1)
+        self.end_conv_2 = nn.Conv2d(end_channels, horizon * out_channels, kernel_size=1)
+
+    def adaptive_adjacency(self, node_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The self-adaptive adjacency ``softmax(relu(E1 E2^T))`` ``(N, N)``, rows summing to 1.
+
+        With ``node_index`` ``(N_sub,)`` it is computed over those nodes only, ``(N_sub, N_sub)``.
+        """
+        if not self.use_adaptive:
+            raise ValueError("this GWNet was built with adaptive_adjacency=False")
+        source, target = self.source_embedding, self.target_embedding
+        if node_index is not None:
+            source, target = source[node_index], target[node_index]
+        return F.softmax(F.relu(source @ target.T), dim=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_time: torch.Tensor | None = None,
+        y_time: torch.Tensor | None = None,
+        node_index: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Forecast the next ``horizon`` steps.
+
+        Args:
+            x: scaled history ``(B, L, N, C_in)``.
+            x_time, y_time: ignored (the paper's model uses no calendar features beyond what is in ``x``).
+            node_index: optional int64 ``(N_sub,)``: ``x`` covers only these nodes; the
+                supports are restricted to them (sub-matrices of the full-graph transitions).
+            **kwargs: other batch entries, ignored.
+
+        Returns:
+            Scaled prediction ``(B, H, N, C_out)``.
+        """
+        nodes = check_history(
+            x,
+            model="GWNet",
+            num_nodes=self.num_nodes,
+            input_len=self.input_len,
+            in_channels=self.in_channels,
+            node_index=node_index,
+        )
+        supports = [self.forward_transition, self.backward_transition] if self.has_graph else []
+        if node_index is not None:
+            supports = [support[node_index][:, node_index] for support in supports]
+        if self.use_adaptive:
+            supports.append(self.adaptive_adjacency(node_index))
+
+        hidden = x.permute(0, 3, 2, 1)
+        hidden = F.pad(hidden, (self.receptive_field - self.input_len, 0))
+        hidden = self.start_conv(hidden)
+        skip = None
+        for layer in self.layers:
+            hidden, contribution = layer(hidden, supports)
+            # Layers shorten time; earlier skips keep only the steps the later ones still cover.
+            skip = contribution if skip is None else contribution + skip[..., -contribution.shape[-1] :]
+        out = self.end_conv_2(F.relu(self.end_conv_1(F.relu(skip))))
+        batch = x.shape[0]
+        out = out.reshape(batch, self.horizon, self.out_channels, nodes)
+        return out.permute(0, 1, 3, 2)

@@ -1,0 +1,269 @@
+"""STGCN: Spatio-Temporal Graph Convolutional Networks (Yu et al., IJCAI 2018, arXiv:1709.04875).
+
+Two ST-Conv "sandwich" blocks, each a gated temporal convolution (GLU), a Chebyshev graph
+convolution (order ``Ks - 1``) on the rescaled Laplacian, a second temporal convolution and
+a layer norm over (nodes, channels), then an output block (temporal GLU convolution over
+the remaining steps, layer norm, sigmoid 1x1 temporal convolution, 1x1 fully connected
+layer) that emits the whole horizon at once.
+
+Layout: ``x`` arrives as ``(B, L, N, C_in)`` and is moved to ``(B, C, N, T)`` so that
+``nn.Conv2d`` with kernel ``(1, Kt)`` convolves along time without padding (each temporal
+convolution shortens ``T`` by ``Kt - 1``; the node axis is 2 inside the network); the
+head's ``(B, H * C_out, N, 1)`` is reshaped to ``(B, H, N, C_out)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history
+from st_peft.backbones.graph_ops import ADJACENCY_CODERS, scaled_laplacian
+
+
+class ChannelAlign(nn.Module):
+    """Residual path between widths: 1x1 conv when narrowing, zero channels when widening, else identity.
+
+    Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.conv = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels > out_channels else None
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Map ``hidden`` ``(B, C_in, N, T)`` to ``C_out`` channels."""
+        if self.conv is not None:
+            return self.conv(hidden)
+        return F.pad(hidden, (0, 0, 0, 0, 0, self.out_channels - hidden.shape[1]))
+
+
+class TemporalConv(nn.Module):
+    """Temporal convolution of kernel ``Kt`` along time with an activation.
+
+    ``glu``: ``(P + residual) * sigmoid(Q)`` where the convolution outputs ``[P, Q]``;
+    ``relu``: ``relu(conv + residual)``; ``sigmoid``: ``sigmoid(conv)`` (as in the paper's code).
+    Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T - Kt + 1)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, activation: str) -> None:
+        super().__init__()
+        if activation not in ("glu", "relu", "sigmoid"):
+            raise ValueError(f"activation must be 'glu', 'relu' or 'sigmoid'; got {activation!r}")
+        self.activation = activation
+        self.out_channels = out_channels
+        width = 2 * out_channels if activation == "glu" else out_channels
+        self.conv = nn.Conv2d(in_channels, width, kernel_size=(1, kernel_size))
+        self.align = ChannelAlign(in_channels, out_channels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Convolve ``hidden`` ``(B, C_in, N, T)`` along time."""
+        out = self.conv(hidden)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(out)
+        residual = self.align(hidden)[..., -out.shape[-1] :]
+        if self.activation == "glu":
+            return (out[:, : self.out_channels] + residual) * torch.sigmoid(out[:, self.out_channels :])
+        return F.relu(out + residual)
+
+
+class ChebGraphConv(nn.Module):
+    """Chebyshev graph convolution ``relu(sum_{k<Ks} T_k(L~) X Theta_k + b + residual)``.
+
+    ``T_k(L~) X`` is built by the recurrence ``T_0 X = X``, ``T_1 X = L~ X``,
+    ``T_k X = 2 L~ T_{k-1} X - T_{k-2} X``. Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, order: int) -> None:
+        super().__init__()
+        self.order = order
+        self.theta = nn.Linear(order * in_channels, out_channels)
+        self.align = ChannelAlign(in_channels, out_channels)
+
+    def forward(self, hidden: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+        """Convolve ``hidden`` ``(B, C_in, N, T)`` over the ``(N, N)`` rescaled Laplacian."""
+        terms = [hidden]
+        if self.order > 1:
+            terms.append(torch.einsum("nm,bcmt->bcnt", laplacian, hidden))
+        for _ in range(2, self.order):
+            terms.append(2 * torch.einsum("nm,bcmt->bcnt", laplacian, terms[-1]) - terms[-2])
+        stacked = torch.cat(terms, dim=1).permute(0, 2, 3, 1)
+        out = self.theta(stacked).permute(0, 3, 1, 2)
+        return F.relu(out + self.align(hidden))
+
+
+class NodeChannelNorm(nn.Module):
+    """Layer norm over (nodes, channels) jointly at each time step, with per-(node, channel) affine.
+
+    Shapes: ``(B, C, N, T) -> (B, C, N, T)``; with ``node_index`` the affine parameters of
+    those nodes are used.
+    """
+
+    def __init__(self, num_nodes: int, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_nodes, channels))
+        self.bias = nn.Parameter(torch.zeros(num_nodes, channels))
+
+    def forward(self, hidden: torch.Tensor, node_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise ``hidden`` ``(B, C, N, T)``."""
+        weight, bias = self.weight, self.bias
+        if node_index is not None:
+            weight, bias = weight[node_index], bias[node_index]
+        moved = hidden.permute(0, 3, 2, 1)
+        return F.layer_norm(moved, tuple(weight.shape), weight, bias).permute(0, 3, 2, 1)
+
+
+class STConvBlock(nn.Module):
+    """ST-Conv block: temporal GLU conv -> Chebyshev graph conv -> temporal ReLU conv -> layer norm -> dropout.
+
+    Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T - 2 (Kt - 1))`` with
+    ``channels = (C_temporal, C_spatial, C_out)``.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: Sequence[int], num_nodes: int, kt: int, ks: int, dropout: float
+    ) -> None:
+        super().__init__()
+        temporal, spatial, out = channels
+        self.temporal_in = TemporalConv(in_channels, temporal, kt, "glu")
+        self.graph_conv = ChebGraphConv(temporal, spatial, ks)
+        self.temporal_out = TemporalConv(spatial, out, kt, "relu")
+        self.norm = NodeChannelNorm(num_nodes, out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, hidden: torch.Tensor, laplacian: torch.Tensor, node_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Apply the block to ``hidden`` ``(B, C_in, N, T)``."""
+        hidden = self.temporal_out(self.graph_conv(self.temporal_in(hidden), laplacian))
+        return self.dropout(self.norm(hidden, node_index))
+
+
+class OutputBlock(nn.Module):
+    """Temporal GLU conv over all ``T`` remaining steps -> layer norm -> sigmoid 1x1 conv -> 1x1 linear.
+
+    Shapes: ``(B, C, N, T) -> (B, outputs, N, 1)``.
+    """
+
+    def __init__(self, channels: int, time_steps: int, num_nodes: int, outputs: int) -> None:
+        super().__init__()
+        self.temporal = TemporalConv(channels, channels, time_steps, "glu")
+        self.norm = NodeChannelNorm(num_nodes, channels)
+        self.gate = TemporalConv(channels, channels, 1, "sigmoid")
+        self.fc = nn.Conv2d(channels, outputs, kernel_size=1)
+
+    def forward(self, hidden: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
+        """Map ``hidden`` ``(B, C, N, T)`` to ``(B, outputs, N, 1)``."""
+        return self.fc(self.gate(self.norm(self.temporal(hidden), node_index)))
+
+
+class STGCN(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="st-peft",
+    tags=["spatio-temporal", "forecasting", "stgcn"],
+    paper_url="https://arxiv.org/abs/1709.04875",
+    coders=ADJACENCY_CODERS,
+):
+    """STGCN (Chebyshev variant) forecaster.
+
+    Args:
+        num_nodes: number of nodes ``N``.
+        input_len: history length ``L``; must exceed ``num_blocks * 2 * (kt - 1)``.
+        horizon: forecast length ``H``.
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``.
+        adjacency: required ``(N, N)`` graph (binary or weighted, array, tensor or nested list);
+            symmetrised and turned into the rescaled normalised Laplacian.
+        block_channels: ``(temporal, spatial, output)`` widths of each ST-Conv block (paper: 64, 16, 64).
+        num_blocks: number of ST-Conv blocks (2).
+        kt: temporal kernel size (3).
+        ks: Chebyshev kernel size, i.e. polynomial order + 1 (3).
+        dropout: dropout after each ST-Conv block.
+    """
+
+    def __init__(
+        self,
+        num_nodes: int,
+        input_len: int,
+        horizon: int,
+        in_channels: int,
+        out_channels: int,
+        adjacency: AdjacencyLike | None = None,
+        block_channels: Sequence[int] = (64, 16, 64),
+        num_blocks: int = 2,
+        kt: int = 3,
+        ks: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if adjacency is None:
+            raise ValueError(f"STGCN needs an adjacency matrix of shape ({num_nodes}, {num_nodes}); got None")
+        if len(block_channels) != 3:
+            raise ValueError(
+                f"block_channels must be (temporal, spatial, output) widths; got {list(block_channels)}"
+            )
+        remaining = input_len - num_blocks * 2 * (kt - 1)
+        if remaining < 1:
+            raise ValueError(
+                f"STGCN with {num_blocks} ST-Conv blocks and kt={kt} consumes {num_blocks * 2 * (kt - 1)} time "
+                f"steps, so input_len must be at least {num_blocks * 2 * (kt - 1) + 1}; got input_len={input_len}"
+            )
+        self.num_nodes = num_nodes
+        self.input_len = input_len
+        self.horizon = horizon
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+        matrix = as_adjacency(adjacency, model="STGCN", num_nodes=num_nodes)
+        self.register_buffer("adjacency", torch.tensor(matrix, dtype=torch.float32))
+        self.register_buffer("laplacian", torch.tensor(scaled_laplacian(matrix), dtype=torch.float32))
+
+        widths = [in_channels] + [block_channels[-1]] * num_blocks
+        self.blocks = nn.ModuleList(
+            STConvBlock(widths[i], block_channels, num_nodes, kt, ks, dropout) for i in range(num_blocks)
+        )
+        self.output = OutputBlock(block_channels[-1], remaining, num_nodes, horizon * out_channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_time: torch.Tensor | None = None,
+        y_time: torch.Tensor | None = None,
+        node_index: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Forecast the next ``horizon`` steps.
+
+        Args:
+            x: scaled history ``(B, L, N, C_in)``.
+            x_time, y_time: ignored (the paper's model uses no calendar features).
+            node_index: optional int64 ``(N_sub,)``: ``x`` covers only these nodes; the
+                Laplacian is restricted to them (sub-matrix of the full graph's operator).
+            **kwargs: other batch entries, ignored.
+
+        Returns:
+            Scaled prediction ``(B, H, N, C_out)``.
+        """
+        nodes = check_history(
+            x,
+            model="STGCN",
+            num_nodes=self.num_nodes,
+            input_len=self.input_len,
+            in_channels=self.in_channels,
+            node_index=node_index,
+        )
+        laplacian = self.laplacian if node_index is None else self.laplacian[node_index][:, node_index]
+        hidden = x.permute(0, 3, 2, 1)
+        for block in self.blocks:
+            hidden = block(hidden, laplacian, node_index)
+        out = self.output(hidden, node_index)
+        out = out.reshape(x.shape[0], self.horizon, self.out_channels, nodes)
+        return out.permute(0, 1, 3, 2)
