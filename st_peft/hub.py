@@ -21,6 +21,7 @@ The endpoint, cache and offline mode are huggingface_hub's: ``HF_ENDPOINT``, ``H
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -360,6 +361,7 @@ def save_for_hub(
     repo_id: str,
     template_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    extra_files: Sequence[str | os.PathLike] = (),
     **card_kwargs: Any,
 ) -> Path:
     """Write the folder a push uploads: weights as safetensors, configs as JSON, the model card.
@@ -377,6 +379,8 @@ def save_for_hub(
         repo_id: the Hub id the card is for.
         template_dir: folder of the card templates (defaults to ``hub_cards/``).
         overwrite: replace an existing non-empty ``folder``.
+        extra_files: JSON files to upload alongside, e.g. the run's ``scaler.json`` that maps
+            forecasts back to original units.
         card_kwargs: ``dataset``, ``metrics`` and the optional fields of :func:`card_fields`.
 
     Returns:
@@ -384,7 +388,7 @@ def save_for_hub(
 
     Raises:
         FileExistsError: ``folder`` holds files and ``overwrite`` is false.
-        ValueError: the card cannot be rendered, or the save wrote files other than JSON and safetensors.
+        ValueError: the card cannot be rendered, or the folder would hold files other than JSON and safetensors.
     """
     target = Path(folder)
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -401,10 +405,12 @@ def save_for_hub(
             model.save_pretrained(staging)
         for code_file in staging.rglob("*.py"):
             code_file.unlink()
+        for extra in map(Path, extra_files):
+            shutil.copyfile(extra, staging / extra.name)
         unexpected = _non_hub_files(staging)
         if unexpected:
             raise ValueError(
-                f"saving {type(model).__name__} wrote {unexpected}; a push holds only JSON and safetensors"
+                f"the upload of {type(model).__name__} would hold {unexpected}; a push holds only JSON and safetensors"
             )
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         if target.exists():
@@ -706,3 +712,81 @@ def load_backbone(
                 f"{repo_id!r} holds no safetensors weights; st-peft loads backbones from safetensors only"
             )
         return model_class.from_pretrained(str(folder), **model_kwargs)
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``st-peft push``."""
+    parser.add_argument("--model-dir", help="the --output-dir of an `st-peft train` run")
+    parser.add_argument("--repo-id", help="Hub repository to push to, org/name")
+    parser.add_argument("--base-model", help="Hub id of the backbone an adapter belongs to (adapters only)")
+    parser.add_argument("--license", default="apache-2.0", help="licence identifier written to the card")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--save-dir", help="write the upload folder here and do not upload")
+
+
+def run_push(options: argparse.Namespace) -> None:
+    """``st-peft push``: rebuild an ``st-peft train`` run and push it with its model card.
+
+    The adapter (for runs with ``--adapter``) or the backbone goes up with the run's test
+    metrics from ``metrics.json`` and its ``scaler.json``. With ``--save-dir`` the upload
+    folder is written locally instead.
+    """
+    from safetensors.torch import load_model
+
+    from st_peft import cli
+
+    missing = [
+        flag
+        for flag, value in (("--model-dir", options.model_dir), ("--repo-id", options.repo_id))
+        if not value
+    ]
+    if missing:
+        raise SystemExit(f"st-peft push: missing {', '.join(missing)} (flag or --config key)")
+    model_dir = Path(options.model_dir)
+    needed = [cli.RUN_FILE, cli.MODEL_FILE, cli.METRICS_FILE, cli.SCALER_FILE]
+    absent = [name for name in needed if not (model_dir / name).is_file()]
+    if absent:
+        raise SystemExit(
+            f"st-peft push: {model_dir} lacks {absent}; point --model-dir at an `st-peft train` output folder"
+        )
+    run = argparse.Namespace(command="train", **json.loads((model_dir / cli.RUN_FILE).read_text()))
+    run.backbone_from = None  # the weights come from the run folder
+    splits = cli._splits_for(run)
+    model = cli.build_model(run, splits)
+    load_model(model, str(model_dir / cli.MODEL_FILE))
+    metrics = {
+        key: value
+        for key, value in json.loads((model_dir / cli.METRICS_FILE).read_text()).items()
+        if key != "loss" and isinstance(value, int | float)
+    }
+    card = {
+        "dataset": run.dataset,
+        "metrics": metrics,
+        "license": options.license,
+        "num_nodes": splits.num_nodes,
+        "input_len": splits.input_len,
+        "horizon": splits.horizon,
+    }
+    if isinstance(model, PeftModel):
+        card["base_model"] = options.base_model or model.peft_config[model.active_adapter].base_model_name_or_path
+        if card["base_model"] is None:
+            raise SystemExit("st-peft push: an adapter's card names its backbone: pass --base-model org/backbone")
+    extra = [model_dir / cli.SCALER_FILE]
+    try:
+        if options.save_dir:
+            folder = save_for_hub(model, options.save_dir, repo_id=options.repo_id, extra_files=extra, **card)
+            print(f"wrote {sorted(path.name for path in folder.iterdir())} to {folder}")
+            return
+        push = push_adapter if isinstance(model, PeftModel) else push_backbone
+        url = push(
+            model,
+            options.repo_id,
+            private=options.private or None,
+            token=options.token,
+            extra_files=extra,
+            **card,
+        )
+    except (HubError, ValueError, FileExistsError) as error:
+        raise SystemExit(f"st-peft push: {error}") from error
+    print(url)
