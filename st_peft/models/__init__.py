@@ -1,3 +1,4 @@
 """transformers models of st-peft; importing this package registers them with the Auto classes."""
 
 from st_peft.models import factost  # noqa: F401
+from st_peft.models import st_link  # noqa: F401

@@ -690,6 +690,25 @@ class STLinkForForecasting(STLinkPreTrainedModel):
         self.head = nn.Linear(config.num_patches * config.hidden_size, config.horizon * config.out_channels)
         self.post_init()
 
+    @classmethod
+    def from_splits(
+        cls, splits, gpt2_name_or_path: str | os.PathLike | None = None, **config_kwargs
+    ) -> STLinkForForecasting:
+        """A forecaster shaped for a data split: nodes, lengths, channels and calendar come from ``splits``.
+
+        Args:
+            splits: an object with ``model_kwargs()`` (``num_nodes``, ``input_len``, ``horizon``,
+                ``in_channels``, ``out_channels``) and ``steps_per_day``, such as
+                ``st_peft.data.build_splits(...)``.
+            gpt2_name_or_path: a GPT-2 checkpoint to start from (see [`from_gpt2`]); ``None`` builds
+                random GPT-2 blocks from ``gpt2_config``.
+            **config_kwargs: any other [`STLinkConfig`] field.
+        """
+        config_kwargs = {**splits.model_kwargs(), "steps_per_day": splits.steps_per_day, **config_kwargs}
+        if gpt2_name_or_path is not None:
+            return cls.from_gpt2(gpt2_name_or_path, **config_kwargs)
+        return cls(STLinkConfig(**config_kwargs))
+
     def forward(
         self,
         x: torch.Tensor,
