@@ -1,0 +1,74 @@
+"""Accuracy of the reference backbones against naive forecasts on built-in real data.
+
+    python benchmarks/backbones.py [--datasets los-loop sz-taxi nyc-bike] [--seeds 0 1 2] [--epochs 20]
+
+Protocol: 12 steps in, 12 out, chronological 7:1:2 split, scaler fitted on the training
+span, masked MAE loss in original units (AdamW, lr 2e-3, batch 64), evaluation every
+epoch, early stopping after 3 epochs without a better validation MAE, best epoch
+reloaded, test metrics averaged over the 12 horizons (MAPE in %). Last value and
+seasonal naive (one week earlier when the history reaches back that far, else one day)
+need no training. Prints a markdown table and writes ``benchmarks/results/backbones.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import build_backbone, markdown_table, parameter_count, train_and_test, write_results  # noqa: E402
+
+from st_peft.baselines import baseline_metrics  # noqa: E402
+from st_peft.data import build_splits, load  # noqa: E402
+
+METRICS = ("mae", "rmse", "mape", "mae@3", "mae@6", "mae@12")
+
+
+def main() -> None:
+    """Run the benchmark, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["los-loop", "sz-taxi", "nyc-bike"])
+    parser.add_argument("--models", nargs="+", default=["stid", "gwnet", "stgcn"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--output", default="backbones")
+    options = parser.parse_args()
+
+    results: dict[str, dict] = {}
+    rows = []
+    for dataset in options.datasets:
+        splits = build_splits(load(dataset), input_len=12, horizon=12)
+        naive = baseline_metrics(splits)
+        results[dataset] = {name: {"median": metrics} for name, metrics in naive.items()}
+        for name, metrics in naive.items():
+            rows.append([dataset, name, "-", *[metrics[m] for m in METRICS], "-"])
+        for model_name in options.models:
+            runs = []
+            for seed in options.seeds:
+                model = build_backbone(model_name, splits, seed)
+                metrics, trainer = train_and_test(model, splits, seed=seed, epochs=options.epochs)
+                metrics["epochs_run"] = trainer.state.epoch
+                runs.append(metrics)
+                print(f"{dataset} {model_name} seed {seed}: MAE {metrics['mae']:.3f} after {trainer.state.epoch:.0f} epochs",
+                      flush=True)
+            median = {m: statistics.median(run[m] for run in runs) for m in METRICS}
+            beats = median["mae"] < naive["seasonal naive"]["mae"]
+            results[dataset][model_name] = {"median": median, "runs": runs, "parameters": parameter_count(model),
+                                            "beats_seasonal_naive": beats}
+            rows.append([dataset, model_name, parameter_count(model), *[median[m] for m in METRICS],
+                         "yes" if beats else "NO"])
+    header = ["data set", "forecaster", "params", "MAE", "RMSE", "MAPE %", "MAE@3", "MAE@6", "MAE@12",
+              "beats seasonal naive"]
+    table = markdown_table(header, rows)
+    print(f"\nMedian over seeds {options.seeds}, at most {options.epochs} epochs:\n")
+    print(table)
+    path = write_results(options.output, {"protocol": __doc__, "seeds": options.seeds, "epochs": options.epochs,
+                                          "results": results, "table": table})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

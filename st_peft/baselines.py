@@ -1,0 +1,86 @@
+"""Forecasts that need no training: last value and seasonal naive, on the windows of a split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from st_peft.data.errors import DataError
+from st_peft.data.windows import ForecastingSplits
+from st_peft.metrics import horizon_metrics
+
+
+def split_starts(splits: ForecastingSplits, split: str) -> np.ndarray:
+    """Window starts ``(W,)`` of a split, in order."""
+    return np.asarray(splits.split(split)["start"], dtype=np.int64)
+
+
+def split_targets(splits: ForecastingSplits, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and their mask of every window of a split.
+
+    Returns:
+        ``y`` float32 ``(W, H, N, C_out)`` in original units and ``y_mask`` bool of the same shape.
+    """
+    future = split_starts(splits, split)[:, None] + splits.input_len + np.arange(splits.horizon)
+    return splits.collator.targets[future], splits.collator.target_mask[future]
+
+
+def last_value_forecast(splits: ForecastingSplits, split: str = "test") -> np.ndarray:
+    """Repeat the last step of each history over the horizon.
+
+    Returns:
+        float32 ``(W, H, N, C_out)`` in original units.
+    """
+    last = split_starts(splits, split) + splits.input_len - 1
+    values = splits.collator.targets[last]
+    return np.repeat(values[:, None], splits.horizon, axis=1)
+
+
+def default_season(splits: ForecastingSplits, split: str = "test") -> int:
+    """The first of one week, one day or (for daily or coarser data) one year of steps that
+    covers the horizon and that every window of the split has as history before it."""
+    seasons = [7 * splits.steps_per_day, splits.steps_per_day]
+    stamps = splits.data.timestamps
+    if splits.steps_per_day == 1 and stamps is not None and len(stamps) > 1:
+        step_days = (stamps[1] - stamps[0]) / np.timedelta64(1, "D")
+        seasons.append(round(365.25 / step_days))
+    first_target = int(split_starts(splits, split)[0]) + splits.input_len
+    for period in seasons:
+        if splits.horizon <= period <= first_target:
+            return period
+    raise DataError(f"no season in {seasons} steps covers the horizon and fits the history of '{split}'")
+
+
+def seasonal_naive_forecast(splits: ForecastingSplits, split: str = "test", period: int | None = None) -> np.ndarray:
+    """Forecast each future step by the value one season earlier.
+
+    Args:
+        splits: the data's splits.
+        split: which split's windows to forecast.
+        period: season length in steps (default :func:`default_season`); it must be at least
+            the horizon, so the values it copies are known when the forecast is made.
+
+    Returns:
+        float32 ``(W, H, N, C_out)`` in original units.
+    """
+    period = period or default_season(splits, split)
+    if period < splits.horizon:
+        raise DataError(f"a season of {period} steps is shorter than the horizon of {splits.horizon} steps")
+    future = split_starts(splits, split)[:, None] + splits.input_len + np.arange(splits.horizon)
+    if future.min() - period < 0:
+        raise DataError(f"the first window of '{split}' has less than one season ({period} steps) of history")
+    return splits.collator.targets[future - period]
+
+
+def baseline_metrics(
+    splits: ForecastingSplits, split: str = "test", horizons: tuple[int, ...] = (3, 6, 12)
+) -> dict[str, dict[str, float]]:
+    """Masked metrics of the last-value and seasonal-naive forecasts on a split.
+
+    Returns:
+        ``{"last value": {...}, "seasonal naive": {...}}`` with :func:`~st_peft.metrics.horizon_metrics` keys.
+    """
+    target, mask = split_targets(splits, split)
+    return {
+        "last value": horizon_metrics(last_value_forecast(splits, split), target, mask, horizons=horizons),
+        "seasonal naive": horizon_metrics(seasonal_naive_forecast(splits, split), target, mask, horizons=horizons),
+    }

@@ -1,0 +1,57 @@
+"""Naive forecasts on real data, checked against values read straight from the series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from st_peft.baselines import (
+    baseline_metrics,
+    default_season,
+    last_value_forecast,
+    seasonal_naive_forecast,
+    split_targets,
+)
+from st_peft.data import DataError, build_splits, load
+
+
+@pytest.fixture(scope="module")
+def taxi_splits():
+    return build_splits(load("nyc-taxi"), input_len=12, horizon=12)
+
+
+def test_last_value_repeats_the_last_history_step(taxi_splits):
+    forecast = last_value_forecast(taxi_splits, "test")
+    start = taxi_splits.test["start"][7]
+    values = taxi_splits.data.values
+    assert forecast.shape == (len(taxi_splits.test), 12, 200, 2)
+    for step in (0, 11):
+        np.testing.assert_array_equal(forecast[7, step], values[start + 11])
+
+
+def test_seasonal_naive_copies_one_week_earlier(taxi_splits):
+    assert default_season(taxi_splits) == 7 * 48
+    forecast = seasonal_naive_forecast(taxi_splits, "test")
+    start = taxi_splits.test["start"][3]
+    np.testing.assert_array_equal(forecast[3, 5], taxi_splits.data.values[start + 12 + 5 - 336])
+    y, mask = split_targets(taxi_splits, "test")
+    np.testing.assert_array_equal(y[3, 5], taxi_splits.data.values[start + 17])
+    assert mask.all()
+
+
+def test_default_season_falls_back_to_a_day_or_a_year():
+    assert default_season(build_splits(load("los-loop"))) == 288
+    assert default_season(build_splits(load("chickenpox"))) == 52
+
+
+def test_season_shorter_than_the_horizon_is_refused(taxi_splits):
+    with pytest.raises(DataError, match="season of 6 steps is shorter than the horizon of 12"):
+        seasonal_naive_forecast(taxi_splits, period=6)
+
+
+def test_baseline_metrics_match_a_hand_computed_mae(taxi_splits):
+    metrics = baseline_metrics(taxi_splits, "val")
+    y, _ = split_targets(taxi_splits, "val")
+    expected = np.abs(last_value_forecast(taxi_splits, "val") - y).mean()
+    assert metrics["last value"]["mae"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["seasonal naive"]["mae"] < metrics["last value"]["mae"]
