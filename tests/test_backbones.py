@@ -197,6 +197,8 @@ def test_scaled_laplacian_matches_hand_computation():
     assert np.allclose(scaled_laplacian(path), [[0.0, -h, 0.0], [-h, 0.0, -h], [0.0, -h, 0.0]])
     # A one-way edge is symmetrised to weight 1/2 both ways; two nodes: L~ = [[0, -1], [-1, 0]].
     assert np.allclose(scaled_laplacian(np.array([[0.0, 1.0], [0.0, 0.0]])), [[0.0, -1.0], [-1.0, 0.0]])
+    # Self-loops are dropped, as the paper's graphs have none.
+    assert np.allclose(scaled_laplacian(path + np.eye(3)), scaled_laplacian(path))
     with pytest.raises(ValueError, match="no edges"):
         scaled_laplacian(np.eye(3))
 

@@ -24,22 +24,24 @@ def transition_matrix(adjacency: np.ndarray) -> np.ndarray:
 def scaled_laplacian(adjacency: np.ndarray) -> np.ndarray:
     """Rescaled normalised Laplacian ``2 L / lambda_max - I`` of shape ``(N, N)`` (STGCN, Chebyshev).
 
-    ``L = I - D^-1/2 W D^-1/2`` with ``W = (A + A^T) / 2``: the Chebyshev expansion needs a
-    symmetric operator, so directed graphs are symmetrised. Isolated nodes get ``L_ii = 1``.
+    ``L = I - D^-1/2 W D^-1/2`` with ``W = (A + A^T) / 2`` without self-loops: the Chebyshev
+    expansion needs a symmetric operator, so directed graphs are symmetrised, and the paper's
+    graphs have no self-loops (its ``T_0 = I`` term already carries each node's own signal).
+    Isolated nodes get ``L_ii = 1``.
 
     Raises:
-        ValueError: if the graph has no edge between distinct nodes (``lambda_max`` is 0).
+        ValueError: if the graph has no edge between distinct nodes.
     """
     weights = (adjacency + adjacency.T) / 2.0
+    np.fill_diagonal(weights, 0.0)
+    if not weights.any():
+        raise ValueError(
+            "adjacency has no edges between distinct nodes; a Chebyshev graph convolution needs a graph"
+        )
     degree = weights.sum(axis=1)
     inv_sqrt = np.divide(1.0, np.sqrt(degree), out=np.zeros_like(degree), where=degree > 0)
     laplacian = np.eye(len(weights)) - inv_sqrt[:, None] * weights * inv_sqrt[None, :]
     lambda_max = float(np.linalg.eigvalsh(laplacian)[-1])
-    if lambda_max <= 1e-8:
-        raise ValueError(
-            f"adjacency has no edges between distinct nodes (largest Laplacian eigenvalue {lambda_max:.3g}); "
-            "a Chebyshev graph convolution needs a graph"
-        )
     return 2.0 * laplacian / lambda_max - np.eye(len(weights))
 
 

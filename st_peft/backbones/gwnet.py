@@ -28,6 +28,9 @@ from st_peft.backbones.graph_ops import ADJACENCY_CODERS, transition_matrix
 def diffuse(support: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """One diffusion step ``out[:, :, n] = sum_m support[n, m] * hidden[:, :, m]``.
 
+    This is the paper's ``P X`` with a row-normalised ``P``: each node averages what its
+    out-neighbours hold. (The authors' public code multiplies by ``P^T`` instead.)
+
     Args:
         support: ``(N, N)`` row-normalised transition matrix.
         hidden: ``(B, C, N, T)``.

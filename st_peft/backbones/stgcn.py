@@ -117,7 +117,8 @@ class NodeChannelNorm(nn.Module):
         if node_index is not None:
             weight, bias = weight[node_index], bias[node_index]
         moved = hidden.permute(0, 3, 2, 1)
-        return F.layer_norm(moved, tuple(weight.shape), weight, bias).permute(0, 3, 2, 1)
+        # eps as in the paper's code, which adds 1e-6 to the variance.
+        return F.layer_norm(moved, tuple(weight.shape), weight, bias, eps=1e-6).permute(0, 3, 2, 1)
 
 
 class STConvBlock(nn.Module):
@@ -186,7 +187,7 @@ class STGCN(
         num_blocks: number of ST-Conv blocks (2).
         kt: temporal kernel size (3).
         ks: Chebyshev kernel size, i.e. polynomial order + 1 (3).
-        dropout: dropout after each ST-Conv block.
+        dropout: dropout after each ST-Conv block (0: the paper's code trains with keep_prob 1).
     """
 
     def __init__(
