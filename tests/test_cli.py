@@ -1,6 +1,7 @@
 """`st-peft train` / `st-peft evaluate` end to end on the built-in chickenpox data, and option parsing."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -110,3 +111,20 @@ def test_adapter_config_can_ask_for_a_training_sampler():
     lora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(target_modules=["0"]))
     assert cli.adapter_sampler(lora, splits, options) is None
     assert cli.adapter_sampler(torch.nn.Linear(2, 2), splits, options) is None
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path):
+    config = str(write_config(tmp_path / "run.yaml", patience=10, epochs=2))
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    cli.main(["train", "--config", config, "--output-dir", str(straight)])
+    # a run that died during epoch 2: only the epoch-1 checkpoint made it to disk
+    steps = sorted(int(p.name.split("-")[1]) for p in (straight / "checkpoints").iterdir())
+    assert len(steps) == 2 and steps[1] == 2 * steps[0]
+    first_epoch = f"checkpoint-{steps[0]}"
+    shutil.copytree(straight / "checkpoints" / first_epoch, crashed / "checkpoints" / first_epoch)
+    cli.main(["train", "--config", config, "--output-dir", str(crashed), "--resume"])
+    assert (crashed / "checkpoints" / f"checkpoint-{steps[1]}").is_dir()
+    expected, resumed = load_file(straight / "model.safetensors"), load_file(crashed / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], msg=key)

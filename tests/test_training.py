@@ -15,7 +15,7 @@ import st_peft.data as std
 from st_peft.backbones import STID
 from st_peft.metrics import masked_mae
 from st_peft.outputs import ForecastOutput
-from st_peft.training import MemoryReplaySampler, STTrainer, st_training_args
+from st_peft.training import MemoryReplaySampler, STTrainer, default_horizons, st_training_args
 
 torch.set_num_threads(1)
 
@@ -233,3 +233,9 @@ def test_trainer_uses_memory_replay_batches(splits, small, tmp_path):
     memory_starts = set(starts[sampler.memory])
     assert max(memory_starts) < min(set(starts) - memory_starts)  # the memory is the earliest windows
     assert len(seen[0]) == 20 and sum(s in memory_starts for s in seen[0]) == 5
+
+
+def test_default_report_steps_fit_the_horizon():
+    assert default_horizons(12) == (3, 6, 12)
+    assert default_horizons(4) == (3,)
+    assert default_horizons(2) == (2,)

@@ -103,6 +103,11 @@ class STTrainer(Trainer):
         early_stopping_patience: stop after this many evaluations without a better
             ``metric_for_best_model`` (needs evaluation and ``metric_for_best_model`` set).
         **kwargs: anything else ``transformers.Trainer`` takes (``callbacks``, ``optimizers``, ...).
+
+    ``predict(dataset).predictions`` are forecasts in original units ``(S, H, N, C_out)``, and
+    its ``label_ids`` are ``(y, y_mask as float)``; evaluation metrics carry the ``eval_``
+    prefix (``eval_mae@3``, ``eval_mae``), so ``metric_for_best_model="mae"`` selects the
+    checkpoint with the lowest validation MAE.
     """
 
     # compute_loss returns a per-batch mean, so Trainer divides by the accumulation steps
