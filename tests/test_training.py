@@ -15,7 +15,14 @@ import st_peft.data as std
 from st_peft.backbones import STID
 from st_peft.metrics import masked_mae
 from st_peft.outputs import ForecastOutput
-from st_peft.training import MemoryReplaySampler, STTrainer, default_horizons, st_training_args
+from st_peft.training import (
+    MemoryReplaySampler,
+    STTrainer,
+    default_horizons,
+    get_loss,
+    masked_huber,
+    st_training_args,
+)
 
 torch.set_num_threads(1)
 
@@ -239,3 +246,13 @@ def test_default_report_steps_fit_the_horizon():
     assert default_horizons(12) == (3, 6, 12)
     assert default_horizons(4) == (3,)
     assert default_horizons(2) == (2,)
+
+
+def test_huber_loss_by_hand_and_loss_lookup():
+    pred = torch.tensor([0.0, 3.0, 9.0])
+    target = torch.tensor([1.0, 0.5, 0.0])
+    mask = torch.tensor([True, True, False])
+    # |e| = 1 -> 0.5 * 1^2 = 0.5; |e| = 2.5 -> 1 * (2.5 - 0.5) = 2.0; the third is missing
+    assert float(masked_huber(pred, target, mask)) == pytest.approx(1.25)
+    assert get_loss("huber") is masked_huber and get_loss("mae") is masked_mae
+    assert get_loss(masked_huber) is masked_huber
