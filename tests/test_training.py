@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
 
 import st_peft.data as std
 from st_peft.backbones import STID
@@ -256,3 +256,14 @@ def test_huber_loss_by_hand_and_loss_lookup():
     assert float(masked_huber(pred, target, mask)) == pytest.approx(1.25)
     assert get_loss("huber") is masked_huber and get_loss("mae") is masked_mae
     assert get_loss(masked_huber) is masked_huber
+
+
+def test_plain_training_arguments_keep_the_start_column(splits, small, tmp_path):
+    # Trainer would drop "start" (not a forward argument) and the collator would have nothing to gather
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                             report_to="none", disable_tqdm=True)
+    model = NodeLinear()
+    before = params_of(model)
+    STTrainer(model, args, small[0], data_collator=splits.collator, scaler=splits.scaler).train()
+    assert not args.remove_unused_columns
+    assert not torch.equal(params_of(model)["proj.weight"], before["proj.weight"])
