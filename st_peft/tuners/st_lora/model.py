@@ -198,7 +198,8 @@ class STLoraModel(BaseTuner):
         """The adapter's weights, plus the forecaster's own when it was trained along (``train_backbone``)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.train_backbone:
-            selected.update({key: value for key, value in state_dict.items() if cls.prefix not in key})
+            # safetensors refuses non-contiguous tensors, which forecasters may hold as (transposed) buffers
+            selected.update({key: value.contiguous() for key, value in state_dict.items() if cls.prefix not in key})
         return selected
 
     @classmethod
