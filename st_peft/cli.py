@@ -31,6 +31,7 @@ from torch import nn
 
 from st_peft.models.factost.pretraining import add_pretrain_arguments, run_pretrain
 from st_peft.tuners.factost.model import factost_cli_adapter
+from st_peft.tuners.st_lora.model import st_lora_cli_adapter
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
@@ -45,7 +46,11 @@ def no_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) ->
 
 
 AdapterFn = Callable[[nn.Module, Any, argparse.Namespace], nn.Module]
-ADAPTERS: dict[str, AdapterFn] = {"none": no_adapter, "factost": factost_cli_adapter}
+ADAPTERS: dict[str, AdapterFn] = {
+    "none": no_adapter,
+    "factost": factost_cli_adapter,
+    "st_lora": st_lora_cli_adapter,
+}
 
 
 def _mapping(text: str) -> dict[str, Any]:

@@ -406,3 +406,17 @@ def test_trains_with_sttrainer(tmp_path, chickenpox):
     assert np.isfinite(metrics["mae"])
     for key, value in model.unload().state_dict().items():
         assert torch.equal(value, frozen[key]), key
+
+
+def test_cli_trains_st_lora(tmp_path):
+    from st_peft.cli import main
+
+    output = tmp_path / "run"
+    main(["train", "--dataset", "chickenpox", "--model", "stid", "--model-args", "{embed_dim: 8, num_layers: 1}",
+          "--adapter", "st_lora", "--adapter-args", "{r: 2, target_modules: [regression]}", "--epochs", "1",
+          "--output-dir", str(output)])
+    saved = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert (saved["peft_type"], saved["r"], saved["num_nodes"], saved["target_modules"]) == (
+        "STLORA", 2, 20, ["regression"]
+    )
+    assert np.isfinite(json.loads((output / "metrics.json").read_text())["mae"])

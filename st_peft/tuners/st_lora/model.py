@@ -18,7 +18,9 @@ selection treat it like any LoRA layer; ``unload()`` removes it and its hooks.
 
 from __future__ import annotations
 
+import argparse
 import re
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
@@ -227,3 +229,23 @@ class STLoraModel(BaseTuner):
                     f"{tuple(value.shape)}) but the config asks for num_nodes={config.num_nodes}"
                 )
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def st_lora_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) -> nn.Module:
+    """``st-peft train --adapter st_lora``: ST-LoRA around the command line's backbone.
+
+    The sizes (``num_nodes``, ``input_len``, ``horizon``, channels) come from the data;
+    ``--adapter-args`` may set any other ``STLoraConfig`` field, e.g.
+    ``'{r: 8, target_modules: [fc1], train_backbone: true}'``.
+
+    Args:
+        backbone: the backbone the command line built (and possibly loaded with ``--backbone-from``).
+        splits: the data's ``ForecastingSplits``.
+        options: parsed options; ``options.adapter_args`` is a mapping.
+
+    Returns:
+        The ``PeftModel`` with its ST-LoRA adapter.
+    """
+    from peft import get_peft_model
+
+    return get_peft_model(backbone, STLoraConfig(**{**splits.model_kwargs(), **dict(options.adapter_args)}))
