@@ -198,18 +198,20 @@ class STData:
         )
 
 
-def observed_mask(values: np.ndarray, missing_value: float | None) -> np.ndarray:
-    """Mask of observed entries: finite values that do not equal ``missing_value``.
+def observed_mask(values: np.ndarray, missing_value: float | None, tolerance: float = 0.0) -> np.ndarray:
+    """Mask of observed entries: finite values farther than ``tolerance`` from ``missing_value``.
 
     Args:
         values: any array.
         missing_value: the value the format uses for "missing" (0 for traffic sensors), or None
             when every finite value is real.
+        tolerance: values this close to ``missing_value`` are missing too (float residues
+            such as 1e-17 that some published files hold instead of an exact 0).
 
     Returns:
         bool array of the same shape, True where observed.
     """
     mask = np.isfinite(values)
     if missing_value is not None:
-        mask &= values != missing_value
+        mask &= np.abs(values - missing_value) > tolerance
     return mask

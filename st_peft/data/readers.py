@@ -17,6 +17,7 @@ def read_npz(
     key: str = "data",
     channels: list[int] | None = None,
     missing_value: float | None = 0.0,
+    missing_tolerance: float = 0.0,
     name: str | None = None,
     **metadata,
 ) -> STData:
@@ -31,6 +32,7 @@ def read_npz(
         key: the array's name inside the archive.
         channels: which channels to keep (all by default).
         missing_value: the value that means "missing", or None.
+        missing_tolerance: values this close to ``missing_value`` are missing too.
         name: the data set's name (default: the file's stem).
         **metadata: passed on to :class:`STData` (adjacency, timestamps, node_ids, ...).
     """
@@ -45,7 +47,7 @@ def read_npz(
     if np.isnan(values).any():
         raise DataError(f"{path}: '{key}' holds NaN, which this format does not use for missing values")
     _refuse_inf(values, path)
-    mask = observed_mask(values, missing_value)
+    mask = observed_mask(values, missing_value, missing_tolerance)
     return STData(values=values, mask=mask, steps_per_day=steps_per_day, name=name or path.stem, **metadata)
 
 
