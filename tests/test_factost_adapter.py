@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -282,3 +283,18 @@ def test_adapter_on_a_real_few_shot_split():
 def test_non_factost_backbone_is_refused():
     with pytest.raises(TypeError, match="FACTOST adapters need a FactoSTModel backbone"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), adapter_config(target_modules=["0"]))
+
+
+def test_cli_trains_and_reloads_a_factost_adapter(tmp_path):
+    from st_peft import cli
+
+    out = tmp_path / "run"
+    common = ["--dataset", "chickenpox", "--input-len", "12", "--horizon", "4", "--batch-size", "64", "--few-shot", "0.2"]
+    assert cli.main(["train", *common, "--adapter", "factost", "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "FACTOST" and saved["num_nodes"] == 20 and saved["steps_per_day"] == 1
+    assert cli.main(["evaluate", "--model-dir", str(out), "--output", str(tmp_path / "again.json")]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["mae"] == pytest.approx(first["mae"], rel=1e-5)
