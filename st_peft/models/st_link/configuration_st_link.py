@@ -40,7 +40,8 @@ class STLinkConfig(PreTrainedConfig):
         memory_ema_decay (`float`): decay of the exponential moving average that moves the
             memory keys towards the tokens assigned to them while training.
         num_experts (`int`): experts per MRFFN layer, each initialised from the GPT-2 MLP.
-        experts_per_token (`int`): experts each token is routed through.
+        experts_per_token (`int`): experts each token is routed through; one keeps the feed-forward
+            cost of a GPT-2 MLP.
         router_aux_loss_coef (`float`): weight of the load-balancing loss returned as `aux_loss`.
         use_partial_freeze (`bool`): freeze the lower `n_layer - num_unfrozen_layers` blocks
             except their LayerNorms.
@@ -80,7 +81,7 @@ class STLinkConfig(PreTrainedConfig):
     memory_top_k: int = 4
     memory_ema_decay: float = 0.99
     num_experts: int = 4
-    experts_per_token: int = 2
+    experts_per_token: int = 1
     router_aux_loss_coef: float = 0.01
     use_partial_freeze: bool = True
     num_unfrozen_layers: int = 2

@@ -65,9 +65,11 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class STLinkRotaryEmbedding(nn.Module):
-    """Angles of SE-Attention: patch position for the temporal dims, a learned node rotation for the spatial ones.
+    """Angles of SE-Attention: patch position for the temporal pairs, a learned node rotation for the spatial ones.
 
-    The spatial angle of node ``n`` at frequency ``i`` is ``node_rotation[n, i] * omega_i``: the
+    Each head's dimensions form ``head_dim / 2`` rotary pairs ``(i, i + head_dim / 2)``; the
+    first ``temporal_dims / 2`` pairs turn with the token's patch position, the other
+    ``spatial_dims / 2`` with its node. Both sets share one rotation call. The spatial angle of node ``n`` at frequency ``i`` is ``node_rotation[n, i] * omega_i``: the
     base rotary frequencies ``omega_i`` scaled by a learnable per-node embedding. It starts at
     the node's index (plain RoPE over the node order) and moves during training, so the
     attention score between two nodes depends on their learned difference.
@@ -102,7 +104,8 @@ class STLinkRotaryEmbedding(nn.Module):
             dtype: dtype of the queries.
 
         Returns:
-            ``(cos, sin)``, each ``(P * N, head_dim)``: temporal dims first, then spatial.
+            ``(cos, sin)``, each ``(P * N, head_dim)``: the pair angles (temporal, then spatial),
+            written twice, once per half of the head.
         """
         device = self.node_rotation.device
         num_nodes = node_index.shape[0]
@@ -111,9 +114,8 @@ class STLinkRotaryEmbedding(nn.Module):
         temporal = temporal[:, None, :].expand(num_patches, num_nodes, -1)
         spatial = self.node_frequencies()[node_index]
         spatial = spatial[None, :, :].expand(num_patches, num_nodes, -1)
-        angles = torch.cat((temporal, temporal, spatial, spatial), dim=-1).reshape(
-            num_patches * num_nodes, -1
-        )
+        pairs = torch.cat((temporal, spatial), dim=-1)
+        angles = torch.cat((pairs, pairs), dim=-1).reshape(num_patches * num_nodes, -1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -131,7 +133,6 @@ class STLinkAttention(nn.Module):
         self.embed_dim = gpt2.n_embd
         self.num_heads = gpt2.n_head
         self.head_dim = self.embed_dim // self.num_heads
-        self.temporal_dims = config.rotary_dims[0]
         self.is_causal = config.is_causal
         self.scaling = self.head_dim**-0.5 if gpt2.scale_attn_weights else 1.0
         if gpt2.scale_attn_by_inverse_layer_idx:
@@ -140,22 +141,6 @@ class STLinkAttention(nn.Module):
         self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
         self.attn_dropout = gpt2.attn_pdrop
         self.resid_dropout = nn.Dropout(gpt2.resid_pdrop)
-
-    def rotate(self, states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Apply the temporal rotation to the first dims of each head and the spatial one to the rest.
-
-        Args:
-            states: queries or keys ``(B, heads, T, head_dim)``.
-            rotary: ``(cos, sin)``, each ``(T, head_dim)``.
-        """
-        cos, sin = rotary
-        split = self.temporal_dims
-        parts = []
-        if split > 0:
-            parts.append(rotate_pairs(states[..., :split], cos[:, :split], sin[:, :split]))
-        if split < self.head_dim:
-            parts.append(rotate_pairs(states[..., split:], cos[:, split:], sin[:, split:]))
-        return torch.cat(parts, dim=-1)
 
     def forward(
         self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
@@ -175,7 +160,7 @@ class STLinkAttention(nn.Module):
             t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (query, key, value)
         )
         if rotary is not None:
-            query, key = self.rotate(query, rotary), self.rotate(key, rotary)
+            query, key = rotate_pairs(query, *rotary), rotate_pairs(key, *rotary)
         attended = F.scaled_dot_product_attention(
             query,
             key,
@@ -194,11 +179,12 @@ class STLinkMRFFN(nn.Module):
     Each token (the LayerNorm output ``h``) retrieves its ``memory_top_k`` most similar slots
     (cosine similarity to ``memory_keys``) and mixes their ``memory_values`` by a softmax over
     the similarities. A router reads ``[h, retrieved, attention output]`` and sends the token
-    through its ``experts_per_token`` best experts, weighted by renormalised router
-    probabilities; the retrieved pattern is added to the experts' output. Keys are a buffer
-    moved by an exponential moving average of the tokens whose nearest slot they are (while
-    training); values start at zero and learn by gradient, so a layer whose experts are copies
-    of one MLP computes exactly that MLP until it trains.
+    through its ``experts_per_token`` best experts, weighted by their router probabilities
+    divided by the (detached) sum of those probabilities; the retrieved pattern is added to
+    the experts' output. Keys are a buffer moved by an exponential moving average of the
+    tokens whose nearest slot they are (while training); values start at zero and learn by
+    gradient, so a layer whose experts are copies of one MLP computes exactly that MLP until
+    it trains.
 
     Args:
         config: the model configuration.
@@ -270,7 +256,10 @@ class STLinkMRFFN(nn.Module):
         router_input = torch.cat((tokens, retrieved, attention_output.reshape(-1, shape[-1])), dim=-1)
         probabilities = torch.softmax(self.router(router_input), dim=-1)
         gates, chosen = probabilities.topk(self.experts_per_token, dim=-1)
-        gates = gates / gates.sum(dim=-1, keepdim=True)
+        # the gates sum to one (so copies of one MLP compute that MLP), but the normaliser is
+        # detached: with it attached, one expert per token, or identical experts, would give
+        # the router no gradient from the forecast at all
+        gates = gates / gates.sum(dim=-1, keepdim=True).detach()
 
         output = retrieved.clone()
         for expert_id, expert in enumerate(self.experts):
