@@ -281,6 +281,27 @@ def test_scaling_penalty_is_returned_as_aux_loss(history):
     torch.testing.assert_close(penalty, 0.5 * by_hand)
 
 
+class QuantileForecaster(TinyForecaster):
+    """A forecaster returning a ``ForecastOutput`` with quantiles ``(B, H, N, 1, 3)`` and its own loss."""
+
+    def forward(self, x: torch.Tensor, **kwargs) -> ForecastOutput:
+        median = super().forward(x)
+        spread = torch.tensor([-1.0, 0.0, 1.0])
+        return ForecastOutput(prediction=median, quantiles=median.unsqueeze(-1) + spread, loss=median.sum())
+
+
+def test_forecast_output_prediction_and_quantiles_are_refined_together(history):
+    backbone = QuantileForecaster()
+    expected = frozen_output(backbone, x=history)
+    model = get_peft_model(backbone, config())
+    perturb(model)
+    output = model(x=history)
+    shift = output.prediction - expected.prediction
+    assert shift.abs().max() > 0
+    torch.testing.assert_close(output.quantiles, expected.quantiles + shift.unsqueeze(-1))
+    assert output.loss is None  # the forecaster's own loss described the unrefined prediction
+
+
 def test_node_index_selects_rows_of_the_node_factors(history):
     model = get_peft_model(TinyForecaster(), config(target_modules=["fc1"]))
     perturb(model)
