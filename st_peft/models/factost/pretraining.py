@@ -31,7 +31,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 
 from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import FACTOST_SIZES, FactoSTConfig
@@ -232,7 +232,8 @@ def pretrain(
     Returns:
         The log: arguments, steps done, minutes, and the mean loss of every logging interval.
     """
-    accelerator = Accelerator(cpu=cpu)
+    # Half of the batches leave the codebook unused, which DDP must be told about.
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(seed)
     model = FactoSTModel(config)
     objective = objective or PretrainingObjective()
@@ -273,6 +274,7 @@ def pretrain(
         if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
             break
     log["minutes"] = (time.perf_counter() - started) / 60
+    log["processes"] = accelerator.num_processes
     log["objective"] = asdict(objective)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
