@@ -297,3 +297,19 @@ def test_shipped_checkpoint_loads_and_is_small():
     assert isinstance(model, FactoSTModel)
     output = model(torch.randn(2, 12, 3, 1), horizon=12)
     assert torch.isfinite(output.quantiles).all()
+
+
+def test_shipped_checkpoint_beats_seasonal_naive_zero_shot_on_held_out_sz_taxi():
+    from st_peft.baselines import seasonal_naive_forecast
+    from st_peft.data import build_splits, load
+    from st_peft.metrics import masked_mae
+
+    splits = build_splits(load("sz-taxi"), input_len=12, horizon=12)
+    starts = np.asarray(splits.test["start"])[::24]
+    batch = splits.collator.gather(starts)
+    model = AutoModel.from_pretrained(CHECKPOINT).eval()
+    with torch.no_grad():
+        forecast = splits.scaler.inverse_transform(model(x=batch["x"], horizon=12).prediction)
+    zero_shot = float(masked_mae(forecast, batch["y"], batch["y_mask"]))
+    naive = float(masked_mae(torch.from_numpy(seasonal_naive_forecast(splits)[::24]), batch["y"], batch["y_mask"]))
+    assert zero_shot < 0.95 * naive
