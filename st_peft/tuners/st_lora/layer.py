@@ -87,6 +87,14 @@ def check_wrappable(module: nn.Module, node_axis: int | None, name: str) -> None
         )
 
 
+MERGE_REFUSAL = (
+    "ST-LoRA adapters cannot be merged into the forecaster: a node-adaptive layer adds B diag(s_i) A x with a "
+    "different s_i for every node i, while the wrapped layer applies one weight W to all nodes, so no single W' "
+    "reproduces it; the node-specific predictor is a separate network, not a weight update. Use unload() to get "
+    "the unchanged forecaster back, or keep the PeftModel for inference."
+)
+
+
 class STLoraLayer(BaseTunerLayer):
     """Base of every ST-LoRA tuner layer; ST-LoRA adapters cannot be merged into the forecaster."""
 
@@ -96,14 +104,6 @@ class STLoraLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         """Nothing is ever merged, so there is nothing to undo."""
-
-
-MERGE_REFUSAL = (
-    "ST-LoRA adapters cannot be merged into the forecaster: a node-adaptive layer adds B diag(s_i) A x with a "
-    "different s_i for every node i, while the wrapped layer applies one weight W to all nodes, so no single W' "
-    "reproduces it; the node-specific predictor is a separate network, not a weight update. Use unload() to get "
-    "the unchanged forecaster back, or keep the PeftModel for inference."
-)
 
 
 class NodeAdaptiveLayer(nn.Module, STLoraLayer):
