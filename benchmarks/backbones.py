@@ -4,10 +4,11 @@
 
 Protocol: 12 steps in, 12 out, chronological 7:1:2 split, scaler fitted on the training
 span, masked MAE loss in original units (AdamW, lr 2e-3, batch 64), evaluation every
-epoch, early stopping after 3 epochs without a better validation MAE, best epoch
-reloaded, test metrics averaged over the 12 horizons (MAPE in %). Last value and
+epoch, early stopping after ``--patience`` epochs without a better validation MAE, best
+epoch reloaded, test metrics averaged over the 12 horizons (MAPE in %). Last value and
 seasonal naive (one week earlier when the history reaches back that far, else one day)
-need no training. Prints a markdown table and writes ``benchmarks/results/backbones.json``.
+need no training. Graph WaveNet runs at the CPU widths of ``common.CPU_WIDTHS``.
+Prints a markdown table and writes ``benchmarks/results/backbones.json`` after every run.
 """
 
 from __future__ import annotations
@@ -34,40 +35,54 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["stid", "gwnet", "stgcn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--output", default="backbones")
     options = parser.parse_args()
 
-    results: dict[str, dict] = {}
-    rows = []
-    for dataset in options.datasets:
-        splits = build_splits(load(dataset), input_len=12, horizon=12)
-        naive = baseline_metrics(splits)
-        results[dataset] = {name: {"median": metrics} for name, metrics in naive.items()}
-        for name, metrics in naive.items():
-            rows.append([dataset, name, "-", *[metrics[m] for m in METRICS], "-"])
-        for model_name in options.models:
-            runs = []
-            for seed in options.seeds:
-                model = build_backbone(model_name, splits, seed)
-                metrics, trainer = train_and_test(model, splits, seed=seed, epochs=options.epochs)
+    splits = {dataset: build_splits(load(dataset), input_len=12, horizon=12) for dataset in options.datasets}
+    naive = {dataset: baseline_metrics(splits[dataset]) for dataset in options.datasets}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    parameters: dict[str, int] = {}
+    # seeds outermost: an interrupted run still has every data set and model at least once
+    for seed in options.seeds:
+        for dataset in options.datasets:
+            for model_name in options.models:
+                model = build_backbone(model_name, splits[dataset], seed)
+                parameters[f"{dataset}/{model_name}"] = parameter_count(model)
+                metrics, trainer = train_and_test(model, splits[dataset], seed=seed, epochs=options.epochs,
+                                                  patience=options.patience)
                 metrics["epochs_run"] = trainer.state.epoch
-                runs.append(metrics)
-                print(f"{dataset} {model_name} seed {seed}: MAE {metrics['mae']:.3f} after {trainer.state.epoch:.0f} epochs",
-                      flush=True)
-            median = {m: statistics.median(run[m] for run in runs) for m in METRICS}
-            beats = median["mae"] < naive["seasonal naive"]["mae"]
-            results[dataset][model_name] = {"median": median, "runs": runs, "parameters": parameter_count(model),
+                runs.setdefault((dataset, model_name), []).append(metrics)
+                print(f"{dataset} {model_name} seed {seed}: MAE {metrics['mae']:.3f} after "
+                      f"{trainer.state.epoch:.0f} epochs", flush=True)
+                report(options, naive, runs, parameters)
+
+
+def report(options: argparse.Namespace, naive: dict, runs: dict, parameters: dict) -> None:
+    """Print the table of medians over the seeds run so far and write the JSON."""
+    rows, results = [], {}
+    for dataset in options.datasets:
+        results[dataset] = {name: {"median": metrics} for name, metrics in naive[dataset].items()}
+        for name, metrics in naive[dataset].items():
+            rows.append([dataset, name, "-", "-", *[metrics[m] for m in METRICS], "-"])
+        for model_name in options.models:
+            model_runs = runs.get((dataset, model_name), [])
+            if not model_runs:
+                continue
+            median = {m: statistics.median(run[m] for run in model_runs) for m in METRICS}
+            beats = median["mae"] < naive[dataset]["seasonal naive"]["mae"]
+            count = parameters[f"{dataset}/{model_name}"]
+            results[dataset][model_name] = {"median": median, "runs": model_runs, "parameters": count,
                                             "beats_seasonal_naive": beats}
-            rows.append([dataset, model_name, parameter_count(model), *[median[m] for m in METRICS],
+            rows.append([dataset, model_name, count, len(model_runs), *[median[m] for m in METRICS],
                          "yes" if beats else "NO"])
-    header = ["data set", "forecaster", "params", "MAE", "RMSE", "MAPE %", "MAE@3", "MAE@6", "MAE@12",
+    header = ["data set", "forecaster", "params", "seeds", "MAE", "RMSE", "MAPE %", "MAE@3", "MAE@6", "MAE@12",
               "beats seasonal naive"]
     table = markdown_table(header, rows)
-    print(f"\nMedian over seeds {options.seeds}, at most {options.epochs} epochs:\n")
-    print(table)
-    path = write_results(options.output, {"protocol": __doc__, "seeds": options.seeds, "epochs": options.epochs,
-                                          "results": results, "table": table})
-    print(f"\nwrote {path}")
+    print(f"\nMedian over the seeds run so far (of {options.seeds}), at most {options.epochs} epochs:\n")
+    print(table, flush=True)
+    write_results(options.output, {"protocol": __doc__, "seeds": options.seeds, "epochs": options.epochs,
+                                   "patience": options.patience, "results": results, "table": table})
 
 
 if __name__ == "__main__":
