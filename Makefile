@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# A folder of local wheels (a CPU torch wheel, say) that pip should look in first, if any.
+WHEELS ?= $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS))
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench lint clean
@@ -13,8 +16,8 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet $(FIND_LINKS) torch==$(TORCH_VERSION)
+	$(PIP) install --quiet $(FIND_LINKS) -e ".[dev]"
 	touch $(STAMP)
 
 demo: install
