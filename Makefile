@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/backbones.py
+	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/st_lora.py
 	$(PY) benchmarks/factost.py
 	$(PY) benchmarks/st_link.py
