@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from torch import nn
 
+from st_peft.hub import add_push_arguments, run_push
 from st_peft.models.factost.pretraining import add_pretrain_arguments, run_pretrain
 from st_peft.tuners.factost.model import factost_cli_adapter
 from st_peft.tuners.st_lora.model import st_lora_cli_adapter
@@ -250,6 +251,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command(train, "train a backbone or an adapter and write model + metrics", add_train_arguments),
     "evaluate": Command(evaluate, "evaluate a trained model folder and write metrics JSON", add_evaluate_arguments),
     "pretrain": Command(run_pretrain, "pretrain a FactoST backbone on univariate series", add_pretrain_arguments),
+    "push": Command(run_push, "push a trained model folder to the Hub with its model card", add_push_arguments),
 }
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config
 
 import st_peft.data as std
+from st_peft import cli
 from st_peft.backbones import STGCN, STID, GWNet
 from st_peft.hub import (
     HubError,
@@ -449,3 +450,99 @@ def test_push_reaches_the_server_and_reports_its_refusal(hub_env, splits, monkey
         push_backbone(build_backbone("stid", splits), "org/pushed", dataset=DATASET, metrics={"mae": 1.0})
     with pytest.raises(TypeError, match="push_adapter takes a PeftModel, got STID"):
         push_adapter(build_backbone("stid", splits), "org/pushed", dataset=DATASET, metrics={"mae": 1.0})
+
+
+# ---- st-peft push ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Two `st-peft train` runs on chickenpox: a small STID, then ST-LoRA on it (--backbone-from)."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--dataset", DATASET, "--input-len", "8", "--horizon", "4", "--epochs", "1", "--model", "stid",
+              "--model-args", "{embed_dim: 8, node_dim: 8, tod_dim: 8, dow_dim: 8, num_layers: 1}"]  # fmt: skip
+    cli.main(["train", *common, "--output-dir", str(root / "stid")])
+    cli.main(
+        [
+            "train",
+            *common,
+            "--adapter",
+            "st_lora",
+            "--backbone-from",
+            str(root / "stid"),
+            "--output-dir",
+            str(root / "st_lora"),
+        ]
+    )
+    return root
+
+
+def test_cli_push_folder_then_pull(cli_runs, hub, hub_env, tmp_path):
+    """Prepared: `st-peft push --save-dir` writes the upload folder, committed to the server. Real: the pulls by repo id."""
+    cli.main(
+        [
+            "push",
+            "--model-dir",
+            str(cli_runs / "stid"),
+            "--repo-id",
+            "org/cli-stid",
+            "--save-dir",
+            str(tmp_path / "stid"),
+        ]
+    )
+    assert sorted(path.name for path in (tmp_path / "stid").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "scaler.json",
+    ]
+    card = ModelCard.load(tmp_path / "stid" / "README.md").data.to_dict()
+    reported = {metric["type"]: metric["value"] for metric in card["model-index"][0]["results"][0]["metrics"]}
+    run_metrics = json.loads((cli_runs / "stid" / "metrics.json").read_text())
+    assert reported == pytest.approx({key: value for key, value in run_metrics.items() if key != "loss"})
+    hub.publish(tmp_path / "stid", "org/cli-stid")
+
+    adapter_args = ["push", "--model-dir", str(cli_runs / "st_lora"), "--repo-id", "org/cli-st-lora"]
+    cli.main([*adapter_args, "--base-model", "org/cli-stid", "--save-dir", str(tmp_path / "st_lora")])
+    assert ModelCard.load(tmp_path / "st_lora" / "README.md").data.base_model == "org/cli-stid"
+    hub.publish(tmp_path / "st_lora", "org/cli-st-lora")
+
+    backbone = STID.from_pretrained("org/cli-stid")
+    assert_same_state(backbone, load_file(cli_runs / "stid" / "model.safetensors"))
+    pulled = PeftModel.from_pretrained(backbone, "org/cli-st-lora")
+    assert_same_state(pulled, load_file(cli_runs / "st_lora" / "model.safetensors"))
+
+
+def assert_same_state(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert sorted(state) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+
+
+def test_cli_push_errors_are_clear(cli_runs, hub_env, tmp_path, monkeypatch):
+    """The upload path runs up to the HTTP call (olah refuses it); bad folders and a missing --base-model are named."""
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    with pytest.raises(
+        SystemExit, match=r"st-peft push: could not create the repository 'org/cli-x' .* HTTP 405"
+    ):
+        cli.main(["push", "--model-dir", str(cli_runs / "stid"), "--repo-id", "org/cli-x"])
+    with pytest.raises(SystemExit, match=r"pass --base-model org/backbone"):
+        cli.main(
+            [
+                "push",
+                "--model-dir",
+                str(cli_runs / "st_lora"),
+                "--repo-id",
+                "org/cli-x",
+                "--save-dir",
+                str(tmp_path / "a"),
+            ]
+        )
+    with pytest.raises(
+        SystemExit, match=r"lacks \['run.json', 'model.safetensors', 'metrics.json', 'scaler.json'\]"
+    ):
+        cli.main(["push", "--model-dir", str(tmp_path), "--repo-id", "org/cli-x"])
+    with pytest.raises(SystemExit, match=r"missing --repo-id"):
+        cli.main(["push", "--model-dir", str(cli_runs / "stid")])
+    assert not (tmp_path / "a").exists()
