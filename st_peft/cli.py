@@ -31,6 +31,7 @@ from torch import nn
 
 from st_peft.hub import add_push_arguments, run_push
 from st_peft.models.factost.pretraining import add_pretrain_arguments, run_pretrain
+from st_peft.models.st_link import STLinkForForecasting
 from st_peft.tuners.factost.model import factost_cli_adapter
 from st_peft.tuners.st_lora.model import st_lora_cli_adapter
 
@@ -52,6 +53,9 @@ ADAPTERS: dict[str, AdapterFn] = {
     "factost": factost_cli_adapter,
     "st_lora": st_lora_cli_adapter,
 }
+
+# transformers models built from the data's shapes: ``builder(splits, **model_args)``
+MODELS: dict[str, Callable[..., nn.Module]] = {"st_link": STLinkForForecasting.from_splits}
 
 
 def _mapping(text: str) -> dict[str, Any]:
@@ -80,7 +84,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from st_peft.training import LOSSES
 
     add_data_arguments(parser)
-    parser.add_argument("--model", default="stid", choices=sorted(BACKBONES), help="backbone")
+    parser.add_argument("--model", default="stid", choices=sorted([*BACKBONES, *MODELS]), help="backbone")
     parser.add_argument("--model-args", type=_mapping, default={}, help="backbone keyword arguments (YAML mapping)")
     parser.add_argument("--backbone-from", help="folder of an earlier `st-peft train --adapter none` run to start from")
     parser.add_argument("--adapter", default="none", choices=sorted(ADAPTERS))
@@ -113,6 +117,8 @@ def build_backbone(options: argparse.Namespace, splits: Any) -> nn.Module:
     """Instantiate ``options.model`` for ``splits``: shapes, calendar resolution and graph come from the data."""
     from st_peft.backbones import BACKBONES
 
+    if options.model in MODELS:
+        return MODELS[options.model](splits, **options.model_args)
     cls = BACKBONES[options.model]
     accepted = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = dict(splits.model_kwargs())
