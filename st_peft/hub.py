@@ -53,6 +53,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -190,6 +191,15 @@ def _metrics_table(metrics: Mapping[str, float]) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
+def _check_repo_id(repo_id: str, what: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{what} must be a Hub repo id such as org/name, got {repo_id!r}: {error}"
+        ) from error
+
+
 def card_fields(
     model: nn.Module,
     repo_id: str,
@@ -240,6 +250,8 @@ def card_fields(
                 else ""
             )
         )
+    if kind == "adapter":
+        _check_repo_id(fields["base_model"], "base_model")
     checked_metrics = _check_metrics(metrics)
     model_name = repo_id.rsplit("/", 1)[-1]
     kind_tags = [fields["peft_type"].lower()] if kind == "adapter" else [fields["model_class"].lower()]
@@ -769,9 +781,11 @@ def run_push(options: argparse.Namespace) -> None:
         "horizon": splits.horizon,
     }
     if isinstance(model, PeftModel):
-        card["base_model"] = options.base_model or model.peft_config[model.active_adapter].base_model_name_or_path
-        if card["base_model"] is None:
-            raise SystemExit("st-peft push: an adapter's card names its backbone: pass --base-model org/backbone")
+        if options.base_model is None:
+            raise SystemExit(
+                "st-peft push: an adapter's card names its backbone: pass --base-model org/backbone"
+            )
+        card["base_model"] = options.base_model
     extra = [model_dir / cli.SCALER_FILE]
     try:
         if options.save_dir:

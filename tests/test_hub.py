@@ -44,6 +44,7 @@ from st_peft.metrics import horizon_metrics
 from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.models.st_link import STLinkConfig, STLinkForForecasting
 from st_peft.outputs import prediction_of
+from st_peft.tuners.factost import FactoSTAdapterConfig
 from st_peft.tuners.st_lora import STLoraConfig
 
 torch.set_num_threads(1)
@@ -137,19 +138,38 @@ def card_metrics(model: torch.nn.Module, batch: dict, splits) -> dict[str, float
     return horizon_metrics(prediction, batch["y"], batch["y_mask"], horizons=(1, 4))
 
 
-def build_adapter(splits) -> PeftModel:
-    """An ST-LoRA adapter on a tiny STID, with its zero-initialised factors randomised so it changes the output."""
-    backbone = build_backbone("stid", splits)
-    model = get_peft_model(
-        backbone,
-        STLoraConfig(**splits.model_kwargs(), r=2, hidden_dim=4, node_embedding_dim=2, num_nall_layers=1),
-    )
+def build_adapter(splits, method: str = "st_lora") -> PeftModel:
+    """An ST-LoRA adapter on a tiny STID, or a FACTOST adapter on a tiny FactoST backbone.
+
+    The adapters start as the identity (zero-initialised factors and gates), so their
+    parameters are randomised: a round trip must carry values that change the forecast.
+    """
+    if method == "st_lora":
+        config = STLoraConfig(
+            **splits.model_kwargs(), r=2, hidden_dim=4, node_embedding_dim=2, num_nall_layers=1
+        )
+        model = get_peft_model(build_backbone("stid", splits), config)
+    else:
+        config = FactoSTAdapterConfig(
+            num_nodes=splits.num_nodes,
+            steps_per_day=splits.steps_per_day,
+            node_embedding_dim=4,
+            calendar_embedding_dim=4,
+            filter_rank=2,
+            num_prompt_tokens=1,
+            prompt_rank=1,
+        )
+        model = get_peft_model(build_backbone("factost", splits), config)
     torch.manual_seed(1)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "stlora_" in name:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     return model.eval()
+
+
+ADAPTER_BACKBONE = {"st_lora": "stid", "factost": "factost"}
+PEFT_TYPES = {"st_lora": "STLORA", "factost": "FACTOST"}
 
 
 @pytest.fixture(scope="module")
@@ -272,38 +292,39 @@ def test_push_folder_holds_only_safetensors_json_and_card(splits, tmp_path):
 # ---- pulls through the server -----------------------------------------------------------
 
 
-def test_adapter_pull_by_repo_id_then_offline(hub, hub_env, splits, batch, tmp_path, monkeypatch, no_pickle):
+@pytest.mark.parametrize("method", sorted(ADAPTER_BACKBONE))
+def test_adapter_pull_by_repo_id_then_offline(
+    method, hub, hub_env, splits, batch, tmp_path, monkeypatch, no_pickle
+):
     """Prepared: the adapter repository. Real: PeftModel.from_pretrained and load_adapter by repo id over HTTP, then offline."""
-    model = build_adapter(splits)
+    model = build_adapter(splits, method)
+    base = ADAPTER_BACKBONE[method]
     expected = forecast(model, batch)
-    assert not torch.equal(expected, forecast(build_backbone("stid", splits), batch)), (
+    assert not torch.equal(expected, forecast(build_backbone(base, splits), batch)), (
         "the adapter must change the forecast"
     )
+    repo_id = f"org/{method.replace('_', '-')}-pull"
     prepare(
         hub,
         model,
-        "org/stlora-pull",
+        repo_id,
         tmp_path,
         dataset=DATASET,
         metrics=card_metrics(model, batch, splits),
-        base_model="org/stid",
+        base_model=f"org/{base}",
+        num_nodes=20,
     )
 
-    pulled = PeftModel.from_pretrained(build_backbone("stid", splits), "org/stlora-pull").eval()
+    pulled = PeftModel.from_pretrained(build_backbone(base, splits), repo_id).eval()
     assert torch.equal(forecast(pulled, batch), expected)
-    checked = load_adapter(build_backbone("stid", splits), "org/stlora-pull", peft_type="STLORA").eval()
+    checked = load_adapter(build_backbone(base, splits), repo_id, peft_type=PEFT_TYPES[method]).eval()
     assert torch.equal(forecast(checked, batch), expected)
-    assert set(cached_files(hub_env, "org/stlora-pull")) == {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    }
+    assert set(cached_files(hub_env, repo_id)) == {"adapter_config.json", "adapter_model.safetensors"}
 
     go_offline(monkeypatch, hub_env)
-    offline = PeftModel.from_pretrained(build_backbone("stid", splits), "org/stlora-pull").eval()
+    offline = PeftModel.from_pretrained(build_backbone(base, splits), repo_id).eval()
     assert torch.equal(forecast(offline, batch), expected)
-    assert torch.equal(
-        forecast(load_adapter(build_backbone("stid", splits), "org/stlora-pull").eval(), batch), expected
-    )
+    assert torch.equal(forecast(load_adapter(build_backbone(base, splits), repo_id).eval(), batch), expected)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -418,6 +439,10 @@ def test_card_needs_the_values_it_reports(splits):
     adapter = build_adapter(splits)
     with pytest.raises(ValueError, match=r"needs base_model.*pass base_model=\.\.\."):
         card_fields(adapter, "org/a", dataset=DATASET, metrics={"mae": 1.0})
+    with pytest.raises(
+        ValueError, match=r"base_model must be a Hub repo id such as org/name, got '/data/runs/stid'"
+    ):
+        card_fields(adapter, "org/a", dataset=DATASET, metrics={"mae": 1.0}, base_model="/data/runs/stid")
     with pytest.raises(ValueError, match=r"metric 'mae' is nan"):
         card_fields(adapter, "org/a", dataset=DATASET, metrics={"mae": float("nan")}, base_model="org/stid")
     with pytest.raises(ValueError, match=r"needs num_nodes"):
