@@ -450,3 +450,30 @@ def test_trains_with_st_trainer_on_real_data(tmp_path):
     assert torch.equal(model.st_link.h[0].attn.c_attn.weight, frozen_before)
     metrics = trainer.evaluate_test(splits.test)
     assert math.isfinite(metrics["mae"]) and metrics["mae"] > 0
+
+
+def test_cli_trains_and_evaluates_st_link(tmp_path):
+    from st_peft import cli
+
+    out = tmp_path / "run"
+    model_args = "{gpt2_config: {n_embd: 16, n_layer: 2, n_head: 2, attn_pdrop: 0.0}, patch_len: 6, num_unfrozen_layers: 1}"
+    argv = [
+        "train",
+        "--dataset",
+        "chickenpox",
+        "--model",
+        "st_link",
+        "--model-args",
+        model_args,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--output-dir",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    trained = json.loads((out / "metrics.json").read_text())
+    assert cli.main(["evaluate", "--model-dir", str(out)]) == 0
+    evaluated = json.loads((out / "metrics-test.json").read_text())
+    assert evaluated["mae"] == pytest.approx(trained["mae"], rel=1e-6)
