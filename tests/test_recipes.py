@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command, launch_command_parser
 from accelerate.utils import DistributedType
@@ -19,6 +20,7 @@ from hub_server import free_port
 import st_peft.data as std
 from st_peft import cli
 from st_peft.data.builtin import BUILTIN_DATASETS
+from st_peft.outputs import prediction_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -98,6 +100,17 @@ def test_experiment_recipe_is_read_by_st_peft(recipe):
         assert options.dataset == recipe.stem, "a recipe is named after its data set"
         assert options.dataset in BUILTIN_DATASETS
         assert recipe.parent.name in {options.model, options.adapter}, "a recipe lives in its method's folder"
+        # the recipe's model builds on its data and forecasts the right shape
+        splits = std.build_splits(
+            std.load(options.dataset), input_len=options.input_len, horizon=options.horizon
+        )
+        model = cli.build_model(options, splits).eval()
+        batch = next(iter(splits.iter_batches("test", 2)))
+        with torch.no_grad():
+            output = prediction_of(
+                model(**{key: value for key, value in batch.items() if key not in ("y", "y_mask")})
+            )
+        assert output.shape == batch["y"].shape
 
 
 def test_cpu_2proc_config_trains_a_recipe_on_both_ranks(tmp_path):
