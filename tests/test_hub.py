@@ -373,6 +373,16 @@ def test_missing_repository_is_named_and_leaves_no_cache(hub_env, splits):
     assert leftovers == []
 
 
+def test_offline_pull_of_an_uncached_repository_is_named(hub_env, splits, monkeypatch):
+    go_offline(monkeypatch, hub_env)
+    with pytest.raises(
+        HubError, match=r"adapter_config.json of 'org/never-pulled' is not in the cache .*HF_HUB_OFFLINE=1"
+    ):
+        load_adapter(build_backbone("stid", splits), "org/never-pulled")
+    with pytest.raises(HubError, match=r"config.json of 'org/never-pulled' is not in the cache"):
+        load_backbone(STID, "org/never-pulled")
+
+
 def test_repository_of_another_peft_type_is_refused(hub, hub_env, splits, tmp_path):
     """Prepared: a plain LoRA adapter repository. Real: the refusal after reading its adapter_config.json over HTTP."""
     lora = get_peft_model(build_backbone("stid", splits), LoraConfig(r=2, target_modules=["regression"]))
