@@ -36,6 +36,7 @@ def test_builtin_datasets_load_with_their_shapes(name):
     assert np.isfinite(data.values).all()
     if data.adjacency is not None:
         assert data.adjacency.shape == (data.num_nodes, data.num_nodes)
+        assert data.adjacency.flags.c_contiguous
     calendar = data.calendar()
     assert calendar.shape == (data.num_steps, 2)
     assert calendar[:, 0].max() < data.steps_per_day and calendar[:, 1].max() < 7

@@ -61,7 +61,7 @@ class STData:
             if self.timestamps.shape != (t,):
                 raise DataError(f"{self.name}: {self.timestamps.shape[0]} timestamps for {t} time steps")
         if self.adjacency is not None:
-            self.adjacency = np.asarray(self.adjacency, dtype=np.float32)
+            self.adjacency = np.ascontiguousarray(self.adjacency, dtype=np.float32)
             if self.adjacency.shape != (n, n):
                 raise DataError(f"{self.name}: adjacency is {self.adjacency.shape} but the data has {n} nodes")
             if not np.isfinite(self.adjacency).all():

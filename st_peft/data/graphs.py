@@ -159,7 +159,9 @@ def _checked_square(matrix: np.ndarray, source: str | Path) -> np.ndarray:
         raise DataError(f"{source}: adjacency must be square (N, N), got {matrix.shape}")
     if not np.isfinite(matrix).all():
         raise DataError(f"{source}: adjacency holds NaN or inf")
-    return matrix
+    # pandas hands back column-major arrays; models register the adjacency as a buffer
+    # and safetensors refuses to save a non-contiguous one
+    return np.ascontiguousarray(matrix)
 
 
 def _is_number(text: str) -> bool:
