@@ -58,7 +58,8 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-CARD_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
+# st_peft/hub_cards links to the repository's hub_cards/, so a wheel ships the templates too
+CARD_TEMPLATE_DIR = Path(__file__).resolve().parent / "hub_cards"
 """The templates shipped with the repository (``adapter.md``, ``backbone.md``)."""
 
 CARD_NAME = "README.md"
