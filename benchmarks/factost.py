@@ -260,7 +260,7 @@ def benchmark_dataset(name: str, backbone: FactoSTModel, args: argparse.Namespac
                 metrics = run_expert(kind, splits, val, test, args, seed, steps)
             runs.setdefault(method, []).append({"seed": seed, **metrics})
             print(f"{name} seed {seed} {method}: MAE {metrics['mae']:.3f} ({metrics['train_seconds']:.0f} s)", flush=True)
-        if seed == args.seeds[0]:
+        if seed == args.seeds[0] and not args.no_ablation:
             for label, switches in ABLATIONS.items():
                 result["ablation"][label] = run_factost(backbone, few, val, test, args, seed, args.few_steps, **switches)
                 print(f"{name} ablation {label}: MAE {result['ablation'][label]['mae']:.3f}", flush=True)
@@ -312,10 +312,11 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
                 f"| {label} | {summary['mae']:.3f} ({summary['mae_min']:.3f}-{summary['mae_max']:.3f}) "
                 f"| {summary['rmse']:.3f} | {summary['mape']:.3f} |"
             )
-        lines += ["", f"Ablation (few-shot, seed {args.seeds[0]}):", "", "| adapter | MAE |", "|---|---|"]
-        lines.append(f"| all parts | {result['runs']['FactoST 10%'][0]['mae']:.3f} |")
-        for label, metrics in result["ablation"].items():
-            lines.append(f"| {label} | {metrics['mae']:.3f} |")
+        if result["ablation"]:
+            lines += ["", f"Ablation (few-shot, seed {args.seeds[0]}):", "", "| adapter | MAE |", "|---|---|"]
+            lines.append(f"| all parts | {result['runs']['FactoST 10%'][0]['mae']:.3f} |")
+            for label, metrics in result["ablation"].items():
+                lines.append(f"| {label} | {metrics['mae']:.3f} |")
         cost_ = result["cost"]
         lines += [
             "",
@@ -354,6 +355,7 @@ def parse_args() -> argparse.Namespace:
         "--long-history", type=int, default=96, help="extra zero-shot row with this history (0: off)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation runs")
     parser.add_argument("--output", default=str(RESULTS))
     return parser.parse_args()
 
