@@ -160,8 +160,7 @@ class PretrainingObjective:
 
         log_low, log_high = math.log(config.patch_length), math.log(config.max_context_length)
         context = int(round(math.exp(log_low + (log_high - log_low) * float(uniform(1)))))
-        horizon = 1 + int(float(uniform(1)) * config.max_horizon) if config.max_horizon > 1 else 1
-        horizon = min(horizon, config.max_horizon)
+        horizon = min(1 + int(float(uniform(1)) * config.max_horizon), config.max_horizon)
         start = config.max_context_length - context
         history = values[:, start : config.max_context_length]
         history_mask = mask[:, start : config.max_context_length].clone()
