@@ -20,7 +20,8 @@ ranks can change with longer training.
 Cost: a training step (forward, backward, AdamW) of ST-LINK and of the baseline of the same
 size are timed alternately on the same batch, ``--timing-steps`` times each, and the
 medians compared; memory is the bytes of tensors saved for backward in one step (the
-activation memory, counted once per storage) and, on a GPU, the peak allocated memory.
+activation memory, counted once per storage), the bytes of the parameters with the
+gradients and AdamW moments of the trainable ones, and, on a GPU, the peak allocated memory.
 Prints markdown tables and writes ``benchmarks/results/st_link.json``.
 """
 
@@ -129,6 +130,13 @@ def saved_activation_bytes(model: torch.nn.Module, inputs: dict) -> int:
     return sum(storages.values())
 
 
+def training_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters plus the gradients and the two AdamW moments of the trainable ones."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return total + 3 * trainable
+
+
 def compare_cost(splits, options: argparse.Namespace) -> dict:
     """Training-step time and memory of ST-LINK against the baseline of the same size, side by side."""
     models = {name: build_model(name, splits, options, seed=0).train() for name in ("ST-LINK", "GPT-2 + PFA baseline")}
@@ -161,10 +169,16 @@ def compare_cost(splits, options: argparse.Namespace) -> dict:
         cost[name] = {
             "step_seconds_median": statistics.median(times[name]),
             "saved_activation_mib": saved_activation_bytes(model, inputs) / 2**20,
+            "training_state_mib": training_state_bytes(model) / 2**20,
             "trainable_parameters": parameter_count(model, trainable_only=True),
         }
     cost["time_ratio"] = cost["ST-LINK"]["step_seconds_median"] / cost["GPT-2 + PFA baseline"]["step_seconds_median"]
     cost["memory_ratio"] = cost["ST-LINK"]["saved_activation_mib"] / cost["GPT-2 + PFA baseline"]["saved_activation_mib"]
+    if torch.cuda.is_available():
+        for name in models:
+            torch.cuda.reset_peak_memory_stats()
+            step(name)
+            cost[name]["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return cost
 
 
@@ -184,7 +198,7 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4, help="GPT-2 layers used (the first ones of a checkpoint)")
     parser.add_argument("--unfrozen", type=int, default=2, help="U, the upper layers that train")
     parser.add_argument("--patch-len", type=int, default=12, help="time steps per token (12: one token per node)")
-    parser.add_argument("--timing-steps", type=int, default=6)
+    parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="one data set, one seed, 5 steps, 32 test windows")
     parser.add_argument("--output", default="st_link")
@@ -221,9 +235,10 @@ def main() -> None:
         results[dataset]["cost"] = cost
         for name in ("ST-LINK", "GPT-2 + PFA baseline"):
             cost_rows.append([dataset, name, f"{cost[name]['step_seconds_median'] * 1000:.0f}",
-                              f"{cost[name]['saved_activation_mib']:.1f}", f"{cost[name]['trainable_parameters']:,}"])
+                              f"{cost[name]['saved_activation_mib']:.1f}", f"{cost[name]['training_state_mib']:.1f}",
+                              f"{cost[name]['trainable_parameters']:,}"])
         cost_rows.append([dataset, "ratio ST-LINK / baseline", f"{cost['time_ratio']:.2f}x", f"{cost['memory_ratio']:.2f}x",
-                          ""])
+                          "", ""])
         print(f"{dataset}: step time ratio {cost['time_ratio']:.2f}x, memory ratio {cost['memory_ratio']:.2f}x", flush=True)
 
     weights = f"pretrained {options.gpt2}" if options.gpt2 else "RANDOM (no pretrained GPT-2 on this machine)"
@@ -237,7 +252,8 @@ def main() -> None:
     print(f"\n### Accuracy ({protocol})\n")
     print(markdown_table(["data set", "model", "MAE", "RMSE", "MAPE %", "trainable params", "train s"], accuracy_rows))
     print(f"\n### Training-step cost, batch {options.batch_size}, median of {options.timing_steps} alternating steps\n")
-    print(markdown_table(["data set", "model", "step ms", "saved activations MiB", "trainable params"], cost_rows))
+    print(markdown_table(["data set", "model", "step ms", "saved activations MiB", "params + AdamW state MiB",
+                          "trainable params"], cost_rows))
     results_path = write_results(
         options.output,
         {"protocol": protocol, "options": vars(options), "results": results,
