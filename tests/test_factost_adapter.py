@@ -289,7 +289,7 @@ def test_cli_trains_and_reloads_a_factost_adapter(tmp_path):
     from st_peft import cli
 
     out = tmp_path / "run"
-    common = ["--dataset", "chickenpox", "--input-len", "12", "--horizon", "4", "--batch-size", "64", "--few-shot", "0.2"]
+    common = ["--dataset", "chickenpox", "--input-len", "12", "--horizon", "4", "--batch-size", "16", "--few-shot", "0.2"]
     assert cli.main(["train", *common, "--adapter", "factost", "--epochs", "1", "--output-dir", str(out)]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
