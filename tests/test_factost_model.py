@@ -313,3 +313,27 @@ def test_shipped_checkpoint_beats_seasonal_naive_zero_shot_on_held_out_sz_taxi()
     zero_shot = float(masked_mae(forecast, batch["y"], batch["y_mask"]))
     naive = float(masked_mae(torch.from_numpy(seasonal_naive_forecast(splits)[::24]), batch["y"], batch["y_mask"]))
     assert zero_shot < 0.95 * naive
+
+
+def test_pretraining_runs_on_two_processes_under_accelerate_launch(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on the CPU runs two
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), "-m", "st_peft.cli", "pretrain", "--data", "chickenpox",
+        "--max-steps", "4", "--batch-size", "8", "--output", str(tmp_path), "--cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = json.loads((tmp_path / "pretraining_log.json").read_text())
+    assert log["processes"] == 2 and log["steps"] == 4
+    assert isinstance(AutoModel.from_pretrained(tmp_path), FactoSTModel)
