@@ -8,7 +8,7 @@ Tokens are ordered patch-major: token ``p * N + n`` holds patch ``p`` of node ``
 under GPT-2's causal mask the tokens of the last patch see every node's earlier patches.
 
 This file is copied next to the weights by ``save_pretrained`` (``register_for_auto_class``),
-so it imports only ``torch``, ``transformers``, ``st_peft.outputs`` and its sibling
+so it imports only ``torch``, ``transformers``, ``safetensors``, ``st_peft.outputs`` and its sibling
 configuration file.
 """
 
