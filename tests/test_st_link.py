@@ -69,14 +69,6 @@ def batch(num_nodes: int = NODES, size: int = 3, seed: int = 0) -> dict[str, tor
     return {"x": torch.randn(size, LENGTH, num_nodes, CHANNELS, generator=generator), "x_time": x_time}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module on one thread: on a busy two-core machine a tiny model's forward took 3 s on two threads, 0.04 s on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> str:
