@@ -111,14 +111,7 @@ def build(name: str, splits: ForecastingSplits, seed: int, paper_size: bool = Fa
         kwargs["steps_per_day"] = splits.steps_per_day
     else:
         kwargs["adjacency"] = splits.adjacency
-    model = BACKBONES[name](**kwargs)
-    # GWNet stores a transposed (non-contiguous) transition matrix, which STTrainer's safetensors
-    # checkpoints refuse; reported to the backbones' owner, packed here until it is fixed there
-    for module in model.modules():
-        for key, buffer in module._buffers.items():
-            if buffer is not None and not buffer.is_contiguous():
-                module._buffers[key] = buffer.contiguous()
-    return model
+    return BACKBONES[name](**kwargs)
 
 
 def adapter_config(splits: ForecastingSplits, **overrides) -> STLoraConfig:

@@ -75,14 +75,6 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
                 parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than several fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture()
 def history() -> torch.Tensor:

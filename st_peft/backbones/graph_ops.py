@@ -63,3 +63,12 @@ ADJACENCY_CODERS = {
     np.ndarray: (adjacency_to_list, list),
     torch.Tensor: (adjacency_to_list, list),
 }
+
+
+def graph_buffer(matrix: np.ndarray) -> torch.Tensor:
+    """A C-contiguous float32 tensor of ``matrix`` ``(N, N)``, fit to register as a buffer.
+
+    Transposes and pandas arrays are column-major; safetensors refuses to save a buffer
+    that is not contiguous.
+    """
+    return torch.tensor(np.ascontiguousarray(matrix), dtype=torch.float32)

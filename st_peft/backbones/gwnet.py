@@ -22,7 +22,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history
-from st_peft.backbones.graph_ops import ADJACENCY_CODERS, transition_matrix
+from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, transition_matrix
 
 
 def diffuse(support: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,12 +194,12 @@ class GWNet(
         self.has_graph = adjacency is not None
         if self.has_graph:
             matrix = as_adjacency(adjacency, model="GWNet", num_nodes=num_nodes)
-            self.register_buffer("adjacency", torch.tensor(matrix, dtype=torch.float32))
+            self.register_buffer("adjacency", graph_buffer(matrix))
             self.register_buffer(
-                "forward_transition", torch.tensor(transition_matrix(matrix), dtype=torch.float32)
+                "forward_transition", graph_buffer(transition_matrix(matrix))
             )
             self.register_buffer(
-                "backward_transition", torch.tensor(transition_matrix(matrix.T), dtype=torch.float32)
+                "backward_transition", graph_buffer(transition_matrix(matrix.T))
             )
         self.use_adaptive = adaptive_adjacency
         if adaptive_adjacency:

@@ -22,7 +22,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history
-from st_peft.backbones.graph_ops import ADJACENCY_CODERS, scaled_laplacian
+from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, scaled_laplacian
 
 
 class ChannelAlign(nn.Module):
@@ -224,8 +224,8 @@ class STGCN(
         self.out_channels = out_channels
 
         matrix = as_adjacency(adjacency, model="STGCN", num_nodes=num_nodes)
-        self.register_buffer("adjacency", torch.tensor(matrix, dtype=torch.float32))
-        self.register_buffer("laplacian", torch.tensor(scaled_laplacian(matrix), dtype=torch.float32))
+        self.register_buffer("adjacency", graph_buffer(matrix))
+        self.register_buffer("laplacian", graph_buffer(scaled_laplacian(matrix)))
 
         widths = [in_channels] + [block_channels[-1]] * num_blocks
         self.blocks = nn.ModuleList(
