@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None,
+                        help="evaluate every this many steps; an epoch of the budget is then this many steps")
     parser.add_argument("--output", default="backbones")
     options = parser.parse_args()
 
@@ -50,7 +52,8 @@ def main() -> None:
                 model = build_backbone(model_name, splits[dataset], seed)
                 parameters[f"{dataset}/{model_name}"] = parameter_count(model)
                 metrics, trainer = train_and_test(model, splits[dataset], seed=seed, epochs=options.epochs,
-                                                  patience=options.patience)
+                                                  patience=options.patience,
+                                                  max_steps_per_epoch=options.max_steps_per_epoch)
                 metrics["epochs_run"] = trainer.state.epoch
                 runs.setdefault((dataset, model_name), []).append(metrics)
                 print(f"{dataset} {model_name} seed {seed}: MAE {metrics['mae']:.3f} after "
@@ -82,7 +85,7 @@ def report(options: argparse.Namespace, naive: dict, runs: dict, parameters: dic
     print(f"\nMedian over the seeds run so far (of {options.seeds}), at most {options.epochs} epochs:\n")
     print(table, flush=True)
     write_results(options.output, {"protocol": __doc__, "seeds": options.seeds, "epochs": options.epochs,
-                                   "patience": options.patience, "results": results, "table": table})
+                                   "patience": options.patience, "max_steps_per_epoch": options.max_steps_per_epoch, "results": results, "table": table})
 
 
 if __name__ == "__main__":
