@@ -4,10 +4,21 @@ Importing this package registers the PEFT methods (``STLORA``, ``FACTOST``) and 
 transformers models (``factost``, ``st_link``) with their Auto classes.
 """
 
-import st_peft.models  # noqa: F401  (registers the transformers models)
-import st_peft.tuners  # noqa: F401  (registers the PEFT methods)
+from st_peft.models.factost import FactoSTConfig, FactoSTModel
+from st_peft.models.st_link import STLinkConfig, STLinkForForecasting
 from st_peft.outputs import ForecastOutput
+from st_peft.tuners.factost import FactoSTAdapterConfig
+from st_peft.tuners.st_lora import STLoraConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["ForecastOutput", "__version__"]
+__all__ = [
+    "FactoSTAdapterConfig",
+    "FactoSTConfig",
+    "FactoSTModel",
+    "ForecastOutput",
+    "STLinkConfig",
+    "STLinkForForecasting",
+    "STLoraConfig",
+    "__version__",
+]
