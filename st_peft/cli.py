@@ -97,6 +97,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="resume from a checkpoint folder, or the latest one in --output-dir")
     parser.add_argument("--output-dir", help="where the model, checkpoints and metrics go")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +158,7 @@ def _write_json(path: str | Path, content: dict) -> None:
 
 
 def _run_options(options: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(options).items() if k not in ("command", "config", "resume")}
+    return {k: v for k, v in vars(options).items() if k not in ("command", "config", "resume", "overwrite")}
 
 
 def save_run(output_dir: str, model: nn.Module, splits: Any, options: argparse.Namespace, metrics: dict) -> None:
@@ -196,6 +197,10 @@ def train(options: argparse.Namespace) -> None:
     from st_peft.training import STTrainer, st_training_args
 
     _require(options, "dataset", "output_dir")
+    finished = os.path.join(options.output_dir, MODEL_FILE)
+    if os.path.exists(finished) and not (options.overwrite or options.resume):
+        raise SystemExit(f"st-peft train: {options.output_dir} already holds a finished run ({MODEL_FILE}); "
+                         "pass --overwrite to replace it or choose another --output-dir")
     set_seed(options.seed)
     splits = _splits_for(options)
     model = build_model(options, splits)

@@ -62,6 +62,11 @@ def test_train_then_evaluate_round_trip(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["epochs"] == 1 and run["model_args"]["embed_dim"] == 8
 
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a finished run"):
+        cli.main(["train", "--config", str(config), "--epochs", "1", "--seed", "3", "--output-dir", str(out)])
+    assert (out / "model.safetensors").read_bytes() == before
+
     assert cli.main(["evaluate", "--model-dir", str(out), "--batch-size", "7"]) == 0
     again = json.loads((out / "metrics-test.json").read_text())
     for key in metrics:
