@@ -109,6 +109,7 @@ def test_collator_gathers_the_right_windows(sz_taxi):
     np.testing.assert_allclose(batch["x"][1].numpy(), expected_x, rtol=1e-6)
     np.testing.assert_array_equal(batch["y"][1].numpy(), sz_taxi.values[start + 12 : start + 18])
     np.testing.assert_array_equal(batch["y_mask"][1].numpy(), sz_taxi.mask[start + 12 : start + 18])
+    np.testing.assert_array_equal(batch["x_mask"][1].numpy(), sz_taxi.mask[start : start + 12])
     np.testing.assert_array_equal(batch["y_time"][1].numpy(), sz_taxi.calendar()[start + 12 : start + 18])
     assert batch["x"].dtype == torch.float32 and batch["x_time"].dtype == torch.int64
     assert batch["x"].shape == (2, 12, 156, 1) and batch["y"].shape == (2, 6, 156, 1)

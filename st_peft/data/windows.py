@@ -30,6 +30,7 @@ class WindowCollator:
 
     Attributes:
         inputs: float32 ``(T, N, C_in)``, scaled, missing entries 0.
+        input_mask: bool ``(T, N, C_in)``, True where the input was observed.
         targets: float32 ``(T, N, C_out)`` in original units, missing entries 0.
         target_mask: bool ``(T, N, C_out)``, True where observed.
         calendar: int64 ``(T, 2)``: time-of-day slot, day of week.
@@ -38,6 +39,7 @@ class WindowCollator:
     """
 
     inputs: np.ndarray
+    input_mask: np.ndarray
     targets: np.ndarray
     target_mask: np.ndarray
     calendar: np.ndarray
@@ -52,13 +54,14 @@ class WindowCollator:
         """Gather the windows that begin at ``starts`` ``(B,)``.
 
         Returns:
-            ``x`` ``(B, L, N, C_in)``, ``y`` ``(B, H, N, C_out)``, ``y_mask`` ``(B, H, N, C_out)``,
+            ``x`` and ``x_mask`` ``(B, L, N, C_in)``, ``y`` and ``y_mask`` ``(B, H, N, C_out)``,
             ``x_time`` ``(B, L, 2)``, ``y_time`` ``(B, H, 2)``.
         """
         past = starts[:, None] + np.arange(self.input_len)
         future = starts[:, None] + self.input_len + np.arange(self.horizon)
         return {
             "x": torch.from_numpy(self.inputs[past]),
+            "x_mask": torch.from_numpy(self.input_mask[past]),
             "y": torch.from_numpy(self.targets[future]),
             "y_mask": torch.from_numpy(self.target_mask[future]),
             "x_time": torch.from_numpy(self.calendar[past]),
@@ -192,6 +195,7 @@ def build_splits(
     inputs = np.where(data.mask[..., input_channels], inputs, 0.0).astype(np.float32)
     collator = WindowCollator(
         inputs=inputs,
+        input_mask=np.ascontiguousarray(data.mask[..., input_channels]),
         targets=np.ascontiguousarray(data.values[..., target_channels]),
         target_mask=np.ascontiguousarray(data.mask[..., target_channels]),
         calendar=data.calendar(),
