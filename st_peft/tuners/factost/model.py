@@ -19,11 +19,12 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from st_peft.models.factost.modeling_factost import FactoSTTokenHook
+from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
 from st_peft.tuners.factost.config import FactoSTAdapterConfig
 from st_peft.tuners.factost.layer import MERGE_REFUSAL, FactoSTAdapterLayer
 
 
-class FactoSTAdapterModel(BaseTuner):
+class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     """FACTOST tuner (PEFT type ``FACTOST``) around a frozen ``FactoSTModel``.
 
     Build it with ``peft.get_peft_model(backbone, FactoSTAdapterConfig(num_nodes=N, ...))``;
@@ -39,6 +40,9 @@ class FactoSTAdapterModel(BaseTuner):
     """
 
     prefix: str = "factost_"
+    adapter_key_parts = FactoSTAdapterLayer.adapter_layer_names
+    per_node_key_suffixes = ("factost_metadata.node_embedding.weight",)
+    method_label = "FACTOST"
     tuner_layer_cls = FactoSTAdapterLayer
     target_module_mapping: dict[str, list[str]] = {"factost": ["token_hook"]}
 
@@ -92,32 +96,6 @@ class FactoSTAdapterModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         """FACTOST never merges; the error says why."""
         raise ValueError(MERGE_REFUSAL)
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Drop the adapter name, which sits right after the part's name inside the key."""
-        for part in FactoSTAdapterLayer.adapter_layer_names:
-            marker = f".{part}.{adapter_name}."
-            if marker in key:
-                return key.replace(marker, f".{part}.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls,
-        model: nn.Module,
-        config: FactoSTAdapterConfig,
-        adapter_name: str,
-        state_dict: dict[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        """Refuse a checkpoint saved for another number of nodes, then map its keys onto the model."""
-        for key, value in state_dict.items():
-            if key.endswith("factost_metadata.node_embedding.weight") and value.shape[0] != config.num_nodes:
-                raise ValueError(
-                    f"the saved FACTOST adapter was trained on {value.shape[0]} nodes ({key} has shape "
-                    f"{tuple(value.shape)}) but its config asks for num_nodes={config.num_nodes}."
-                )
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
 SHIPPED_BACKBONE = Path(__file__).resolve().parents[2] / "checkpoints" / "factost-cpu"

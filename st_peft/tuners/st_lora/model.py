@@ -26,6 +26,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
 from st_peft.tuners.st_lora.config import STLoraConfig
 from st_peft.tuners.st_lora.layer import (
     MERGE_REFUSAL,
@@ -42,7 +43,7 @@ prefix ``stlora_``: PEFT's ``delete_adapter`` skips modules whose name contains 
 HEADS_NAME = "stlora_heads"
 
 
-class STLoraModel(BaseTuner):
+class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
     """ST-LoRA tuner (PEFT type ``STLORA``) around a spatio-temporal forecaster.
 
     The forecaster is any ``nn.Module`` called as ``model(x=(B, L, N, C_in), **kwargs)`` that
@@ -58,6 +59,9 @@ class STLoraModel(BaseTuner):
     """
 
     prefix: str = "stlora_"
+    adapter_key_parts = (HEADS_NAME,)
+    per_node_key_suffixes = (f".{HEADS_NAME}.node_embedding", ".stlora_node_scale")
+    method_label = "ST-LoRA"
     tuner_layer_cls = STLoraLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -203,32 +207,6 @@ class STLoraModel(BaseTuner):
             # safetensors refuses non-contiguous tensors, which forecasters may hold as (transposed) buffers
             selected.update({key: value.contiguous() for key, value in state_dict.items() if cls.prefix not in key})
         return selected
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Drop the adapter name; inside a predictor it sits in the middle of the key, not before the last part."""
-        marker = f".{HEADS_NAME}.{adapter_name}."
-        if marker in key:
-            return key.replace(marker, f".{HEADS_NAME}.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls,
-        model: nn.Module,
-        config: STLoraConfig,
-        adapter_name: str,
-        state_dict: dict[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        """Refuse a checkpoint saved for another number of nodes, then map its keys onto the model."""
-        for key, value in state_dict.items():
-            per_node = key.endswith(f".{HEADS_NAME}.node_embedding") or key.endswith(".stlora_node_scale")
-            if per_node and value.shape[0] != config.num_nodes:
-                raise ValueError(
-                    f"The saved ST-LoRA adapter was trained on {value.shape[0]} nodes ({key} has shape "
-                    f"{tuple(value.shape)}) but the config asks for num_nodes={config.num_nodes}"
-                )
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
 def st_lora_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) -> nn.Module:
