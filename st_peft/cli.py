@@ -315,30 +315,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return options
 
 
-def _leave_process_group() -> None:
-    """End a multi-process run cleanly, then exit at once.
-
-    Two-process gloo runs abort at interpreter exit now and then ("terminate called without
-    an active exception"); a barrier before tearing the group down, flushing and leaving
-    with ``os._exit`` stopped that in every run measured here.
-    """
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``st-peft`` console script (also under ``accelerate launch``)."""
-    import torch.distributed as dist
+    from st_peft.training.distributed import leave_process_group
 
     options = parse_args(argv)
     COMMANDS[options.command].run(options)
-    if dist.is_available() and dist.is_initialized():
-        _leave_process_group()
+    leave_process_group()
     return 0
 
 

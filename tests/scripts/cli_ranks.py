@@ -72,15 +72,8 @@ def main() -> None:
 
     # `st-peft train` imports STTrainer from st_peft.training when it runs
     st_peft.training.STTrainer = ReportingTrainer
+    # under a process group cli.main ends the process itself (leave_process_group)
     cli.main(argv)
-
-    # gloo sometimes aborts at interpreter exit: meet at a barrier, tear down, flush, leave (DESIGN.md)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

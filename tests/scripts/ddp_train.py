@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 import st_peft.data as std
 from st_peft.training import MemoryReplaySampler, STTrainer, st_training_args
+from st_peft.training.distributed import leave_process_group
 
 TEST_ROWS = 75  # not a multiple of 2 processes x batch: gathering must drop the padding
 
@@ -84,14 +84,7 @@ def main() -> None:
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "final.safetensors"))
 
-    # gloo sometimes aborts at interpreter exit ("terminate called without an active
-    # exception"): meet at a barrier, tear the group down, flush and leave at once
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()
 
 
 if __name__ == "__main__":
