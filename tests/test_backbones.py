@@ -12,6 +12,7 @@ import torch
 import st_peft.data
 from st_peft.backbones import BACKBONES, STGCN, STID, GWNet
 from st_peft.backbones.graph_ops import scaled_laplacian, transition_matrix
+from st_peft.backbones.stgcn import ChebGraphConv
 from st_peft.metrics import masked_mae
 
 NAMES = list(BACKBONES)
@@ -212,6 +213,43 @@ def test_stid_reads_calendar_at_the_last_history_step(sz_taxi):
         assert not torch.equal(model(x=batch["x"], x_time=last), reference)
         no_calendar = build("stid", sz_taxi, if_tod=False, if_dow=False).eval()
         assert no_calendar(x=batch["x"]).shape == (2, 12, 156, 1)
+
+
+def test_chebyshev_graph_conv_equals_the_paper_recurrence():
+    torch.manual_seed(0)
+    adjacency = (torch.rand(9, 9) < 0.4).float()
+    laplacian = torch.as_tensor(scaled_laplacian((adjacency + adjacency.T).clamp(max=1).numpy()), dtype=torch.float32)
+    for order in (1, 2, 3, 4):
+        conv = ChebGraphConv(6, 4, order)
+        hidden = torch.randn(2, 6, 9, 5)
+        terms = [hidden, torch.einsum("nm,bcmt->bcnt", laplacian, hidden)][:order]
+        while len(terms) < order:
+            terms.append(2 * torch.einsum("nm,bcmt->bcnt", laplacian, terms[-1]) - terms[-2])
+        paper = conv.theta(torch.cat(terms, dim=1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        expected = torch.relu(paper + conv.align(hidden))
+        torch.testing.assert_close(conv(hidden, laplacian), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gwnet", "stgcn"])
+def test_calendar_channels_feed_time_of_day_and_day_of_week(name, sz_taxi, tmp_path):
+    torch.manual_seed(0)
+    model = build(name, sz_taxi, calendar_channels=True, steps_per_day=sz_taxi.steps_per_day,
+                  **SMALL[name]).eval()
+    batch = train_batch(sz_taxi, 2)
+    with torch.no_grad():
+        reference = model(**batch)
+        shifted = batch["x_time"].clone()
+        shifted[..., 0] = (shifted[..., 0] + 4) % sz_taxi.steps_per_day
+        assert reference.shape == (2, 12, 156, 1)
+        assert not torch.allclose(model(x=batch["x"], x_time=shifted), reference)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(type(model).from_pretrained(tmp_path).eval()(**batch), reference)
+    with pytest.raises(ValueError, match="needs x_time .* or build the model with calendar_channels=False"):
+        model(x=batch["x"])
+    plain = build(name, sz_taxi, **SMALL[name]).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x=batch["x"]), plain(**batch))
 
 
 @pytest.mark.parametrize("name", NAMES)

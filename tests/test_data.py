@@ -115,6 +115,26 @@ def test_collator_gathers_the_right_windows(sz_taxi):
     assert batch["x"].shape == (2, 12, 156, 1) and batch["y"].shape == (2, 6, 156, 1)
 
 
+def test_collator_batches_are_writable_copies_and_survive_pickling(sz_taxi):
+    splits = D.build_splits(sz_taxi, input_len=12, horizon=6)
+    last = len(sz_taxi.values) - 18
+    batch = splits.collator.gather(np.array([0, last]))
+    before = batch["x"].clone()
+    batch["x"] += 1.0
+    assert splits.collator.gather(np.array([0, last]))["x"].equal(before)
+    copied = pickle.loads(pickle.dumps(splits.collator))
+    for key, value in copied.gather(np.array([3, last])).items():
+        assert value.equal(splits.collator.gather(np.array([3, last]))[key]), key
+
+
+def test_collator_refuses_starts_outside_the_series(sz_taxi):
+    splits = D.build_splits(sz_taxi, input_len=12, horizon=6)
+    with pytest.raises(D.DataError, match="window starts must lie in"):
+        splits.collator.gather(np.array([len(sz_taxi.values) - 17]))
+    with pytest.raises(D.DataError, match="got -1"):
+        splits.collator.gather(np.array([-1, 0]))
+
+
 def test_few_shot_keeps_the_most_recent_fraction(sz_taxi):
     full = D.build_splits(sz_taxi)
     few = D.build_splits(sz_taxi, few_shot=0.1)

@@ -76,17 +76,24 @@ def check_history(
 
 
 def check_calendar(
-    x_time: torch.Tensor | None, *, model: str, batch_size: int, input_len: int, steps_per_day: int
+    x_time: torch.Tensor | None,
+    *,
+    model: str,
+    batch_size: int,
+    input_len: int,
+    steps_per_day: int,
+    switch_off: str = "if_tod=False, if_dow=False",
 ) -> torch.Tensor:
     """Check the calendar features ``x_time`` of shape ``(B, L, 2)`` and return them.
 
     ``x_time[..., 0]`` is the time-of-day slot in ``[0, steps_per_day)`` and ``x_time[..., 1]``
-    the day of week in ``[0, 7)``.
+    the day of week in ``[0, 7)``. ``switch_off`` names the constructor arguments that build
+    the model without calendar features, for the message when ``x_time`` is missing.
     """
     if x_time is None:
         raise ValueError(
-            f"{model} uses time-of-day / day-of-week embeddings and needs x_time of shape "
-            f"(batch, {input_len}, 2); got None (pass x_time, or build the model with if_tod=False, if_dow=False)"
+            f"{model} uses time-of-day / day-of-week features and needs x_time of shape "
+            f"(batch, {input_len}, 2); got None (pass x_time, or build the model with {switch_off})"
         )
     expected = (batch_size, input_len, 2)
     if x_time.dim() != 3 or tuple(x_time.shape) != expected:
@@ -137,3 +144,27 @@ def as_adjacency(adjacency: AdjacencyLike, *, model: str, num_nodes: int) -> np.
             f"(first at [{row}, {col}] = {matrix[row, col]})"
         )
     return matrix
+
+
+def with_calendar_channels(
+    x: torch.Tensor, x_time: torch.Tensor | None, *, model: str, input_len: int, steps_per_day: int
+) -> torch.Tensor:
+    """Append time of day and day of week to the history as two input channels.
+
+    The reference data pipelines of Graph WaveNet and DCRNN feed the time of day as a
+    fraction of the day next to the signal; the day of week enters the same way (``/ 7``).
+
+    Args:
+        x: history ``(B, L, N, C)``.
+        x_time: int64 ``(B, L, 2)`` time-of-day slot and day of week of each history step.
+        model: class name used in error messages.
+        input_len: ``L``.
+        steps_per_day: time-of-day slots per day.
+
+    Returns:
+        ``(B, L, N, C + 2)``.
+    """
+    calendar = check_calendar(x_time, model=model, batch_size=x.shape[0], input_len=input_len,
+                              steps_per_day=steps_per_day, switch_off="calendar_channels=False")
+    fractions = calendar.to(x.dtype) / torch.tensor([steps_per_day, 7], dtype=x.dtype, device=x.device)
+    return torch.cat([x, fractions.unsqueeze(2).expand(-1, -1, x.shape[2], -1)], dim=-1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history
+from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history, with_calendar_channels
 from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, transition_matrix
 
 
@@ -144,6 +144,10 @@ class GWNet(
         layers: layers per block, with dilations ``1, 2, 4, ...`` (2).
         diffusion_order: number of diffusion steps ``K`` per support (2).
         dropout: dropout after each graph convolution (0.3).
+        calendar_channels: append time of day (fraction of the day) and day of week (``/ 7``)
+            to ``x`` as two more input channels, as Graph WaveNet's reference data pipeline
+            feeds the time of day; ``forward`` then needs ``x_time``. Off by default.
+        steps_per_day: time-of-day slots per day (used with ``calendar_channels``).
 
     The history is left-padded with zeros up to the receptive field, as the paper's code does,
     so the last layer sees exactly one time step.
@@ -168,6 +172,8 @@ class GWNet(
         layers: int = 2,
         diffusion_order: int = 2,
         dropout: float = 0.3,
+        calendar_channels: bool = False,
+        steps_per_day: int = 288,
     ) -> None:
         super().__init__()
         if adjacency is None and not adaptive_adjacency:
@@ -177,6 +183,8 @@ class GWNet(
         self.horizon = horizon
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.calendar_channels = calendar_channels
+        self.steps_per_day = steps_per_day
 
         # Each block of `layers` layers widens the receptive field by (k - 1)(1 + 2 + ... + 2^(layers-1)).
         per_block = (kernel_size - 1) * (2**layers - 1)
@@ -207,7 +215,7 @@ class GWNet(
             self.target_embedding = nn.Parameter(torch.randn(num_nodes, adaptive_embed_dim))
         num_supports = 2 * int(self.has_graph) + int(adaptive_adjacency)
 
-        self.start_conv = nn.Conv2d(in_channels, residual_channels, kernel_size=1)
+        self.start_conv = nn.Conv2d(in_channels + 2 * int(calendar_channels), residual_channels, kernel_size=1)
         self.layers = nn.ModuleList(
             GWNetLayer(
                 residual_channels,
@@ -250,7 +258,9 @@ class GWNet(
 
         Args:
             x: scaled history ``(B, L, N, C_in)``.
-            x_time, y_time: ignored (the paper's model uses no calendar features beyond what is in ``x``).
+            x_time: int64 ``(B, L, 2)`` time-of-day slot and day of week; needed with
+                ``calendar_channels``, ignored otherwise.
+            y_time: ignored.
             node_index: optional int64 ``(N_sub,)``: ``x`` covers only these nodes; the
                 supports are restricted to them (sub-matrices of the full-graph transitions).
             **kwargs: other batch entries, ignored.
@@ -272,6 +282,9 @@ class GWNet(
         if self.use_adaptive:
             supports.append(self.adaptive_adjacency(node_index))
 
+        if self.calendar_channels:
+            x = with_calendar_channels(x, x_time, model="GWNet", input_len=self.input_len,
+                                       steps_per_day=self.steps_per_day)
         hidden = x.permute(0, 3, 2, 1)
         hidden = F.pad(hidden, (self.receptive_field - self.input_len, 0))
         hidden = self.start_conv(hidden)

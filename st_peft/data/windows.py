@@ -2,8 +2,8 @@
 
 Windows are never materialised. Each split is a ``datasets.Dataset`` with one column,
 ``start``, the first step of a window of ``input_len + horizon`` steps; the collator
-gathers a whole batch of windows from the numpy arrays with one fancy index per array,
-which is about a hundred times faster than indexing torch tensors window by window.
+gathers a whole batch of windows from strided window views of the numpy arrays with one
+index per array, about a hundred times faster than indexing torch tensors window by window.
 """
 
 from __future__ import annotations
@@ -46,6 +46,22 @@ class WindowCollator:
     input_len: int
     horizon: int
 
+    def __post_init__(self) -> None:
+        # windows are contiguous runs of time steps: gathering rows of these strided views
+        # copies one block per window, about a third faster than a (B, L) fancy index
+        self._past = {key: _window_view(array, 0, self.input_len) for key, array in
+                      (("x", self.inputs), ("x_mask", self.input_mask), ("x_time", self.calendar))}
+        self._future = {key: _window_view(array, self.input_len, self.horizon) for key, array in
+                        (("y", self.targets), ("y_mask", self.target_mask), ("y_time", self.calendar))}
+
+    def __getstate__(self) -> dict:
+        # a pickled strided view would be materialised (L or H times the data): rebuild the views instead
+        return {key: value for key, value in self.__dict__.items() if key not in ("_past", "_future")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Collate rows of a split into a batch (the ``data_collator`` of a Trainer)."""
         return self.gather(np.fromiter((row["start"] for row in rows), dtype=np.int64, count=len(rows)))
@@ -57,16 +73,24 @@ class WindowCollator:
             ``x`` and ``x_mask`` ``(B, L, N, C_in)``, ``y`` and ``y_mask`` ``(B, H, N, C_out)``,
             ``x_time`` ``(B, L, 2)``, ``y_time`` ``(B, H, 2)``.
         """
-        past = starts[:, None] + np.arange(self.input_len)
-        future = starts[:, None] + self.input_len + np.arange(self.horizon)
-        return {
-            "x": torch.from_numpy(self.inputs[past]),
-            "x_mask": torch.from_numpy(self.input_mask[past]),
-            "y": torch.from_numpy(self.targets[future]),
-            "y_mask": torch.from_numpy(self.target_mask[future]),
-            "x_time": torch.from_numpy(self.calendar[past]),
-            "y_time": torch.from_numpy(self.calendar[future]),
-        }
+        starts = np.asarray(starts, dtype=np.int64)
+        if starts.size and (starts.min() < 0 or starts.max() >= len(self._future["y"])):
+            raise DataError(
+                f"window starts must lie in [0, {len(self._future['y'])}) for {self.input_len} + {self.horizon} "
+                f"steps of a {len(self.inputs)}-step series; got {starts.min()} to {starts.max()}"
+            )
+        views = {**self._past, **self._future}
+        return {key: torch.from_numpy(view[starts]) for key, view in views.items()}
+
+
+def _window_view(array: np.ndarray, offset: int, length: int) -> np.ndarray:
+    """Read-only view ``(T - offset - length + 1, length, ...)`` whose row ``s`` is
+    ``array[offset + s : offset + s + length]`` (no copy)."""
+    tail = array[offset:]
+    return np.lib.stride_tricks.as_strided(
+        tail, shape=(len(tail) - length + 1, length, *tail.shape[1:]), strides=(tail.strides[0], *tail.strides),
+        writeable=False,
+    )
 
 
 @dataclass
