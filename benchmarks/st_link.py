@@ -2,6 +2,7 @@
 
     python benchmarks/st_link.py                       # default protocol (random GPT-2 weights)
     python benchmarks/st_link.py --quick               # smoke test: one data set, one seed, few steps
+    python benchmarks/st_link.py --timing-only         # only the training-step cost (st_link_timing.json)
     python benchmarks/st_link.py --gpt2 openai-community/gpt2 --n-layer 6 --steps 2000 --test-windows 0
                                                        # the same comparison from pretrained GPT-2
 
@@ -18,11 +19,14 @@ below convergence (it keeps the whole run near 15 minutes on two shared CPU core
 ranks can change with longer training.
 
 Cost: a training step (forward, backward, AdamW) of ST-LINK and of the baseline of the same
-size are timed alternately on the same batch, ``--timing-steps`` times each, and the
-medians compared; memory is the bytes of tensors saved for backward in one step (the
-activation memory, counted once per storage), the bytes of the parameters with the
-gradients and AdamW moments of the trainable ones, and, on a GPU, the peak allocated memory.
-Prints markdown tables and writes ``benchmarks/results/st_link.json``.
+size are timed alternately on the same batch after ``--warmup-steps`` untimed steps each,
+``--timing-steps`` times each (the order of the two flips every round, so a drift in the
+machine's load falls on both alike), and the medians compared; memory is the bytes of
+tensors saved for backward in one step (the activation memory, counted once per storage),
+the bytes of the parameters with the gradients and AdamW moments of the trainable ones,
+and, on a GPU, the peak allocated memory.
+Prints markdown tables and writes ``benchmarks/results/st_link.json``; ``--timing-only`` skips
+the accuracy runs and writes ``benchmarks/results/st_link_timing.json`` instead.
 """
 
 from __future__ import annotations
@@ -159,15 +163,21 @@ def compare_cost(splits, options: argparse.Namespace) -> dict:
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {name: [] for name in models}
-    for name in models:
-        step(name)  # warm-up
-    for _ in range(options.timing_steps):
+    for _ in range(options.warmup_steps):
         for name in models:
+            step(name)
+    order = list(models)
+    for _ in range(options.timing_steps):
+        for name in order:
             times[name].append(step(name))
+        order.reverse()
     cost = {}
     for name, model in models.items():
+        quartiles = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [times[name][0]] * 3
         cost[name] = {
             "step_seconds_median": statistics.median(times[name]),
+            "step_seconds_quartiles": [quartiles[0], quartiles[2]],
+            "step_seconds": times[name],
             "saved_activation_mib": saved_activation_bytes(model, inputs) / 2**20,
             "training_state_mib": training_state_bytes(model) / 2**20,
             "trainable_parameters": parameter_count(model, trainable_only=True),
@@ -198,14 +208,19 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4, help="GPT-2 layers used (the first ones of a checkpoint)")
     parser.add_argument("--unfrozen", type=int, default=2, help="U, the upper layers that train")
     parser.add_argument("--patch-len", type=int, default=12, help="time steps per token (12: one token per node)")
-    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--timing-steps", type=int, default=30, help="timed steps of each model")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps of each model first")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="skip the accuracy runs; write st_link_timing.json (unless --output is given)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="one data set, one seed, 5 steps, 32 test windows")
-    parser.add_argument("--output", default="st_link")
+    parser.add_argument("--output")
     options = parser.parse_args()
+    if options.output is None:
+        options.output = "st_link_timing" if options.timing_only else "st_link"
     if options.quick:
         options.datasets, options.seeds, options.steps, options.test_windows = ["nyc-bike"], [0], 5, 32
-        options.timing_steps = 2
+        options.timing_steps, options.warmup_steps = 2, 1
     torch.set_num_threads(options.threads)
 
     import tempfile
@@ -216,7 +231,7 @@ def main() -> None:
     for dataset in options.datasets:
         splits = build_splits(load(dataset), input_len=12, horizon=12)
         results[dataset] = {"models": {}}
-        for name in options.models:
+        for name in [] if options.timing_only else options.models:
             runs = []
             for seed in options.seeds:
                 model = build_model(name, splits, options, seed)
@@ -242,16 +257,27 @@ def main() -> None:
         print(f"{dataset}: step time ratio {cost['time_ratio']:.2f}x, memory ratio {cost['memory_ratio']:.2f}x", flush=True)
 
     weights = f"pretrained {options.gpt2}" if options.gpt2 else "RANDOM (no pretrained GPT-2 on this machine)"
-    protocol = (
+    size = (
         f"GPT-2 weights: {weights}; {options.n_layer} layers, U={options.unfrozen}, "
         f"width {options.n_embd if options.gpt2 is None else 'of the checkpoint'}, patch {options.patch_len}; "
-        f"{options.steps} steps of batch {options.batch_size} (lr {options.lr}) per run, "
-        f"{options.test_windows or 'all'} test windows, median of seeds {options.seeds}; "
-        f"{options.threads} torch thread(s)"
     )
-    print(f"\n### Accuracy ({protocol})\n")
-    print(markdown_table(["data set", "model", "MAE", "RMSE", "MAPE %", "trainable params", "train s"], accuracy_rows))
-    print(f"\n### Training-step cost, batch {options.batch_size}, median of {options.timing_steps} alternating steps\n")
+    if options.timing_only:
+        training = (
+            f"training-step cost only: batch {options.batch_size}, median of {options.timing_steps} alternating "
+            f"steps after {options.warmup_steps} warm-up steps each; "
+        )
+    else:
+        training = (
+            f"{options.steps} steps of batch {options.batch_size} (lr {options.lr}) per run, "
+            f"{options.test_windows or 'all'} test windows, median of seeds {options.seeds}; "
+        )
+    protocol = f"{size}{training}{options.threads} torch thread(s)"
+    if accuracy_rows:
+        print(f"\n### Accuracy ({protocol})\n")
+        print(markdown_table(["data set", "model", "MAE", "RMSE", "MAPE %", "trainable params", "train s"],
+                             accuracy_rows))
+    print(f"\n### Training-step cost, batch {options.batch_size}, median of {options.timing_steps} alternating "
+          f"steps after {options.warmup_steps} warm-up steps each ({options.threads} torch thread(s))\n")
     print(markdown_table(["data set", "model", "step ms", "saved activations MiB", "params + AdamW state MiB",
                           "trainable params"], cost_rows))
     results_path = write_results(

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
@@ -111,23 +112,51 @@ def test_all_switches_off_is_plain_gpt2_with_positions():
 
 
 def test_rotation_by_hand_and_relative_scores():
-    pair = torch.tensor([[1.0, 2.0]])
-    angle = torch.tensor([[math.pi / 2, math.pi / 2]])
-    assert torch.allclose(
-        rotate_pairs(pair, angle.cos(), angle.sin()), torch.tensor([[-2.0, 1.0]]), atol=1e-6
-    )
+    pair = torch.tensor([[[1.0, 2.0]]])  # one token, one head, one pair
+    quarter = torch.tensor([[math.pi / 2]])
+    expected = torch.tensor([[[-2.0, 1.0]]])
+    assert torch.allclose(rotate_pairs(pair, quarter, quarter[:, :0]), expected, atol=1e-6)
+    assert torch.allclose(rotate_pairs(pair, quarter[:, :0], quarter), expected, atol=1e-6)
     # scores of rotated queries and keys depend only on the difference of their angles
     generator = torch.Generator().manual_seed(0)
-    query, key = torch.randn(2, 8, generator=generator)
-    a, b, shift = torch.rand(3, 4, generator=generator) * 6
+    query, key = torch.randn(2, 1, 1, 8, generator=generator)
+    a, b, shift = torch.rand(3, 1, 4, generator=generator) * 6
 
     def rotated(v, angles):
-        both = torch.cat([angles, angles])
-        return rotate_pairs(v, both.cos(), both.sin())
+        return rotate_pairs(v, angles[:, :1], angles[:, 1:]).flatten()
 
     assert torch.allclose(
         rotated(query, a) @ rotated(key, b), rotated(query, a + shift) @ rotated(key, b + shift), atol=1e-5
     )
+    with pytest.raises(ValueError, match="rotate_pairs expects x"):
+        rotate_pairs(torch.zeros(2, 8), a[:, :1], a[:, 1:])
+
+
+def test_rotation_backward_matches_autograd_of_the_formula():
+    """The hand-written backward against autograd through ``x * cos + rotate_half(x) * sin``."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    fixed = torch.randn(5, 1, generator=generator, dtype=torch.float64, requires_grad=True)
+    learned = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rotate_pairs, (x, fixed, learned))
+
+    def by_formula(x, fixed, learned):
+        angles = torch.cat((fixed, learned), dim=-1)
+        angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+        first, second = x.chunk(2, dim=-1)
+        return x * angles.cos() + torch.cat((-second, first), dim=-1) * angles.sin()
+
+    weights = torch.randn(2, 5, 3, 8, generator=generator, dtype=torch.float64)
+
+    def outputs_and_gradients(function):
+        x.grad, learned.grad = None, None
+        out = function(x, fixed.detach(), learned)  # no gradient asked of the fixed angles
+        (out * weights).sum().backward()
+        return out.detach(), x.grad, learned.grad
+
+    ours, reference = outputs_and_gradients(rotate_pairs), outputs_and_gradients(by_formula)
+    for mine, wanted in zip(ours, reference, strict=True):
+        assert torch.allclose(mine, wanted, atol=1e-12)
 
 
 def test_node_rotation_frequencies_and_token_angles():
@@ -139,18 +168,13 @@ def test_node_rotation_frequencies_and_token_angles():
     # starts as RoPE over the node index: node n, frequency i -> n * theta ** (-2i / spatial_dims)
     expected = torch.arange(NODES, dtype=torch.float32)[:, None] * torch.tensor([1.0, 100.0**-0.5])
     assert torch.allclose(rotary.node_frequencies(), expected)
-    cos, sin = rotary(num_patches=4, node_index=torch.arange(NODES), dtype=torch.float32)
-    assert cos.shape == (4 * NODES, 8)
+    temporal, spatial = rotary(num_patches=4, node_index=torch.arange(NODES))
+    assert temporal.shape == spatial.shape == (4 * NODES, 2)
+    assert not temporal.requires_grad and spatial.requires_grad
     token = 2 * NODES + 5  # patch 2 of node 5, patch-major
-    angles = torch.atan2(sin[token], cos[token])
-    pairs = [
-        2.0,
-        2.0 * 100**-0.5,
-        5.0,
-        5.0 * 100**-0.5,
-    ]  # temporal pairs turn with patch 2, spatial with node 5
-    wanted = torch.tensor(pairs + pairs)
-    assert torch.allclose(angles, torch.atan2(wanted.sin(), wanted.cos()), atol=1e-5)
+    # temporal pairs turn with patch 2, spatial with node 5
+    assert torch.allclose(temporal[token], torch.tensor([2.0, 2.0 * 100**-0.5]))
+    assert torch.allclose(spatial[token], torch.tensor([5.0, 5.0 * 100**-0.5]))
 
 
 def test_partial_freezing_keeps_lower_layers_frozen_but_layernorms():
@@ -191,6 +215,44 @@ def test_mrffn_from_gpt2_computes_the_pretrained_mlp(gpt2_dir):
     output.square().sum().backward()
     assert mrffn.router.weight.grad.abs().sum() > 0
     assert mrffn.memory_values.grad.abs().sum() > 0
+
+
+def test_mrffn_matches_token_by_token_retrieval_and_routing():
+    """Dense retrieval and sorted dispatch against the definition: gather k values, loop over tokens and experts."""
+    torch.manual_seed(0)
+    mrffn = STLinkMRFFN(tiny_config(num_experts=3, experts_per_token=2, num_memory_slots=8, memory_top_k=3)).eval()
+    with torch.no_grad():
+        mrffn.memory_keys.normal_()
+        mrffn.memory_values.normal_()
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    attention_output = torch.randn(2, 7, 16)
+    parameters = [hidden, *mrffn.parameters()]
+    output, balance = mrffn(hidden, attention_output)
+    fast = torch.autograd.grad(output.square().sum() + balance, parameters)
+
+    tokens = hidden.reshape(-1, 16)
+    similarity = F.normalize(tokens, dim=-1) @ F.normalize(mrffn.memory_keys, dim=-1).T
+    top, slots = similarity.topk(3, dim=-1)
+    weights = torch.softmax(top * mrffn.retrieval_scale, dim=-1)
+    retrieved = torch.einsum("tk,tkd->td", weights, mrffn.memory_values[slots])
+    router_input = torch.cat((tokens, retrieved, attention_output.reshape(-1, 16)), dim=-1)
+    probabilities = torch.softmax(mrffn.router(router_input), dim=-1)
+    gates, chosen = probabilities.topk(2, dim=-1)
+    gates = gates / gates.sum(dim=-1, keepdim=True).detach()
+    rows = []
+    for token in range(tokens.shape[0]):
+        mixed = retrieved[token]
+        for rank in range(2):
+            mixed = mixed + gates[token, rank] * mrffn.experts[int(chosen[token, rank])](tokens[token : token + 1])[0]
+        rows.append(mixed)
+    reference = torch.stack(rows).reshape(2, 7, 16)
+    share = torch.bincount(chosen.flatten(), minlength=3).float() / chosen.numel()
+    reference_balance = 3 * (share * probabilities.mean(dim=0)).sum()
+    slow = torch.autograd.grad(reference.square().sum() + reference_balance, parameters)
+
+    assert torch.allclose(output, reference, atol=1e-5) and torch.allclose(balance, reference_balance)
+    for mine, wanted in zip(fast, slow, strict=True):
+        assert torch.allclose(mine, wanted, atol=1e-5)
 
 
 def test_balance_loss_by_hand():

@@ -50,18 +50,92 @@ class STLinkModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs ``(x[..., i], x[..., i + D/2])`` by the angles whose cosines and sines are given.
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn the pairs ``(x[..., i], x[..., i + D/2])`` by the angles of ``cos``, ``sin`` (``D/2`` each, broadcast).
 
-    Args:
-        x: ``(..., T, D)`` with ``D`` even.
-        cos, sin: ``(T, D)``, each angle written twice (once per half).
-
-    Returns:
-        The rotated tensor, shape of ``x``.
+    Each half is written in place into one output tensor (one multiply and one fused
+    multiply-add per half) rather than building the rotated copy ``(-second, first)`` and
+    adding two full products: the rotation is memory bound on CPU, so fewer passes is faster.
     """
     first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out_first, out_second = out.chunk(2, dim=-1)
+    torch.mul(first, cos, out=out_first).addcmul_(second, sin, value=-1.0)
+    torch.mul(second, cos, out=out_second).addcmul_(first, sin)
+    return out
+
+
+class _PairRotation(torch.autograd.Function):
+    """SE-Attention's rotation of queries and keys, with a backward written for it.
+
+    Autograd through ``x * cos + rotate_half(x) * sin`` would keep ``x`` and its rotated copy
+    and reduce two full-size products to get the gradients of ``cos`` and ``sin``. The angle
+    gradient has a shorter form in the rotated output ``o``: for the pair ``(a, b)`` turned by
+    ``t``, ``d o_a / dt = -o_b`` and ``d o_b / dt = o_a``, so ``dL/dt = sum(g_b * o_a - g_a * o_b)``
+    over the batch and heads: one half-size product and reduction, computed only for the angle
+    columns that need a gradient (the spatial ones; patch angles are constants). ``o`` is what
+    the attention keeps for its own backward anyway, so nothing extra is stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fixed_angles: torch.Tensor, learned_angles: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``(..., T, heads, D)`` by ``cat(fixed_angles, learned_angles)`` ``(T, D / 2)``."""
+        angles = torch.cat((fixed_angles, learned_angles), dim=-1)[:, None, :]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        out = _rotate(x, cos, sin)
+        ctx.save_for_backward(out, cos, sin)
+        ctx.num_fixed = fixed_angles.shape[-1]
+        ctx.angle_dtypes = (fixed_angles.dtype, learned_angles.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of ``x`` ``(..., T, heads, D)`` and of the angles ``(T, ·)`` from ``grad`` (shape of ``x``)."""
+        out, cos, sin = ctx.saved_tensors
+        # the inverse rotation (angle -t) carries the gradient back to x
+        grad_x = _rotate(grad, cos, -sin) if ctx.needs_input_grad[0] else None
+        grad_first, grad_second = grad.chunk(2, dim=-1)
+        out_first, out_second = out.chunk(2, dim=-1)
+        columns = (slice(None, ctx.num_fixed), slice(ctx.num_fixed, None))
+        grad_angles = []
+        for needed, cols, dtype in zip(ctx.needs_input_grad[1:], columns, ctx.angle_dtypes, strict=True):
+            if not needed:
+                grad_angles.append(None)
+                continue
+            product = grad_second[..., cols] * out_first[..., cols]
+            product.addcmul_(grad_first[..., cols], out_second[..., cols], value=-1.0)
+            # summing the batch dims first keeps that reduction over contiguous memory
+            if product.ndim > 3:
+                product = product.flatten(0, product.ndim - 4).sum(dim=0)
+            grad_angles.append(product.sum(dim=-2).to(dtype))
+        return grad_x, *grad_angles
+
+
+def rotate_pairs(x: torch.Tensor, fixed_angles: torch.Tensor, learned_angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs ``(x[..., i], x[..., i + D/2])`` of every head by its token's angles.
+
+    Pair ``i`` turns by ``angles[t, i]`` where ``angles = cat(fixed_angles, learned_angles)``:
+    ``(a, b) -> (a cos - b sin, b cos + a sin)``. The split only says which angles may need a
+    gradient (SE-Attention: patch angles fixed, node angles learned).
+
+    Args:
+        x: ``(..., T, heads, D)`` with ``D`` even.
+        fixed_angles: ``(T, F)``.
+        learned_angles: ``(T, D / 2 - F)``.
+
+    Returns:
+        The rotated tensor, shape of ``x``, contiguous.
+    """
+    tokens, pairs = fixed_angles.shape[0], fixed_angles.shape[-1] + learned_angles.shape[-1]
+    if x.ndim < 3 or x.shape[-3] != tokens or x.shape[-1] != 2 * pairs or learned_angles.shape[0] != tokens:
+        raise ValueError(
+            f"rotate_pairs expects x (..., T, heads, 2 * pairs) and angles (T, pairs) split in two; got x "
+            f"{tuple(x.shape)}, angles {tuple(fixed_angles.shape)} and {tuple(learned_angles.shape)}."
+        )
+    return _PairRotation.apply(x, fixed_angles, learned_angles)
 
 
 class STLinkRotaryEmbedding(nn.Module):
@@ -93,19 +167,17 @@ class STLinkRotaryEmbedding(nn.Module):
         """Effective spatial frequencies of every node, ``(N, spatial_dims / 2)``."""
         return self.node_rotation * self.base_frequencies(self.spatial_dims, self.node_rotation.device)
 
-    def forward(
-        self, num_patches: int, node_index: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines and sines for every token.
+    def forward(self, num_patches: int, node_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles of every token's rotary pairs.
 
         Args:
             num_patches: ``P``.
             node_index: ``(N,)`` graph indices of the nodes in the batch.
-            dtype: dtype of the queries.
 
         Returns:
-            ``(cos, sin)``, each ``(P * N, head_dim)``: the pair angles (temporal, then spatial),
-            written twice, once per half of the head.
+            ``(temporal, spatial)`` float32 angles of the tokens ``t = p * N + n``:
+            ``(P * N, temporal_dims / 2)`` (patch ``p`` times the base frequencies, constant)
+            and ``(P * N, spatial_dims / 2)`` (the learned frequencies of node ``n``).
         """
         device = self.node_rotation.device
         num_nodes = node_index.shape[0]
@@ -114,9 +186,8 @@ class STLinkRotaryEmbedding(nn.Module):
         temporal = temporal[:, None, :].expand(num_patches, num_nodes, -1)
         spatial = self.node_frequencies()[node_index]
         spatial = spatial[None, :, :].expand(num_patches, num_nodes, -1)
-        pairs = torch.cat((temporal, spatial), dim=-1)
-        angles = torch.cat((pairs, pairs), dim=-1).reshape(num_patches * num_nodes, -1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        tokens = num_patches * num_nodes
+        return temporal.reshape(tokens, -1), spatial.reshape(tokens, -1)
 
 
 class STLinkAttention(nn.Module):
@@ -149,18 +220,20 @@ class STLinkAttention(nn.Module):
 
         Args:
             hidden_states: ``(B, T, d)`` with ``T = P * N``.
-            rotary: SE-Attention ``(cos, sin)`` ``(T, head_dim)``, or ``None`` for plain GPT-2 attention.
+            rotary: SE-Attention angles ``(temporal, spatial)``, ``(T, ·)`` each (see
+                [`STLinkRotaryEmbedding`]), or ``None`` for plain GPT-2 attention.
 
         Returns:
             ``(B, T, d)``.
         """
         batch, tokens, _ = hidden_states.shape
-        query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
-        query, key, value = (
-            t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in (query, key, value)
-        )
+        heads = self.c_attn(hidden_states).view(batch, tokens, 3 * self.num_heads, self.head_dim)
+        query_key, value = heads.split(2 * self.num_heads, dim=2)
         if rotary is not None:
-            query, key = rotate_pairs(query, *rotary), rotate_pairs(key, *rotary)
+            # queries and keys turn by the same angles: one rotation over both halves the calls
+            query_key = rotate_pairs(query_key, *rotary)
+        query, key = query_key.split(self.num_heads, dim=2)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         attended = F.scaled_dot_product_attention(
             query,
             key,
@@ -217,8 +290,11 @@ class STLinkMRFFN(nn.Module):
         similarity = F.normalize(tokens, dim=-1) @ F.normalize(self.memory_keys, dim=-1).T
         top_similarity, slots = similarity.topk(self.memory_top_k, dim=-1)
         weights = torch.softmax(top_similarity * self.retrieval_scale, dim=-1)
-        retrieved = torch.einsum("tk,tkd->td", weights, self.memory_values[slots])
-        return retrieved, slots
+        # the weights scattered over all slots (zero off the top k) make the mix one small matrix
+        # product; gathering a (T, k, d) copy of the values and contracting it token by token
+        # (and scatter-adding its gradient back) cost far more on CPU
+        slot_weights = torch.zeros_like(similarity).scatter(1, slots, weights)
+        return slot_weights @ self.memory_values, slots
 
     @torch.no_grad()
     def update_keys(self, tokens: torch.Tensor, nearest: torch.Tensor) -> None:
@@ -261,17 +337,18 @@ class STLinkMRFFN(nn.Module):
         # the router no gradient from the forecast at all
         gates = gates / gates.sum(dim=-1, keepdim=True).detach()
 
-        output = retrieved.clone()
-        for expert_id, expert in enumerate(self.experts):
-            rows, rank = torch.nonzero(chosen == expert_id, as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            output.index_add_(0, rows, gates[rows, rank, None] * expert(tokens[rows]))
+        # dispatch: the (token, expert) assignments sorted by expert (stably, so each expert sees its
+        # tokens in order) give one gather in, one contiguous chunk per expert and one scatter-add out
+        flat_choice = chosen.flatten()
+        order = flat_choice.argsort(stable=True)
+        rows = order // self.experts_per_token
+        counts = torch.bincount(flat_choice, minlength=len(self.experts))
+        chunks = tokens.index_select(0, rows).split(counts.tolist())
+        expert_output = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])
+        output = retrieved.index_add(0, rows, gates.flatten().index_select(0, order)[:, None] * expert_output)
 
         num_experts = len(self.experts)
-        share = (
-            torch.bincount(chosen.flatten(), minlength=num_experts).to(probabilities.dtype) / chosen.numel()
-        )
+        share = counts.to(probabilities.dtype) / flat_choice.numel()
         balance = num_experts * (share * probabilities.mean(dim=0)).sum()
         if self.training:
             self.update_keys(tokens, slots[:, 0])
@@ -303,7 +380,7 @@ class STLinkBlock(nn.Module):
 
         Args:
             hidden_states: ``(B, T, d)``.
-            rotary: SE-Attention ``(cos, sin)`` or ``None``.
+            rotary: SE-Attention angles ``(temporal, spatial)`` or ``None``.
 
         Returns:
             ``(hidden_states (B, T, d), balance loss or None)``.
@@ -642,7 +719,8 @@ class STLinkModel(STLinkPreTrainedModel):
         )
 
         hidden = self.embeddings(x, x_time, node_index)
-        rotary = None if self.rotary is None else self.rotary(num_patches, node_index, hidden.dtype)
+        # the angles depend on the node rotation, a parameter: computed once per forward, shared by every block
+        rotary = None if self.rotary is None else self.rotary(num_patches, node_index)
         states = []
         balance_losses = []
         for block in self.h:
