@@ -174,6 +174,7 @@ def speed(name: str, splits: ForecastingSplits, repeats: int) -> dict:
 
     times = {"train_backbone": [], "train_st_lora": [], "infer_backbone": [], "infer_st_lora": []}
     for model in (plain, adapted):
+        model.train()
         step(model)
         infer(model)
     for _ in range(repeats):
@@ -196,6 +197,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def speed_table(results: dict, options: argparse.Namespace) -> str:
+    """The speed measurements as a titled markdown table."""
+    rows = [[name, s["train_backbone"], s["train_st_lora"], f"{s['train_ratio']:.2f}x", s["infer_backbone"],
+             s["infer_st_lora"], f"{s['infer_ratio']:.2f}x"] for name, s in results["speed"].items()]
+    title = (f"\nSpeed on {options.datasets[-1]}, batch {BATCH}, median of {options.repeats} interleaved repeats "
+             "(seconds; targets: train <= 0.6x, inference <= 1.1x)\n\n")
+    return title + markdown_table(["backbone", "train step 1", "train step 2", "ratio", "inference",
+                                   "inference + ST-LoRA", "ratio"], rows)
+
+
 def main() -> None:
     """Run the benchmark, print the tables, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,6 +218,8 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=10.0, help="seconds of training per run")
     parser.add_argument("--repeats", type=int, default=7, help="repeats of the speed measurement")
     parser.add_argument("--quick", action="store_true", help="smoke test: chickenpox, one seed, tiny budget")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the speed measurement, on the last data set; writes <output>_speed.json")
     parser.add_argument("--output", default="st_lora")
     options = parser.parse_args()
     if options.quick:
@@ -218,6 +231,12 @@ def main() -> None:
     began = time.perf_counter()
 
     results: dict = {"protocol": __doc__.split("\n\n", 2)[2].strip(), "options": vars(options), "rows": {}}
+    if options.speed_only:
+        splits = build_splits(load(options.datasets[-1]), input_len=12, horizon=12)
+        results["speed"] = {name: speed(name, splits, options.repeats) for name in options.models}
+        print(speed_table(results, options))
+        print(f"\nwrote {write_results(options.output + '_speed', results)}")
+        return
     rows, shares = [], []
     for dataset in options.datasets:
         splits = build_splits(load(dataset), input_len=12, horizon=12)
@@ -266,12 +285,7 @@ def main() -> None:
           f"joint {results['mean_joint_mae_change_percent']:+.2f}% (target: -7% with <= 2% added parameters)")
     print("\nAdded parameters at the papers' backbone sizes\n")
     print(markdown_table(["data", "backbone", "backbone parameters", "ST-LoRA parameters", "added"], shares))
-    speed_rows = [[name, s["train_backbone"], s["train_st_lora"], f"{s['train_ratio']:.2f}x", s["infer_backbone"],
-                   s["infer_st_lora"], f"{s['infer_ratio']:.2f}x"] for name, s in results["speed"].items()]
-    print(f"\nSpeed on {options.datasets[-1]}, batch {BATCH}, median of {options.repeats} interleaved repeats "
-          "(seconds; targets: train <= 0.6x, inference <= 1.1x)\n")
-    print(markdown_table(["backbone", "train step 1", "train step 2", "ratio", "inference", "inference + ST-LoRA",
-                          "ratio"], speed_rows))
+    print(speed_table(results, options))
     path = write_results(options.output, results)
     print(f"\nwrote {path} in {results['seconds']:.0f}s")
 

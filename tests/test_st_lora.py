@@ -397,6 +397,43 @@ def test_backbones_identity_training_and_round_trip(tmp_path, chickenpox, name, 
     assert torch.equal(PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True).eval()(**inputs), adapted)
 
 
+def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpox):
+    splits, batch = chickenpox
+    torch.manual_seed(0)
+    backbone = make_backbone("gwnet", splits)  # dropout and batch norm: both depend on the mode
+    inputs = {key: batch[key] for key in ("x", "x_time", "y_time")}
+    expected = frozen_output(copy.deepcopy(backbone).eval(), **inputs)
+    statistics = {key: value.clone() for key, value in backbone.state_dict().items() if "running" in key}
+    model = get_peft_model(backbone, STLoraConfig(num_nodes=splits.num_nodes, input_len=LENGTH, horizon=HORIZON,
+                                                  dropout=0.5))
+    model.train()
+    assert torch.equal(model(**inputs), expected)  # the zero-initialised correction, on the eval-mode backbone
+    heads = model.base_model.model.st_lora_predictor.stlora_heads["default"]
+    assert all(module.training for module in heads.modules())
+    assert not any(module.training for module in backbone.layers.modules())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = (splits.scaler.inverse_transform(model(**inputs)) - batch["y"]).abs()[batch["y_mask"]].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in statistics.items():
+        assert torch.equal(backbone.state_dict()[key], value), key
+    with model.disable_adapter():
+        assert torch.equal(model(**inputs), expected)
+    assert model.unload().training and all(module.training for module in backbone.modules())
+
+
+def test_backbone_trained_along_is_in_training_mode(chickenpox):
+    splits, _ = chickenpox
+    model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(
+        num_nodes=splits.num_nodes, input_len=LENGTH, horizon=HORIZON, train_backbone=True))
+    model.train()
+    assert all(module.training for module in model.base_model.model.modules())
+    model.eval()
+    assert not any(module.training for module in model.base_model.model.modules())
+
+
 def test_trains_with_sttrainer(tmp_path, chickenpox):
     from st_peft.training import STTrainer, st_training_args
 

@@ -97,6 +97,29 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
                 f"({type(predictor).__name__}); ST-LoRA needs that name for its predictor"
             )
 
+    def train(self, mode: bool = True) -> STLoraModel:
+        """Set training mode; a frozen forecaster keeps its evaluation behaviour.
+
+        While no active adapter trains the backbone (``train_backbone=False``), the forecaster's
+        own modules stay in evaluation mode and only the adapter's train: dropout does not
+        perturb the prediction that the predictor learns to refine, and batch-norm running
+        statistics, part of the frozen forecaster, do not drift, so ``disable_adapter()`` still
+        gives the original forecaster. (It also saves the backbone's dropout masks, a third of
+        a frozen STID's step.)
+        """
+        super().train(mode)
+        if mode and not any(self.peft_config[name].train_backbone for name in self.active_adapters
+                            if name in self.peft_config):
+            adapter_modules = {
+                id(child)
+                for layer in self.model.modules() if isinstance(layer, STLoraLayer)
+                for key, child in layer.named_modules() if not key.startswith("base_layer")
+            }
+            for module in self.model.modules():
+                if id(module) not in adapter_modules:
+                    module.training = False
+        return self
+
     def _check_forecaster(self, config: STLoraConfig, model: nn.Module) -> None:
         """Refuse a forecaster of another size, unknown target names and layers a NALL cannot wrap."""
         nodes = getattr(model, "num_nodes", None)
@@ -190,7 +213,8 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         if isinstance(predictor, STLoraPredictorLayer):
             predictor.detach()
             delattr(self.model, PREDICTOR_NAME)
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        # the forecaster's modules may have been held in evaluation mode while frozen
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar).train(self.training)
 
     @classmethod
     def _get_adapter_state_dict(
