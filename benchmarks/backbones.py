@@ -1,19 +1,23 @@
 """Accuracy of the reference backbones against naive forecasts on built-in real data.
 
     python benchmarks/backbones.py [--datasets los-loop sz-taxi nyc-bike] [--seeds 0 1 2] [--epochs 20]
+                                   [--calendar-channels]
 
 Protocol: 12 steps in, 12 out, chronological 7:1:2 split, scaler fitted on the training
 span, masked MAE loss in original units (AdamW, lr 2e-3, batch 64), evaluation every
 epoch, early stopping after ``--patience`` epochs without a better validation MAE, best
 epoch reloaded, test metrics averaged over the 12 horizons (MAPE in %). Last value and
 seasonal naive (one week earlier when the history reaches back that far, else one day)
-need no training. Graph WaveNet runs at the CPU widths of ``common.CPU_WIDTHS``.
+need no training. Graph WaveNet runs at the CPU widths of ``common.CPU_WIDTHS``. With
+``--calendar-channels`` GWNet and STGCN get time of day and day of week as two more input
+channels, as Graph WaveNet's reference data pipeline feeds the time of day.
 Prints a markdown table and writes ``benchmarks/results/backbones.json`` after every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -38,6 +42,10 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--max-steps-per-epoch", type=int, default=None,
                         help="evaluate every this many steps; an epoch of the budget is then this many steps")
+    parser.add_argument("--calendar-channels", action="store_true",
+                        help="feed GWNet and STGCN time of day and day of week as input channels")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='extra constructor arguments for every model, as JSON: \'{"if_node": false}\'')
     parser.add_argument("--output", default="backbones")
     options = parser.parse_args()
 
@@ -49,7 +57,8 @@ def main() -> None:
     for seed in options.seeds:
         for dataset in options.datasets:
             for model_name in options.models:
-                model = build_backbone(model_name, splits[dataset], seed)
+                model = build_backbone(model_name, splits[dataset], seed,
+                                       calendar_channels=options.calendar_channels, **options.model_kwargs)
                 parameters[f"{dataset}/{model_name}"] = parameter_count(model)
                 metrics, trainer = train_and_test(model, splits[dataset], seed=seed, epochs=options.epochs,
                                                   patience=options.patience,
@@ -84,8 +93,8 @@ def report(options: argparse.Namespace, naive: dict, runs: dict, parameters: dic
     table = markdown_table(header, rows)
     print(f"\nMedian over the seeds run so far (of {options.seeds}), at most {options.epochs} epochs:\n")
     print(table, flush=True)
-    write_results(options.output, {"protocol": __doc__, "seeds": options.seeds, "epochs": options.epochs,
-                                   "patience": options.patience, "max_steps_per_epoch": options.max_steps_per_epoch, "results": results, "table": table})
+    write_results(options.output, {"protocol": __doc__, "options": vars(options), "results": results,
+                                   "table": table})
 
 
 if __name__ == "__main__":

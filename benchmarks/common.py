@@ -24,17 +24,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CPU_WIDTHS = {"gwnet": {"residual_channels": 16, "dilation_channels": 16, "skip_channels": 64, "end_channels": 128}}
 
 
-def build_backbone(name: str, splits: ForecastingSplits, seed: int, cpu_widths: bool = True) -> nn.Module:
+def build_backbone(
+    name: str,
+    splits: ForecastingSplits,
+    seed: int,
+    cpu_widths: bool = True,
+    calendar_channels: bool = False,
+    **overrides,
+) -> nn.Module:
     """A reference backbone (``stid``, ``gwnet``, ``stgcn``) sized for ``splits``, seeded.
 
-    ``cpu_widths`` uses :data:`CPU_WIDTHS` instead of the paper's widths where they differ.
+    ``cpu_widths`` uses :data:`CPU_WIDTHS` instead of the paper's widths where they differ;
+    ``calendar_channels`` feeds GWNet and STGCN time of day and day of week as input channels
+    (STID has its own calendar embeddings); ``overrides`` are further constructor arguments.
     """
     torch.manual_seed(seed)
     kwargs = {**splits.model_kwargs(), **(CPU_WIDTHS.get(name, {}) if cpu_widths else {})}
-    if name == "stid":
-        kwargs["steps_per_day"] = splits.steps_per_day
-    else:
-        kwargs["adjacency"] = splits.adjacency
+    kwargs["steps_per_day"] = splits.steps_per_day
+    if name != "stid":
+        kwargs.update(adjacency=splits.adjacency, calendar_channels=calendar_channels)
+    kwargs.update(overrides)
     return BACKBONES[name](**kwargs)
 
 

@@ -88,7 +88,7 @@ def _window_view(array: np.ndarray, offset: int, length: int) -> np.ndarray:
     ``array[offset + s : offset + s + length]`` (no copy)."""
     tail = array[offset:]
     return np.lib.stride_tricks.as_strided(
-        tail, shape=(len(tail) - length + 1, length, *tail.shape[1:]), strides=(tail.strides[0], *tail.strides),
+        tail, shape=(max(0, len(tail) - length + 1), length, *tail.shape[1:]), strides=(tail.strides[0], *tail.strides),
         writeable=False,
     )
 
