@@ -369,6 +369,16 @@ def make_backbone(name: str, splits) -> nn.Module:
     return BACKBONES[name](**sizes, adjacency=splits.adjacency, block_channels=(8, 4, 8))
 
 
+def train_two_steps(model: nn.Module, splits, batch: dict, inputs: dict) -> None:
+    """Two Adam steps of the trainable parameters on the masked MAE of one real batch."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = (splits.scaler.inverse_transform(model(**inputs)) - batch["y"]).abs()[batch["y_mask"]].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 @pytest.mark.parametrize(
     ("name", "targets", "node_axis"),
     [("stid", ["fc1"], -2), ("gwnet", ["filter_conv"], -2), ("stgcn", ["theta"], 1)],
@@ -385,12 +395,7 @@ def test_backbones_identity_training_and_round_trip(tmp_path, chickenpox, name, 
     )
     model = get_peft_model(backbone, cfg).eval()
     assert torch.equal(model(**inputs), expected)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        loss = (splits.scaler.inverse_transform(model(**inputs)) - batch["y"]).abs()[batch["y_mask"]].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_two_steps(model, splits, batch, inputs)
     adapted = model(**inputs)
     assert not torch.equal(adapted, expected)
     model.save_pretrained(tmp_path)
@@ -411,12 +416,7 @@ def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpo
     heads = model.base_model.model.st_lora_predictor.stlora_heads["default"]
     assert all(module.training for module in heads.modules())
     assert not any(module.training for module in backbone.layers.modules())
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        loss = (splits.scaler.inverse_transform(model(**inputs)) - batch["y"]).abs()[batch["y_mask"]].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_two_steps(model, splits, batch, inputs)
     for key, value in statistics.items():
         assert torch.equal(backbone.state_dict()[key], value), key
     with model.disable_adapter():
