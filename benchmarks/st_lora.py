@@ -152,12 +152,12 @@ def run_setting(name: str, splits: ForecastingSplits, seed: int, options: argpar
     }
 
 
-def speed(name: str, splits: ForecastingSplits, repeats: int) -> dict:
+def speed(name: str, splits: ForecastingSplits, repeats: int, paper_size: bool = False) -> dict:
     """Median seconds of a training step and of inference, with and without ST-LoRA, interleaved."""
     batch = splits.collator.gather(np.asarray(splits.split("train")["start"])[:BATCH])
     inputs = {key: batch[key] for key in ("x", "x_time", "y_time")}
-    plain = build(name, splits, 0)
-    adapted = get_peft_model(build(name, splits, 0), adapter_config(splits))
+    plain = build(name, splits, 0, paper_size)
+    adapted = get_peft_model(build(name, splits, 0, paper_size), adapter_config(splits))
 
     def step(model: torch.nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -201,8 +201,9 @@ def speed_table(results: dict, options: argparse.Namespace) -> str:
     """The speed measurements as a titled markdown table."""
     rows = [[name, s["train_backbone"], s["train_st_lora"], f"{s['train_ratio']:.2f}x", s["infer_backbone"],
              s["infer_st_lora"], f"{s['infer_ratio']:.2f}x"] for name, s in results["speed"].items()]
-    title = (f"\nSpeed on {options.datasets[-1]}, batch {BATCH}, median of {options.repeats} interleaved repeats "
-             "(seconds; targets: train <= 0.6x, inference <= 1.1x)\n\n")
+    size = "the papers' backbone sizes" if options.paper_size else "benchmark-size backbones"
+    title = (f"\nSpeed on {options.datasets[-1]}, {size}, batch {BATCH}, median of {options.repeats} interleaved "
+             "repeats (seconds; targets: train <= 0.6x, inference <= 1.1x)\n\n")
     return title + markdown_table(["backbone", "train step 1", "train step 2", "ratio", "inference",
                                    "inference + ST-LoRA", "ratio"], rows)
 
@@ -220,6 +221,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: chickenpox, one seed, tiny budget")
     parser.add_argument("--speed-only", action="store_true",
                         help="only the speed measurement, on the last data set; writes <output>_speed.json")
+    parser.add_argument("--paper-size", action="store_true",
+                        help="with --speed-only: time the backbones at the papers' sizes; writes <output>_speed_paper_size.json")
     parser.add_argument("--output", default="st_lora")
     options = parser.parse_args()
     if options.quick:
@@ -233,9 +236,10 @@ def main() -> None:
     results: dict = {"protocol": __doc__.split("\n\n", 2)[2].strip(), "options": vars(options), "rows": {}}
     if options.speed_only:
         splits = build_splits(load(options.datasets[-1]), input_len=12, horizon=12)
-        results["speed"] = {name: speed(name, splits, options.repeats) for name in options.models}
+        results["speed"] = {name: speed(name, splits, options.repeats, options.paper_size) for name in options.models}
         print(speed_table(results, options))
-        print(f"\nwrote {write_results(options.output + '_speed', results)}")
+        suffix = "_speed_paper_size" if options.paper_size else "_speed"
+        print(f"\nwrote {write_results(options.output + suffix, results)}")
         return
     rows, shares = [], []
     for dataset in options.datasets:
