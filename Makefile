@@ -24,7 +24,7 @@ demo: install
 	$(PY) -m st_peft.demo
 
 test: install
-	$(PY) -m ruff check st_peft tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
 
 bench: install
@@ -35,7 +35,7 @@ bench: install
 	$(PY) benchmarks/st_link.py
 
 lint: install
-	$(PY) -m ruff check st_peft tests benchmarks
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
