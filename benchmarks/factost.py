@@ -95,7 +95,7 @@ def node_subset(batch: dict, nodes: int, rng: np.random.Generator) -> dict:
     if nodes >= total:
         return batch
     index = torch.from_numpy(np.sort(rng.choice(total, size=nodes, replace=False)))
-    subset = {key: batch[key][:, :, index] for key in ("x", "y", "y_mask")}
+    subset = {key: batch[key][:, :, index] for key in ("x", "x_mask", "y", "y_mask") if key in batch}
     return {**batch, **subset, "node_index": index}
 
 

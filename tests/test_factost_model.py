@@ -216,6 +216,8 @@ def test_bad_shapes_are_refused(model):
         model(torch.randn(12, 2, 1), horizon=2)
     with pytest.raises(ValueError, match="y_time covers 3 steps but the horizon is 4"):
         model(torch.randn(1, 12, 2, 1), y_time=torch.zeros(1, 3, 2, dtype=torch.long), horizon=4)
+    with pytest.raises(ValueError, match=r"x_mask has shape \(1, 12, 3, 1\) but x has shape \(1, 12, 2, 1\)"):
+        model(torch.randn(1, 12, 2, 1), x_mask=torch.ones(1, 12, 3, 1, dtype=torch.bool), horizon=2)
 
 
 def test_checkpoint_of_another_model_type_is_refused(tmp_path):

@@ -264,6 +264,8 @@ class FactoSTModel(FactoSTPreTrainedModel):
             ``quantiles`` ``(B, H, N, C, Q)``, in the units of ``x``.
         """
         horizon = self._check_inputs(x, x_time, y_time, horizon, rollout)
+        if x_mask is not None and x_mask.shape != x.shape:
+            raise ValueError(f"x_mask has shape {tuple(x_mask.shape)} but x has shape {tuple(x.shape)}; they must match.")
         mask = torch.isfinite(x)
         if x_mask is not None:
             mask = mask & x_mask.to(torch.bool)
