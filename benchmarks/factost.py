@@ -2,7 +2,7 @@
 
 Protocol (defaults; every number is a flag):
 
-- data: ``sz-taxi`` and ``nyc-bike`` (not in the shipped backbone's pretraining corpus),
+- data: ``los-loop``, ``sz-taxi`` and ``nyc-bike`` (not in the shipped backbone's pretraining corpus),
   12 steps in, 12 out, chronological 7:1:2 splits, scaler fitted on the training span;
   few-shot keeps the latest 10% of the training windows (``build_splits(..., few_shot=0.1)``);
   seeds change initialisation and batch order;
@@ -336,7 +336,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["sz-taxi", "nyc-bike"])
+    parser.add_argument("--datasets", nargs="+", default=["los-loop", "sz-taxi", "nyc-bike"])
     parser.add_argument("--backbone", default=str(SHIPPED), help="pretrained FactoST folder")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--few-steps", type=int, default=30)

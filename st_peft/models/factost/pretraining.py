@@ -289,7 +289,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument(
         "--data",
         nargs="+",
-        default=["los-loop", "nyc-taxi", "etth1", "chickenpox"],
+        default=["nyc-taxi", "etth1", "chickenpox"],
         help="built-in data set names or paths whose series form the corpus",
     )
     parser.add_argument(
