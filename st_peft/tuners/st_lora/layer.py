@@ -324,7 +324,7 @@ class NodeSpecificPredictor(nn.Module):
                 f"The ST-LoRA predictor expects the forecaster's prediction of shape (batch, horizon, nodes, "
                 f"out_channels)={expected}; got {tuple(prediction.shape)}"
             )
-        batch, length, nodes, channels = x.shape
+        batch, _, nodes, _ = x.shape
         embedding = node_rows(self.node_embedding, nodes, selection, "The ST-LoRA predictor")
         history = features_first(x)
         refined = features_first(prediction).contiguous()
