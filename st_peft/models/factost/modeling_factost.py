@@ -263,9 +263,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
             ``ForecastOutput`` with ``prediction`` ``(B, H, N, C)`` (the median) and
             ``quantiles`` ``(B, H, N, C, Q)``, in the units of ``x``.
         """
-        horizon = self._check_inputs(x, x_time, y_time, horizon, rollout)
-        if x_mask is not None and x_mask.shape != x.shape:
-            raise ValueError(f"x_mask has shape {tuple(x_mask.shape)} but x has shape {tuple(x.shape)}; they must match.")
+        horizon = self._check_inputs(x, x_mask, x_time, y_time, horizon, rollout)
         mask = torch.isfinite(x)
         if x_mask is not None:
             mask = mask & x_mask.to(torch.bool)
@@ -291,6 +289,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
     def _check_inputs(
         self,
         x: torch.Tensor,
+        x_mask: torch.Tensor | None,
         x_time: torch.Tensor | None,
         y_time: torch.Tensor | None,
         horizon: int | None,
@@ -304,6 +303,8 @@ class FactoSTModel(FactoSTPreTrainedModel):
                 f"the history has {x.shape[1]} steps, shorter than one patch ({self.config.patch_length} steps); "
                 f"give at least {self.config.patch_length} steps or use a model with a shorter patch_length."
             )
+        if x_mask is not None and x_mask.shape != x.shape:
+            raise ValueError(f"x_mask has shape {tuple(x_mask.shape)} but x has shape {tuple(x.shape)}; they must match.")
         if horizon is None:
             horizon = y_time.shape[1] if y_time is not None else self.config.max_horizon
         if horizon < 1:
