@@ -459,6 +459,20 @@ def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpo
     assert model.unload().training and all(module.training for module in backbone.modules())
 
 
+def test_modules_to_save_copies_train_while_the_frozen_forecaster_stays_in_eval_mode():
+    class DropoutHead(TinyForecaster):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc2 = nn.Sequential(nn.Linear(16, HORIZON), nn.Dropout(0.5))
+
+    model = get_peft_model(DropoutHead(), config(modules_to_save=["fc2"]))
+    model.train()
+    wrapper = model.base_model.model.fc2
+    assert all(module.training for module in wrapper.modules_to_save["default"].modules())
+    assert not any(module.training for module in wrapper.original_module.modules())
+    assert not model.base_model.model.fc1.training
+
+
 def test_backbone_trained_along_is_in_training_mode(chickenpox):
     splits, _ = chickenpox
     model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
@@ -101,7 +102,8 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         """Set training mode; a frozen forecaster keeps its evaluation behaviour.
 
         While no active adapter trains the backbone (``train_backbone=False``), the forecaster's
-        own modules stay in evaluation mode and only the adapter's train: dropout does not
+        own modules stay in evaluation mode and only the adapter's (and the trained copies of
+        ``modules_to_save``) train: dropout does not
         perturb the prediction that the predictor learns to refine, and batch-norm running
         statistics, part of the frozen forecaster, do not drift, so ``disable_adapter()`` still
         gives the original forecaster. (It also saves the backbone's dropout masks, a third of
@@ -110,10 +112,11 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         super().train(mode)
         if mode and not any(self.peft_config[name].train_backbone for name in self.active_adapters
                             if name in self.peft_config):
+            # what trains: the adapter parts of ST-LoRA layers and the copies of modules_to_save
             adapter_modules = {
                 id(child)
-                for layer in self.model.modules() if isinstance(layer, STLoraLayer)
-                for key, child in layer.named_modules() if not key.startswith("base_layer")
+                for layer in self.model.modules() if isinstance(layer, (STLoraLayer, AuxiliaryTrainingWrapper))
+                for key, child in layer.named_modules() if not key.startswith(("base_layer", "original_module"))
             }
             for module in self.model.modules():
                 if id(module) not in adapter_modules:
