@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history, with_calendar_channels
 from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, transition_matrix
+from st_peft.checks import AdjacencyLike, as_adjacency, with_calendar_channels
+from st_peft.forecasting import STForecaster
+from st_peft.scaling import ScalingStatistics
 
 
 def diffuse(support: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ class GWNetLayer(nn.Module):
 
 
 class GWNet(
-    nn.Module,
+    STForecaster,
     PyTorchModelHubMixin,
     library_name="st-peft",
     tags=["spatio-temporal", "forecasting", "graph-wavenet"],
@@ -145,9 +147,12 @@ class GWNet(
         diffusion_order: number of diffusion steps ``K`` per support (2).
         dropout: dropout after each graph convolution (0.3).
         calendar_channels: append time of day (fraction of the day) and day of week (``/ 7``)
-            to ``x`` as two more input channels, as Graph WaveNet's reference data pipeline
-            feeds the time of day; ``forward`` then needs ``x_time``. Off by default.
+            to the scaled history as two more input channels, as Graph WaveNet's reference data
+            pipeline feeds the time of day; ``forward`` then needs ``past_time_features``. Off by default.
         steps_per_day: time-of-day slots per day (used with ``calendar_channels``).
+        scaling: the training span's statistics (``splits.model_kwargs()`` carries them; see
+            :class:`~st_peft.scaling.STScaler`); None scales by the identity.
+        loss: training loss, ``"mae"``, ``"mse"`` or ``"huber"``, in original units.
 
     The history is left-padded with zeros up to the receptive field, as the paper's code does,
     so the last layer sees exactly one time step.
@@ -174,15 +179,13 @@ class GWNet(
         dropout: float = 0.3,
         calendar_channels: bool = False,
         steps_per_day: int = 288,
+        scaling: ScalingStatistics | None = None,
+        loss: str = "mae",
     ) -> None:
         super().__init__()
         if adjacency is None and not adaptive_adjacency:
             raise ValueError("GWNet needs a graph: pass adjacency, or keep adaptive_adjacency=True")
-        self.num_nodes = num_nodes
-        self.input_len = input_len
-        self.horizon = horizon
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self._init_forecaster(num_nodes, input_len, horizon, in_channels, out_channels, scaling, loss)
         self.calendar_channels = calendar_channels
         self.steps_per_day = steps_per_day
 
@@ -246,36 +249,21 @@ class GWNet(
             source, target = source[node_index], target[node_index]
         return F.softmax(F.relu(source @ target.T), dim=1)
 
-    def forward(
+    def _forecast(
         self,
-        x: torch.Tensor,
-        x_time: torch.Tensor | None = None,
-        y_time: torch.Tensor | None = None,
-        node_index: torch.Tensor | None = None,
-        **kwargs,
+        scaled_past: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Forecast the next ``horizon`` steps.
+        """Scaled forecast ``(B, H, n, C_out)`` from the scaled history ``(B, L, n, C_in)``.
 
-        Args:
-            x: scaled history ``(B, L, N, C_in)``.
-            x_time: int64 ``(B, L, 2)`` time-of-day slot and day of week; needed with
-                ``calendar_channels``, ignored otherwise.
-            y_time: ignored.
-            node_index: optional int64 ``(N_sub,)``: ``x`` covers only these nodes; the
-                supports are restricted to them (sub-matrices of the full-graph transitions).
-            **kwargs: other batch entries, ignored.
-
-        Returns:
-            Scaled prediction ``(B, H, N, C_out)``.
+        ``past_time_features`` (int64 ``(B, L, 2)``) is needed with ``calendar_channels`` and
+        ignored otherwise, like ``future_time_features``. With ``node_index`` the supports are
+        restricted to those nodes (sub-matrices of the full graph's operators).
         """
-        nodes = check_history(
-            x,
-            model="GWNet",
-            num_nodes=self.num_nodes,
-            input_len=self.input_len,
-            in_channels=self.in_channels,
-            node_index=node_index,
-        )
+        x = scaled_past
+        batch, _, nodes, _ = x.shape
         supports = [self.forward_transition, self.backward_transition] if self.has_graph else []
         if node_index is not None:
             supports = [support[node_index][:, node_index] for support in supports]
@@ -283,7 +271,7 @@ class GWNet(
             supports.append(self.adaptive_adjacency(node_index))
 
         if self.calendar_channels:
-            x = with_calendar_channels(x, x_time, model="GWNet", input_len=self.input_len,
+            x = with_calendar_channels(x, past_time_features, model="GWNet", input_len=self.input_len,
                                        steps_per_day=self.steps_per_day)
         hidden = x.permute(0, 3, 2, 1)
         hidden = F.pad(hidden, (self.receptive_field - self.input_len, 0))
@@ -294,6 +282,5 @@ class GWNet(
             # Layers shorten time; earlier skips keep only the steps the later ones still cover.
             skip = contribution if skip is None else contribution + skip[..., -contribution.shape[-1] :]
         out = self.end_conv_2(F.relu(self.end_conv_1(F.relu(skip))))
-        batch = x.shape[0]
         out = out.reshape(batch, self.horizon, self.out_channels, nodes)
         return out.permute(0, 1, 3, 2)

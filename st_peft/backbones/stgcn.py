@@ -6,7 +6,7 @@ a layer norm over (nodes, channels), then an output block (temporal GLU convolut
 the remaining steps, layer norm, sigmoid 1x1 temporal convolution, 1x1 fully connected
 layer) that emits the whole horizon at once.
 
-Layout: ``x`` arrives as ``(B, L, N, C_in)`` and is moved to ``(B, C, N, T)`` so that
+Layout: the scaled history arrives as ``(B, L, N, C_in)`` and is moved to ``(B, C, N, T)`` so that
 ``nn.Conv2d`` with kernel ``(1, Kt)`` convolves along time without padding (each temporal
 convolution shortens ``T`` by ``Kt - 1``; the node axis is 2 inside the network); the
 head's ``(B, H * C_out, N, 1)`` is reshaped to ``(B, H, N, C_out)``.
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from st_peft.backbones.checks import AdjacencyLike, as_adjacency, check_history, with_calendar_channels
 from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, scaled_laplacian
+from st_peft.checks import AdjacencyLike, as_adjacency, with_calendar_channels
+from st_peft.forecasting import STForecaster
+from st_peft.scaling import ScalingStatistics
 
 
 class ChannelAlign(nn.Module):
@@ -191,7 +193,7 @@ class OutputBlock(nn.Module):
 
 
 class STGCN(
-    nn.Module,
+    STForecaster,
     PyTorchModelHubMixin,
     library_name="st-peft",
     tags=["spatio-temporal", "forecasting", "stgcn"],
@@ -214,9 +216,12 @@ class STGCN(
         ks: Chebyshev kernel size, i.e. polynomial order + 1 (3).
         dropout: dropout after each ST-Conv block (0: the paper's code trains with keep_prob 1).
         calendar_channels: append time of day (fraction of the day) and day of week (``/ 7``)
-            to ``x`` as two more input channels, as Graph WaveNet's reference data pipeline
-            feeds the time of day; ``forward`` then needs ``x_time``. Off by default.
+            to the scaled history as two more input channels, as Graph WaveNet's reference data
+            pipeline feeds the time of day; ``forward`` then needs ``past_time_features``. Off by default.
         steps_per_day: time-of-day slots per day (used with ``calendar_channels``).
+        scaling: the training span's statistics (``splits.model_kwargs()`` carries them; see
+            :class:`~st_peft.scaling.STScaler`); None scales by the identity.
+        loss: training loss, ``"mae"``, ``"mse"`` or ``"huber"``, in original units.
     """
 
     def __init__(
@@ -234,6 +239,8 @@ class STGCN(
         dropout: float = 0.0,
         calendar_channels: bool = False,
         steps_per_day: int = 288,
+        scaling: ScalingStatistics | None = None,
+        loss: str = "mae",
     ) -> None:
         super().__init__()
         if adjacency is None:
@@ -248,11 +255,7 @@ class STGCN(
                 f"STGCN with {num_blocks} ST-Conv blocks and kt={kt} consumes {num_blocks * 2 * (kt - 1)} time "
                 f"steps, so input_len must be at least {num_blocks * 2 * (kt - 1) + 1}; got input_len={input_len}"
             )
-        self.num_nodes = num_nodes
-        self.input_len = input_len
-        self.horizon = horizon
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self._init_forecaster(num_nodes, input_len, horizon, in_channels, out_channels, scaling, loss)
         self.calendar_channels = calendar_channels
         self.steps_per_day = steps_per_day
 
@@ -266,43 +269,28 @@ class STGCN(
         )
         self.output = OutputBlock(block_channels[-1], remaining, num_nodes, horizon * out_channels)
 
-    def forward(
+    def _forecast(
         self,
-        x: torch.Tensor,
-        x_time: torch.Tensor | None = None,
-        y_time: torch.Tensor | None = None,
-        node_index: torch.Tensor | None = None,
-        **kwargs,
+        scaled_past: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Forecast the next ``horizon`` steps.
+        """Scaled forecast ``(B, H, n, C_out)`` from the scaled history ``(B, L, n, C_in)``.
 
-        Args:
-            x: scaled history ``(B, L, N, C_in)``.
-            x_time: int64 ``(B, L, 2)`` time-of-day slot and day of week; needed with
-                ``calendar_channels``, ignored otherwise (the paper's model uses none).
-            y_time: ignored.
-            node_index: optional int64 ``(N_sub,)``: ``x`` covers only these nodes; the
-                Laplacian is restricted to them (sub-matrix of the full graph's operator).
-            **kwargs: other batch entries, ignored.
-
-        Returns:
-            Scaled prediction ``(B, H, N, C_out)``.
+        ``past_time_features`` (int64 ``(B, L, 2)``) is needed with ``calendar_channels`` and
+        ignored otherwise, like ``future_time_features``. With ``node_index`` the Laplacian is
+        restricted to those nodes (a sub-matrix of the full graph's operator).
         """
-        nodes = check_history(
-            x,
-            model="STGCN",
-            num_nodes=self.num_nodes,
-            input_len=self.input_len,
-            in_channels=self.in_channels,
-            node_index=node_index,
-        )
+        x = scaled_past
+        batch, _, nodes, _ = x.shape
         laplacian = self.laplacian if node_index is None else self.laplacian[node_index][:, node_index]
         if self.calendar_channels:
-            x = with_calendar_channels(x, x_time, model="STGCN", input_len=self.input_len,
+            x = with_calendar_channels(x, past_time_features, model="STGCN", input_len=self.input_len,
                                        steps_per_day=self.steps_per_day)
         hidden = x.permute(0, 3, 2, 1)
         for block in self.blocks:
             hidden = block(hidden, laplacian, node_index)
         out = self.output(hidden, node_index)
-        out = out.reshape(x.shape[0], self.horizon, self.out_channels, nodes)
+        out = out.reshape(batch, self.horizon, self.out_channels, nodes)
         return out.permute(0, 1, 3, 2)

@@ -4,9 +4,9 @@ An MLP forecaster: the flattened history window of each node is embedded and con
 with learned identities of the node, of the time of day and of the day of week; residual
 MLP layers encode the result and a linear head regresses the whole horizon at once.
 
-Layout: the model receives ``x`` as ``(B, L, N, C_in)``, works on node tokens
+Layout: the model receives ``past_values`` as ``(B, L, N, C_in)``, works on node tokens
 ``(B, N, hidden)`` (every ``nn.Linear`` acts on the last axis, the node axis is 1) and
-returns ``(B, H, N, C_out)``.
+forecasts ``(B, H, N, C_out)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from st_peft.backbones.checks import check_calendar, check_history
+from st_peft.checks import check_time_features
+from st_peft.forecasting import STForecaster
+from st_peft.scaling import ScalingStatistics
 
 
 class ResidualMLP(nn.Module):
@@ -34,7 +36,7 @@ class ResidualMLP(nn.Module):
 
 
 class STID(
-    nn.Module,
+    STForecaster,
     PyTorchModelHubMixin,
     library_name="st-peft",
     tags=["spatio-temporal", "forecasting", "stid"],
@@ -46,7 +48,7 @@ class STID(
         num_nodes: number of nodes ``N`` of the graph (one learned identity each).
         input_len: history length ``L``.
         horizon: forecast length ``H``.
-        in_channels: input channels ``C_in`` of ``x``.
+        in_channels: input channels ``C_in`` of ``past_values``.
         out_channels: output channels ``C_out`` of the prediction.
         steps_per_day: number of time-of-day slots (288 for 5-minute data).
         embed_dim: width of the time-series embedding of the flattened window.
@@ -56,6 +58,9 @@ class STID(
         num_layers: number of residual MLP layers in the encoder.
         dropout: dropout inside each residual MLP layer.
         if_node, if_tod, if_dow: use the node / time-of-day / day-of-week identities.
+        scaling: the training span's statistics (``splits.model_kwargs()`` carries them; see
+            :class:`~st_peft.scaling.STScaler`); None scales by the identity.
+        loss: training loss, ``"mae"``, ``"mse"`` or ``"huber"``, in original units.
 
     The defaults are the paper's (32-wide embeddings, 3 layers, dropout 0.15).
     """
@@ -77,13 +82,11 @@ class STID(
         if_node: bool = True,
         if_tod: bool = True,
         if_dow: bool = True,
+        scaling: ScalingStatistics | None = None,
+        loss: str = "mae",
     ) -> None:
         super().__init__()
-        self.num_nodes = num_nodes
-        self.input_len = input_len
-        self.horizon = horizon
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self._init_forecaster(num_nodes, input_len, horizon, in_channels, out_channels, scaling, loss)
         self.steps_per_day = steps_per_day
         self.if_node, self.if_tod, self.if_dow = if_node, if_tod, if_dow
 
@@ -102,55 +105,39 @@ class STID(
         self.encoder = nn.Sequential(*(ResidualMLP(hidden_dim, dropout) for _ in range(num_layers)))
         self.regression = nn.Linear(hidden_dim, horizon * out_channels)
 
-    def forward(
+    def _forecast(
         self,
-        x: torch.Tensor,
-        x_time: torch.Tensor | None = None,
-        y_time: torch.Tensor | None = None,
-        node_index: torch.Tensor | None = None,
-        **kwargs,
+        scaled_past: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Forecast the next ``horizon`` steps.
+        """Scaled forecast ``(B, H, n, C_out)`` from the scaled history ``(B, L, n, C_in)``.
 
-        Args:
-            x: scaled history ``(B, L, N, C_in)``.
-            x_time: int64 ``(B, L, 2)`` calendar of the history (time-of-day slot, day of week);
-                the identities are read at the last step ``x_time[:, -1]``. Needed when
-                ``if_tod`` or ``if_dow``.
-            y_time: ignored (the paper's model only looks at the history's calendar).
-            node_index: optional int64 ``(N_sub,)``: ``x`` covers only these nodes.
-            **kwargs: other batch entries, ignored.
-
-        Returns:
-            Scaled prediction ``(B, H, N, C_out)``.
+        The identities of time are read at the last history step ``past_time_features[:, -1]``
+        (needed when ``if_tod`` or ``if_dow``); the paper's model does not look at
+        ``future_time_features``.
         """
-        nodes = check_history(
-            x,
-            model="STID",
-            num_nodes=self.num_nodes,
-            input_len=self.input_len,
-            in_channels=self.in_channels,
-            node_index=node_index,
-        )
-        batch = x.shape[0]
-        series = x.transpose(1, 2).reshape(batch, nodes, self.input_len * self.in_channels)
+        batch, _, nodes, _ = scaled_past.shape
+        series = scaled_past.transpose(1, 2).reshape(batch, nodes, self.input_len * self.in_channels)
         parts = [self.series_embedding(series)]
         if self.if_node:
             identity = self.node_embedding if node_index is None else self.node_embedding[node_index]
-            parts.append(identity.unsqueeze(0).expand(batch, -1, -1))
+            parts.append(identity.unsqueeze(0).expand(batch, -1, -1).to(parts[0].dtype))
         if self.if_tod or self.if_dow:
-            calendar = check_calendar(
-                x_time,
+            calendar = check_time_features(
+                past_time_features,
                 model="STID",
+                name="past_time_features",
                 batch_size=batch,
-                input_len=self.input_len,
+                steps=self.input_len,
                 steps_per_day=self.steps_per_day,
             )
             last = calendar[:, -1]
             if self.if_tod:
-                parts.append(self.tod_embedding[last[:, 0]].unsqueeze(1).expand(-1, nodes, -1))
+                parts.append(self.tod_embedding[last[:, 0]].unsqueeze(1).expand(-1, nodes, -1).to(parts[0].dtype))
             if self.if_dow:
-                parts.append(self.dow_embedding[last[:, 1]].unsqueeze(1).expand(-1, nodes, -1))
+                parts.append(self.dow_embedding[last[:, 1]].unsqueeze(1).expand(-1, nodes, -1).to(parts[0].dtype))
         hidden = self.encoder(torch.cat(parts, dim=-1))
         prediction = self.regression(hidden).reshape(batch, nodes, self.horizon, self.out_channels)
         return prediction.transpose(1, 2)

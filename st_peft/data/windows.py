@@ -26,10 +26,12 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class WindowCollator:
-    """Turns rows ``{"start": s}`` into a batch dict of the project's layout.
+    """Turns rows ``{"start": s}`` into a batch dict of transformers' time-series names.
+
+    Values stay in original units: every st-peft model scales its inputs itself.
 
     Attributes:
-        inputs: float32 ``(T, N, C_in)``, scaled, missing entries 0.
+        inputs: float32 ``(T, N, C_in)`` in original units, missing entries 0.
         input_mask: bool ``(T, N, C_in)``, True where the input was observed.
         targets: float32 ``(T, N, C_out)`` in original units, missing entries 0.
         target_mask: bool ``(T, N, C_out)``, True where observed.
@@ -49,8 +51,10 @@ class WindowCollator:
     def __post_init__(self) -> None:
         # windows are contiguous runs of time steps: gathering rows of these strided views
         # copies one block per window, about a third faster than a (B, L) fancy index
-        past = (("x", self.inputs), ("x_mask", self.input_mask), ("x_time", self.calendar))
-        future = (("y", self.targets), ("y_mask", self.target_mask), ("y_time", self.calendar))
+        past = (("past_values", self.inputs), ("past_observed_mask", self.input_mask),
+                ("past_time_features", self.calendar))
+        future = (("future_values", self.targets), ("future_observed_mask", self.target_mask),
+                  ("future_time_features", self.calendar))
         self._views = {key: _window_view(array, 0, self.input_len) for key, array in past}
         self._views.update({key: _window_view(array, self.input_len, self.horizon) for key, array in future})
 
@@ -64,17 +68,24 @@ class WindowCollator:
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Collate rows of a split into a batch (the ``data_collator`` of a Trainer)."""
+        if rows and "start" not in rows[0]:
+            raise DataError(
+                f"the collator needs rows with a 'start' column (window starts); got keys {sorted(rows[0])}. "
+                "With transformers.Trainer set TrainingArguments(remove_unused_columns=False): the batch "
+                "is built by the collator, not read from the data set's columns"
+            )
         return self.gather(np.fromiter((row["start"] for row in rows), dtype=np.int64, count=len(rows)))
 
     def gather(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
         """Gather the windows that begin at ``starts`` ``(B,)``.
 
         Returns:
-            ``x`` and ``x_mask`` ``(B, L, N, C_in)``, ``y`` and ``y_mask`` ``(B, H, N, C_out)``,
-            ``x_time`` ``(B, L, 2)``, ``y_time`` ``(B, H, 2)``.
+            ``past_values`` and ``past_observed_mask`` ``(B, L, N, C_in)``, ``future_values`` and
+            ``future_observed_mask`` ``(B, H, N, C_out)``, ``past_time_features`` ``(B, L, 2)``,
+            ``future_time_features`` ``(B, H, 2)``.
         """
         starts = np.asarray(starts, dtype=np.int64)
-        windows = len(self._views["y"])
+        windows = len(self._views["future_values"])
         if starts.size and (starts.min() < 0 or starts.max() >= windows):
             raise DataError(
                 f"window starts must lie in [0, {windows}) for {self.input_len} + {self.horizon} "
@@ -100,10 +111,10 @@ class ForecastingSplits:
     Attributes:
         data: the source data set.
         train, val, test: ``datasets.Dataset`` of window starts (column ``start``).
-        collator: gathers a batch from rows of any split.
-        scaler: the target channels' scaler (fitted on the training span only); models
-            predict scaled values and ``scaler.inverse_transform`` brings them back.
-        input_scaler: the input channels' scaler.
+        collator: gathers a batch (in original units) from rows of any split.
+        scaler: per-channel statistics of every channel of ``data``, fitted on the observed
+            values of the training span only; :meth:`model_kwargs` hands them to a model, which
+            scales inside.
         input_len, horizon: L and H.
         input_channels, target_channels: channel indices of ``data`` used as x and y.
     """
@@ -114,7 +125,6 @@ class ForecastingSplits:
     test: datasets.Dataset
     collator: WindowCollator
     scaler: StandardScaler
-    input_scaler: StandardScaler
     input_len: int
     horizon: int
     input_channels: list[int]
@@ -145,8 +155,11 @@ class ForecastingSplits:
         """float32 ``(N, N)`` adjacency of the data, or None."""
         return self.data.adjacency
 
-    def model_kwargs(self) -> dict:
-        """The shared constructor arguments of every forecaster for this data."""
+    def size_kwargs(self) -> dict[str, int]:
+        """The sizes every forecaster and adapter config of this data takes.
+
+        ``num_nodes``, ``input_len``, ``horizon``, ``in_channels``, ``out_channels``.
+        """
         return {
             "num_nodes": self.num_nodes,
             "input_len": self.input_len,
@@ -154,6 +167,32 @@ class ForecastingSplits:
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
         }
+
+    def scaling_statistics(self) -> dict[str, list[list[float]]]:
+        """The training span's ``loc`` / ``scale`` per node and channel, the ``scaling`` a model carries.
+
+        Returns:
+            ``past_loc`` / ``past_scale`` ``(N, C_in)`` and ``future_loc`` / ``future_scale``
+            ``(N, C_out)`` as nested lists (one value per channel, repeated for every node:
+            the BasicTS convention of a scaler shared by all nodes).
+        """
+        def per_node(values: np.ndarray, channels: list[int]) -> list[list[float]]:
+            return np.broadcast_to(values[channels], (self.num_nodes, len(channels))).tolist()
+
+        return {
+            "past_loc": per_node(self.scaler.mean, self.input_channels),
+            "past_scale": per_node(self.scaler.std, self.input_channels),
+            "future_loc": per_node(self.scaler.mean, self.target_channels),
+            "future_scale": per_node(self.scaler.std, self.target_channels),
+        }
+
+    def model_kwargs(self) -> dict:
+        """The constructor arguments every forecaster of this data takes: :meth:`size_kwargs` and ``scaling``.
+
+        A model built with them scales its inputs with the training span's statistics and
+        forecasts in original units.
+        """
+        return {**self.size_kwargs(), "scaling": self.scaling_statistics()}
 
     def split(self, name: str) -> datasets.Dataset:
         """The split called ``name`` (train, val or test)."""
@@ -185,7 +224,8 @@ def build_splits(
     the windows are read from an ``.npz`` holding ``train``/``val``/``test`` arrays of
     ``(start, split, end)`` rows (the STAEformer layout). ``few_shot`` keeps the most recent
     fraction of the training windows, as a new city would have them; the scaler is fitted
-    on the observed values of the training steps those windows cover, never beyond.
+    on the observed values of the training steps those windows cover, never beyond, and handed
+    to models through :meth:`ForecastingSplits.model_kwargs`; batches stay in original units.
 
     Args:
         data: the data set ``(T, N, C)``.
@@ -198,7 +238,7 @@ def build_splits(
         target_channels: channels to forecast (all by default).
 
     Returns:
-        The splits, the collator and the scalers.
+        The splits, the collator and the training span's statistics.
     """
     if input_len < 1 or horizon < 1:
         raise DataError(f"input_len and horizon must be >= 1, got {input_len} and {horizon}")
@@ -214,11 +254,8 @@ def build_splits(
     starts["train"] = starts["train"][-kept:]
     fit_span = slice(int(starts["train"][0]), int(starts["train"][-1]) + input_len + horizon)
     scaler = StandardScaler.fit(data.values[fit_span], data.mask[fit_span])
-    input_scaler = scaler.select(input_channels)
-    inputs = input_scaler.transform(data.values[..., input_channels])
-    inputs = np.where(data.mask[..., input_channels], inputs, 0.0).astype(np.float32)
     collator = WindowCollator(
-        inputs=inputs,
+        inputs=np.ascontiguousarray(data.values[..., input_channels]),
         input_mask=np.ascontiguousarray(data.mask[..., input_channels]),
         targets=np.ascontiguousarray(data.values[..., target_channels]),
         target_mask=np.ascontiguousarray(data.mask[..., target_channels]),
@@ -230,8 +267,7 @@ def build_splits(
     return ForecastingSplits(
         data=data,
         collator=collator,
-        scaler=scaler.select(target_channels),
-        input_scaler=input_scaler,
+        scaler=scaler,
         input_len=input_len,
         horizon=horizon,
         input_channels=input_channels,

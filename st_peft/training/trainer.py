@@ -1,17 +1,16 @@
 """``STTrainer``: a ``transformers.Trainer`` for spatio-temporal forecasters.
 
-The batch is the project's dict (see ``docs/ARCHITECTURE.md``): the trainer takes ``y``
-and ``y_mask`` out of it, calls ``model(**rest)``, maps the scaled forecast back to
-original units with the split's scaler and computes a masked loss there. Evaluation
-gathers forecasts across processes and reports :func:`st_peft.metrics.horizon_metrics`.
-Anything ``Trainer`` can train (a plain ``nn.Module``, a ``PeftModel``, a
-``PreTrainedModel``) goes through the same code path.
+The batch is the project's dict of transformers' time-series names (see
+``docs/ARCHITECTURE.md``). Every st-peft model returns its own masked ``loss`` in original
+units when given ``future_values``, so plain ``transformers.Trainer`` trains them too;
+``STTrainer`` adds what it lacks: per-horizon metrics, early stopping on validation MAE,
+batch samplers (few-shot, memory replay), and a user's own module whose ``forward`` takes
+only some of the batch's keys and returns a bare tensor. Anything ``Trainer`` can train (a
+plain ``nn.Module``, a ``PeftModel``, a ``PreTrainedModel``) goes through the same code path.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,16 +21,15 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from st_peft.forecasting import forecast_loss, inputs_for
+from st_peft.losses import masked_mae
 from st_peft.metrics import POINT_METRICS, horizon_metrics
-from st_peft.outputs import prediction_of
-from st_peft.training.losses import LossFn, get_loss
+from st_peft.outputs import TARGET_NAMES, prediction_of
 from st_peft.training.samplers import MemoryReplaySampler
 
 logger = logging.get_logger(__name__)
 
-SCALER_NAME = "scaler.json"
 DEFAULT_HORIZONS = (3, 6, 12)
-TARGET_KEYS = ("y", "y_mask")
 
 
 def st_training_args(
@@ -67,7 +65,7 @@ def st_training_args(
         "metric_for_best_model": "mae",
         "greater_is_better": False,
         "remove_unused_columns": False,
-        "label_names": list(TARGET_KEYS),
+        "label_names": list(TARGET_NAMES),
         "report_to": "none",
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
@@ -82,36 +80,38 @@ def default_horizons(steps: int) -> tuple[int, ...]:
 
 
 class STTrainer(Trainer):
-    """Trainer for models that map the batch dict to a scaled forecast ``(B, H, N, C_out)``.
+    """Trainer for forecasters called with the batch dict and forecasting ``(B, H, N, C_out)`` in original units.
 
     Args:
         model: a plain ``nn.Module``, a ``PeftModel`` or a ``PreTrainedModel`` called as
-            ``model(x=..., x_time=..., y_time=..., ...)`` and returning a tensor or a
-            ``ForecastOutput``; its ``aux_loss``, when present, is added to the loss.
+            ``model(past_values=..., past_time_features=..., future_values=..., ...)``. An
+            st-peft model returns a ``ForecastOutput`` whose ``loss`` is used as it is. A user's
+            module only needs ``forward(past_values, **kwargs)`` (or just ``forward(past_values)``:
+            it receives the batch keys its signature names) and may return a bare tensor in
+            original units; the trainer then computes the masked MAE itself.
         args: training arguments; :func:`st_training_args` gives sensible ones.
             ``remove_unused_columns`` is forced to False: the data set holds window starts
             that only the collator understands.
         train_dataset, eval_dataset: ``splits.train`` / ``splits.val``.
         data_collator: ``splits.collator``.
-        scaler: ``splits.scaler``; its ``inverse_transform`` maps the scaled forecast to
-            original units. ``None`` means the model already predicts in original units.
         train_sampler: a ``Sampler`` of row indices, or a batch sampler (a
             ``torch.utils.data.BatchSampler`` or :class:`MemoryReplaySampler`) yielding lists
             of them, used instead of the random sampler for training.
-        loss: ``"mae"`` (default), ``"mse"``, ``"huber"`` or a callable ``(pred, target, mask)``.
         horizons: 1-based steps reported by evaluation; by default 3, 6 and 12 where they fit.
         early_stopping_patience: stop after this many evaluations without a better
             ``metric_for_best_model`` (needs evaluation and ``metric_for_best_model`` set).
         **kwargs: anything else ``transformers.Trainer`` takes (``callbacks``, ``optimizers``, ...).
 
     ``predict(dataset).predictions`` are forecasts in original units ``(S, H, N, C_out)``, and
-    its ``label_ids`` are ``(y, y_mask as float)``; evaluation metrics carry the ``eval_``
+    its ``label_ids`` are ``(future_values, future_observed_mask as float)``; evaluation metrics carry the ``eval_``
     prefix (``eval_mae@3``, ``eval_mae``), so ``metric_for_best_model="mae"`` selects the
     checkpoint with the lowest validation MAE.
     """
 
     # compute_loss returns a per-batch mean, so Trainer divides by the accumulation steps
     loss_is_scaled_for_ga = False
+    bare_output_loss = staticmethod(masked_mae)
+    """The loss of a module that returns a bare tensor (no ``loss`` of its own)."""
 
     def __init__(
         self,
@@ -120,9 +120,7 @@ class STTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         data_collator: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None,
-        scaler: Any = None,
         train_sampler: Sampler | None = None,
-        loss: str | LossFn = "mae",
         horizons: Sequence[int] | None = None,
         early_stopping_patience: int | None = None,
         compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
@@ -142,13 +140,8 @@ class STTrainer(Trainer):
             compute_metrics=compute_metrics or self._horizon_metrics,
             **kwargs,
         )
-        self.scaler = scaler
         self.train_sampler = train_sampler
-        self.loss_fn = get_loss(loss)
         self.horizons = tuple(horizons) if horizons is not None else None
-
-    def _to_original_units(self, prediction: torch.Tensor) -> torch.Tensor:
-        return prediction if self.scaler is None else self.scaler.inverse_transform(prediction)
 
     def compute_loss(
         self,
@@ -157,26 +150,21 @@ class STTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Masked loss in original units (plus the model's ``aux_loss``).
+        """The model's masked loss in original units (with its ``aux_loss``).
 
         Returns the loss, and with ``return_outputs`` also the forecast in original units
         ``(B, H, N, C_out)``.
         """
-        model_inputs = {k: v for k, v in inputs.items() if k not in TARGET_KEYS}
-        missing = [k for k in TARGET_KEYS if k not in inputs]
+        missing = [key for key in TARGET_NAMES if key not in inputs]
         if missing:
             raise KeyError(f"the batch has no {missing}; its keys are {sorted(inputs)}")
-        outputs = model(**model_inputs)
-        prediction = self._to_original_units(prediction_of(outputs))
-        target = inputs["y"]
-        if prediction.shape != target.shape:
-            raise ValueError(
-                f"the model predicts shape {tuple(prediction.shape)} but the target y has shape {tuple(target.shape)}"
-            )
-        loss = self.loss_fn(prediction, target, inputs["y_mask"])
-        aux_loss = getattr(outputs, "aux_loss", None)
-        if aux_loss is not None:
-            loss = loss + aux_loss
+        outputs = model(**inputs_for(model, inputs))
+        prediction = prediction_of(outputs)
+        loss = None if isinstance(outputs, torch.Tensor) else outputs.get("loss")
+        if loss is None:
+            loss = forecast_loss(prediction, inputs["future_values"], inputs["future_observed_mask"],
+                                 self.bare_output_loss, model=type(model).__name__,
+                                 aux_loss=getattr(outputs, "aux_loss", None))
         return (loss, prediction) if return_outputs else loss
 
     def prediction_step(
@@ -186,7 +174,7 @@ class STTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Loss, forecast in original units ``(B, H, N, C_out)`` and ``(y, y_mask as float)``.
+        """Loss, forecast in original units ``(B, H, N, C_out)`` and ``(future_values, mask as float)``.
 
         The mask travels as float because it is gathered across processes with the forecast.
         """
@@ -196,7 +184,8 @@ class STTrainer(Trainer):
         loss = loss.detach()
         if prediction_loss_only:
             return loss, None, None
-        return loss, prediction.detach(), (inputs["y"], inputs["y_mask"].to(prediction.dtype))
+        labels = (inputs["future_values"], inputs["future_observed_mask"].to(prediction.dtype))
+        return loss, prediction.detach(), labels
 
     def _horizon_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
         target, mask = eval_prediction.label_ids
@@ -223,14 +212,6 @@ class STTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # a checkpoint must be usable on its own: keep the scaler that maps back to original units
-        super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save and self.scaler is not None and hasattr(self.scaler, "to_dict"):
-            with open(os.path.join(output_dir, SCALER_NAME), "w") as handle:
-                json.dump(self.scaler.to_dict(), handle)
 
     def evaluate_test(self, test_dataset: Any, horizons: Sequence[int] | None = None) -> dict[str, float]:
         """Metrics of the current model on ``test_dataset`` (e.g. ``splits.test``).

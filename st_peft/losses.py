@@ -1,7 +1,8 @@
 """Training losses on forecasts in original units.
 
-A loss is a callable ``(pred, target, mask) -> 0-dim tensor`` on ``(B, H, N, C)`` tensors,
-``mask`` bool with True = observed; missing entries never contribute.
+A loss is a callable ``(prediction, future_values, future_observed_mask) -> 0-dim tensor`` on
+``(B, H, N, C)`` tensors, the mask bool with True = observed; missing entries never contribute.
+Every st-peft model picks its loss by name (its ``loss`` argument) from :data:`LOSSES`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def masked_huber(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, d
     valid = valid_mask(target, mask)
     zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
     target = torch.where(valid, target, zero)
-    per_entry = F.huber_loss(pred, target, reduction="none", delta=delta)
+    per_entry = F.huber_loss(pred, target.to(pred.dtype), reduction="none", delta=delta)
     return torch.where(valid, per_entry, zero).sum() / valid.sum().clamp(min=1)
 
 
