@@ -3,8 +3,8 @@
     python benchmarks/backbones.py [--datasets los-loop sz-taxi nyc-bike] [--seeds 0 1 2] [--epochs 20]
                                    [--calendar-channels]
 
-Protocol: 12 steps in, 12 out, chronological 7:1:2 split, scaler fitted on the training
-span, masked MAE loss in original units (AdamW, lr 2e-3, batch 64), evaluation every
+Protocol: 12 steps in, 12 out, chronological 7:1:2 split, the training span's statistics
+carried by the model (which scales inside), masked MAE loss in original units (AdamW, lr 2e-3, batch 64), evaluation every
 epoch, early stopping after ``--patience`` epochs without a better validation MAE, best
 epoch reloaded, test metrics averaged over the 12 horizons (MAPE in %). Last value and
 seasonal naive (one week earlier when the history reaches back that far, else one day)

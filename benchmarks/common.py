@@ -83,8 +83,8 @@ def train_and_test(
         args = st_training_args(output_dir, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                 disable_tqdm=True, logging_strategy="no", save_total_limit=1, **schedule)
         trainer = STTrainer(model, args, train_dataset=splits.train, eval_dataset=splits.val,
-                            data_collator=splits.collator, scaler=splits.scaler,
-                            early_stopping_patience=patience, **(trainer_kwargs or {}))
+                            data_collator=splits.collator, early_stopping_patience=patience,
+                            **(trainer_kwargs or {}))
         trainer.train()
         metrics = trainer.evaluate_test(splits.test)
     return metrics, trainer

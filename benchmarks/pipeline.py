@@ -7,7 +7,7 @@
    of window starts with the collator (shuffled, one process), one epoch (31 batches) per
    repeat, ``--loader-repeats`` times: a single epoch varies by +-15% on a shared machine.
 2. Trainer overhead: the same STID on los-loop trained for ``--steps`` steps by a bare loop
-   (AdamW, the same masked MAE in original units, gradient clipping at 5) and by
+   (AdamW, the model's own masked MAE in original units, gradient clipping at 5) and by
    ``STTrainer`` (no evaluation, no checkpoint, no logging), alternated, ``--repeats`` times;
    the ratio of medians is reported.
 Writes ``benchmarks/results/pipeline.json``.
@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_backbone, markdown_table, timed, write_results  # noqa: E402
 
 from st_peft.data import build_splits, load  # noqa: E402
-from st_peft.outputs import prediction_of  # noqa: E402
-from st_peft.training import STTrainer, get_loss, st_training_args  # noqa: E402
+from st_peft.training import STTrainer, st_training_args  # noqa: E402
 
 BATCH_SIZE = 64
 
@@ -52,15 +51,12 @@ def pipeline_batches_per_second(repeats: int) -> list[float]:
 def bare_loop(model, splits, steps: int, seed: int) -> None:
     """Train ``steps`` steps the way a hand-written loop would."""
     torch.manual_seed(seed)
-    loss_fn = get_loss("mae")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     loader = DataLoader(splits.train, batch_size=BATCH_SIZE, shuffle=True, collate_fn=splits.collator)
     done = 0
     while done < steps:
         for batch in loader:
-            prediction = splits.scaler.inverse_transform(
-                prediction_of(model(x=batch["x"], x_time=batch["x_time"], y_time=batch["y_time"])))
-            loss = loss_fn(prediction, batch["y"], batch["y_mask"])
+            loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -76,8 +72,7 @@ def trainer_loop(model, splits, steps: int, seed: int) -> None:
         args = st_training_args(output_dir, batch_size=BATCH_SIZE, lr=2e-3, seed=seed, max_steps=steps,
                                 eval_strategy="no", save_strategy="no", logging_strategy="no",
                                 load_best_model_at_end=False, disable_tqdm=True)
-        STTrainer(model, args, train_dataset=splits.train, data_collator=splits.collator,
-                  scaler=splits.scaler).train()
+        STTrainer(model, args, train_dataset=splits.train, data_collator=splits.collator).train()
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ also used by the transformers models and the ST-LoRA predictor.
 
 from __future__ import annotations
 
+import abc
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -111,7 +112,7 @@ def forecast_output(
                           scale=scale, aux_loss=aux_loss)
 
 
-class STForecaster(nn.Module):
+class STForecaster(nn.Module, metaclass=abc.ABCMeta):
     """Base of a forecaster ``(B, L, N, C_in) -> (B, H, N, C_out)`` with scaling inside.
 
     A subclass calls :meth:`_init_forecaster` first in its ``__init__`` and implements
@@ -148,6 +149,7 @@ class STForecaster(nn.Module):
         # registered first, so a saved scaler of another graph is reported before any other mismatch
         self.scaler = STScaler(num_nodes, in_channels, out_channels, scaling, model=type(self).__name__)
 
+    @abc.abstractmethod
     def _forecast(
         self,
         scaled_past: torch.Tensor,
@@ -156,7 +158,6 @@ class STForecaster(nn.Module):
         node_index: torch.Tensor | None,
     ) -> torch.Tensor:
         """Forecast in the scaled space: ``(B, L, n, C_in) -> (B, H, n, C_out)``."""
-        raise NotImplementedError
 
     def _compute_dtype(self) -> torch.dtype:
         for parameter in self.parameters():
@@ -166,7 +167,7 @@ class STForecaster(nn.Module):
 
     def forward(
         self,
-        past_values: torch.Tensor,
+        past_values: torch.Tensor | None = None,
         past_observed_mask: torch.Tensor | None = None,
         past_time_features: torch.Tensor | None = None,
         future_time_features: torch.Tensor | None = None,
@@ -178,8 +179,9 @@ class STForecaster(nn.Module):
         """Forecast the next ``horizon`` steps in original units.
 
         Args:
-            past_values: history ``(B, L, N, C_in)`` in original units; entries that are not
-                observed may hold anything (0, NaN).
+            past_values: history ``(B, L, N, C_in)`` in original units (required; a keyword
+                default only so that a call with an old name is told the new one); entries that
+                are not observed may hold anything (0, NaN).
             past_observed_mask: bool ``(B, L, N, C_in)``, True where observed; by default every
                 finite entry.
             past_time_features: int64 ``(B, L, 2)``: time-of-day slot, day of week.
@@ -197,6 +199,8 @@ class STForecaster(nn.Module):
         """
         name = type(self).__name__
         reject_renamed_inputs(kwargs, name)
+        if past_values is None:
+            raise TypeError(f"{name}.forward needs past_values (B, L, N, C_in)")
         check_past_values(past_values, model=name, num_nodes=self.num_nodes, input_len=self.input_len,
                           in_channels=self.in_channels, node_index=node_index)
         mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",

@@ -1,4 +1,8 @@
-"""Tests of the reference backbones STID, GWNet and STGCN on the built-in real data."""
+"""Tests of the reference backbones STID, GWNet and STGCN on the built-in real data.
+
+Every backbone takes ``past_values`` in original units, scales inside with the training
+span's statistics and returns a ``ForecastOutput`` in original units with ``loss``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from st_peft.backbones import BACKBONES, STGCN, STID, GWNet
 from st_peft.backbones.graph_ops import scaled_laplacian, transition_matrix
 from st_peft.backbones.stgcn import ChebGraphConv
 from st_peft.metrics import masked_mae
+from st_peft.outputs import ForecastOutput
 
 NAMES = list(BACKBONES)
 
@@ -66,23 +71,25 @@ def test_paper_sized_model_maps_real_batch_to_horizon(name, sz_taxi):
     model = build(name, sz_taxi).eval()
     batch = train_batch(sz_taxi, 2)
     with torch.no_grad():
-        # The whole batch dict goes in: y and y_mask are extra keywords the model must ignore.
         out = model(**batch)
-    assert out.shape == (2, 12, 156, 1)
-    assert torch.isfinite(out).all()
+    assert isinstance(out, ForecastOutput)
+    assert out.prediction_outputs.shape == (2, 12, 156, 1)
+    assert out.loc.shape == out.scale.shape == (2, 1, 156, 1)
+    assert torch.isfinite(out.prediction_outputs).all() and out.loss.dim() == 0
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_head_outputs_land_on_horizon_and_channel_axes(name):
-    """With a zero head weight and bias ``k``, output ``[b, h, n, c]`` must be ``k = h * C_out + c``."""
+    """With a zero head weight and bias ``k``, output ``[b, h, n, c]`` must be ``k = h * C_out + c``
+    (identity scaling, so the scaled forecast is the forecast)."""
     data = st_peft.data.load("nyc-taxi")
     splits = st_peft.data.build_splits(data, input_len=12, horizon=3)
-    model = build(name, splits, **SMALL[name]).eval()
+    model = build(name, splits, scaling=None, **SMALL[name]).eval()
     head = head_bias(model)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.arange(head.bias.numel(), dtype=torch.float32))
-        out = model(**train_batch(splits, 2))
+        out = model(**train_batch(splits, 2)).prediction_outputs
     assert out.shape == (2, 3, 200, 2)
     expected = torch.arange(6, dtype=torch.float32).reshape(1, 3, 1, 2).expand(2, 3, 200, 2)
     assert torch.equal(out, expected)
@@ -95,7 +102,7 @@ def test_save_and_load_reproduce_outputs_exactly(name, sz_taxi, tmp_path):
     batch = train_batch(sz_taxi, 4)
     # One optimiser step first, so weights and batch-norm statistics differ from any fresh init.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    masked_mae(sz_taxi.scaler.inverse_transform(model(**batch)), batch["y"], batch["y_mask"]).backward()
+    model(**batch).loss.backward()
     optimizer.step()
     model.eval()
     model.save_pretrained(tmp_path)
@@ -112,7 +119,12 @@ def test_save_and_load_reproduce_outputs_exactly(name, sz_taxi, tmp_path):
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert loaded.state_dict().keys() == model.state_dict().keys()
     with torch.no_grad():
-        assert torch.equal(loaded(**batch), model(**batch))
+        expected, reloaded = model(**batch), loaded(**batch)
+    assert torch.equal(reloaded.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(reloaded.loss, expected.loss)
+    # the training span's statistics came back from the folder alone
+    assert torch.equal(loaded.scaler.future_loc, model.scaler.future_loc)
+    assert float(loaded.scaler.future_loc[0, 0]) == pytest.approx(float(sz_taxi.scaler.mean[0]))
 
 
 @pytest.mark.parametrize("form", ["array", "tensor", "list"])
@@ -131,8 +143,7 @@ def test_gradient_reaches_every_parameter(name, sz_taxi):
     torch.manual_seed(0)
     model = build(name, sz_taxi, **SMALL[name])
     batch = train_batch(sz_taxi, 4)
-    loss = masked_mae(sz_taxi.scaler.inverse_transform(model(**batch)), batch["y"], batch["y_mask"])
-    loss.backward()
+    model(**batch).loss.backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None, param_name
         assert torch.isfinite(param.grad).all(), param_name
@@ -151,7 +162,7 @@ def test_gwnet_adaptive_adjacency_is_a_learned_row_stochastic_matrix(sz_taxi):
 
     optimizer = torch.optim.Adam([learned["source_embedding"], learned["target_embedding"]], lr=1e-2)
     batch = train_batch(sz_taxi, 2)
-    masked_mae(sz_taxi.scaler.inverse_transform(model(**batch)), batch["y"], batch["y_mask"]).backward()
+    model(**batch).loss.backward()
     optimizer.step()
     after = model.adaptive_adjacency().detach()
     assert not torch.equal(before, after)
@@ -203,16 +214,18 @@ def test_stid_reads_calendar_at_the_last_history_step(sz_taxi):
     torch.manual_seed(0)
     model = build("stid", sz_taxi).eval()
     batch = train_batch(sz_taxi, 2)
+    # sz-taxi stores missing speeds as 0: without the mask they would count as observed zeros
+    past = batch["past_values"].masked_fill(~batch["past_observed_mask"], float("nan"))
     with torch.no_grad():
-        reference = model(**batch)
-        earlier = batch["x_time"].clone()
+        reference = model(**batch).prediction_outputs
+        earlier = batch["past_time_features"].clone()
         earlier[:, :-1] = 0
-        assert torch.equal(model(x=batch["x"], x_time=earlier), reference)
-        last = batch["x_time"].clone()
+        assert torch.equal(model(past, past_time_features=earlier).prediction_outputs, reference)
+        last = batch["past_time_features"].clone()
         last[:, -1, 0] = (last[:, -1, 0] + 1) % sz_taxi.steps_per_day
-        assert not torch.equal(model(x=batch["x"], x_time=last), reference)
+        assert not torch.equal(model(past, past_time_features=last).prediction_outputs, reference)
         no_calendar = build("stid", sz_taxi, if_tod=False, if_dow=False).eval()
-        assert no_calendar(x=batch["x"]).shape == (2, 12, 156, 1)
+        assert no_calendar(past).prediction_outputs.shape == (2, 12, 156, 1)
 
 
 def test_chebyshev_graph_conv_equals_the_paper_recurrence():
@@ -236,20 +249,21 @@ def test_calendar_channels_feed_time_of_day_and_day_of_week(name, sz_taxi, tmp_p
     model = build(name, sz_taxi, calendar_channels=True, steps_per_day=sz_taxi.steps_per_day,
                   **SMALL[name]).eval()
     batch = train_batch(sz_taxi, 2)
+    past = batch["past_values"].masked_fill(~batch["past_observed_mask"], float("nan"))
     with torch.no_grad():
-        reference = model(**batch)
-        shifted = batch["x_time"].clone()
+        reference = model(**batch).prediction_outputs
+        shifted = batch["past_time_features"].clone()
         shifted[..., 0] = (shifted[..., 0] + 4) % sz_taxi.steps_per_day
         assert reference.shape == (2, 12, 156, 1)
-        assert not torch.allclose(model(x=batch["x"], x_time=shifted), reference)
+        assert not torch.allclose(model(past, past_time_features=shifted).prediction_outputs, reference)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
-        assert torch.equal(type(model).from_pretrained(tmp_path).eval()(**batch), reference)
-    with pytest.raises(ValueError, match="needs x_time .* or build the model with calendar_channels=False"):
-        model(x=batch["x"])
+        assert torch.equal(type(model).from_pretrained(tmp_path).eval()(**batch).prediction_outputs, reference)
+    with pytest.raises(ValueError, match="needs past_time_features .* or build the model with calendar_channels=False"):
+        model(past)
     plain = build(name, sz_taxi, **SMALL[name]).eval()
     with torch.no_grad():
-        assert torch.equal(plain(x=batch["x"]), plain(**batch))
+        assert torch.equal(plain(past).prediction_outputs, plain(**batch).prediction_outputs)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -259,24 +273,44 @@ def test_node_index_selects_a_subgraph(name, sz_taxi):
     batch = train_batch(sz_taxi, 2)
     everything = torch.arange(156)
     subset = torch.tensor([3, 50, 51, 52, 120])
+    subset_batch = {key: value[:, :, subset] if value.dim() == 4 else value for key, value in batch.items()}
     with torch.no_grad():
-        full = model(**batch)
-        assert torch.allclose(model(**batch, node_index=everything), full, atol=1e-6)
-        part = model(**{**batch, "x": batch["x"][:, :, subset]}, node_index=subset)
+        full = model(**batch).prediction_outputs
+        assert torch.allclose(model(**batch, node_index=everything).prediction_outputs, full, atol=1e-6)
+        part = model(**subset_batch, node_index=subset)
+    assert part.loss is not None and part.loc.shape == (2, 1, 5, 1)
+    part = part.prediction_outputs
     assert part.shape == (2, 12, 5, 1)
     if name == "stid":  # STID treats nodes independently, so a subset changes nothing.
         assert torch.allclose(part, full[:, :, subset], atol=1e-6)
 
 
+def with_past(batch: dict, past: torch.Tensor) -> dict:
+    """``batch`` with another history and a mask that matches it."""
+    return {**batch, "past_values": past, "past_observed_mask": torch.ones_like(past, dtype=torch.bool)}
+
+
 BAD_INPUTS = {
-    "nodes": (lambda b: {**b, "x": b["x"][:, :, :155]}, "num_nodes=156 but x has 155 nodes"),
-    "length": (lambda b: {**b, "x": b["x"][:, 1:]}, "input_len=12 but x has 11 time steps"),
-    "channels": (lambda b: {**b, "x": b["x"].repeat(1, 1, 1, 2)}, "in_channels=1 but x has 2 channels"),
-    "rank": (lambda b: {**b, "x": b["x"][..., 0]}, "got a 3-d tensor of shape \\(2, 12, 156\\)"),
+    "nodes": (lambda b: with_past(b, b["past_values"][:, :, :155]),
+              "num_nodes=156 but past_values has 155 nodes \\(past_values.shape=\\(2, 12, 155, 1\\), "
+              "expected \\(batch, input_len=12, nodes=156, in_channels=1\\)"),
+    "length": (lambda b: with_past(b, b["past_values"][:, 1:]), "input_len=12 but past_values has 11 time steps"),
+    "channels": (lambda b: with_past(b, b["past_values"].repeat(1, 1, 1, 2)),
+                 "in_channels=1 but past_values has 2 channels"),
+    "rank": (lambda b: with_past(b, b["past_values"][..., 0]), "got a 3-d tensor of shape \\(2, 12, 156\\)"),
     "node_index": (
         lambda b: {**b, "node_index": torch.tensor([0, 1])},
-        "node_index selects 2 nodes but x has 156",
+        "node_index selects 2 nodes but past_values has 156",
     ),
+    "mask": (lambda b: {**b, "past_observed_mask": b["past_observed_mask"][:, 1:]},
+             "past_observed_mask has shape \\(2, 11, 156, 1\\) but past_values has shape \\(2, 12, 156, 1\\)"),
+    "horizon": (lambda b: {**b, "future_values": b["future_values"][:, :6]},
+                "forecasts shape .*=\\(2, 12, 156, 1\\) but future_values has shape \\(2, 6, 156, 1\\): its horizon "
+                "is 6 steps, the model forecasts horizon=12"),
+    "future mask": (lambda b: {**b, "future_observed_mask": b["future_observed_mask"][..., :100, :]},
+                    "future_observed_mask has shape \\(2, 12, 100, 1\\) but future_values has shape "
+                    "\\(2, 12, 156, 1\\)"),
+    "old name": (lambda b: {"x": b["past_values"]}, "'x' is now 'past_values'"),
 }
 
 
@@ -285,7 +319,8 @@ BAD_INPUTS = {
 def test_bad_history_is_refused_with_the_numbers(name, case, sz_taxi):
     model = build(name, sz_taxi, **SMALL[name])
     corrupt, message = BAD_INPUTS[case]
-    with pytest.raises(ValueError, match=message):
+    error = TypeError if case == "old name" else ValueError
+    with pytest.raises(error, match=message):
         model(**corrupt(train_batch(sz_taxi, 2)))
 
 
@@ -321,16 +356,17 @@ def test_stgcn_requires_a_graph_and_a_long_enough_history(sz_taxi):
 def test_stid_refuses_missing_or_out_of_range_calendar(sz_taxi):
     model = build("stid", sz_taxi)
     batch = train_batch(sz_taxi, 2)
-    with pytest.raises(ValueError, match="needs x_time of shape \\(batch, 12, 2\\); got None"):
-        model(x=batch["x"])
-    late = batch["x_time"].clone()
+    past = batch["past_values"]
+    with pytest.raises(ValueError, match="needs past_time_features of shape \\(2, 12, 2\\); got None"):
+        model(past)
+    late = batch["past_time_features"].clone()
     late[0, -1, 0] = 96
     with pytest.raises(
         ValueError, match="time-of-day slot must lie in \\[0, 96\\); got values from .* to 96"
     ):
-        model(x=batch["x"], x_time=late)
-    with pytest.raises(ValueError, match="expects x_time of shape \\(2, 12, 2\\); got \\(2, 11, 2\\)"):
-        model(x=batch["x"], x_time=batch["x_time"][:, 1:])
+        model(past, past_time_features=late)
+    with pytest.raises(ValueError, match="expects past_time_features of shape \\(2, 12, 2\\); got \\(2, 11, 2\\)"):
+        model(past, past_time_features=batch["past_time_features"][:, 1:])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -342,9 +378,71 @@ def test_sixty_steps_overfit_a_small_real_slice(name, sz_taxi):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
-        loss = masked_mae(sz_taxi.scaler.inverse_transform(model(**batch)), batch["y"], batch["y_mask"])
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scaling_happens_inside_and_the_forecast_is_in_original_units(name, sz_taxi):
+    """The model with the training span's statistics equals the same network fed scaled values by hand."""
+    torch.manual_seed(0)
+    model = build(name, sz_taxi, **SMALL[name]).eval()
+    identity = build(name, sz_taxi, scaling=None, **SMALL[name]).eval()
+    identity.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("scaler.")},
+                             strict=False)
+    batch = train_batch(sz_taxi, 3)
+    mean, std = float(sz_taxi.scaler.mean[0]), float(sz_taxi.scaler.std[0])
+    scaled_by_hand = torch.where(batch["past_observed_mask"], (batch["past_values"] - mean) / std, 0.0)
+    with torch.no_grad():
+        out = model(**batch)
+        scaled = identity(**{**batch, "past_values": scaled_by_hand}).prediction_outputs
+    torch.testing.assert_close(out.prediction_outputs, scaled * std + mean, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out.loc, torch.full((3, 1, 156, 1), mean)) and torch.equal(out.scale, torch.full((3, 1, 156, 1), std))
+    # the loss is the masked MAE in original units over observed targets
+    expected = masked_mae(out.prediction_outputs, batch["future_values"], batch["future_observed_mask"])
+    assert torch.equal(out.loss, expected)
+    # missing history entries may hold anything: they are masked before the network sees them
+    noisy = batch["past_values"].masked_fill(~batch["past_observed_mask"], float("nan"))
+    with torch.no_grad():
+        assert torch.equal(model(**{**batch, "past_values": noisy}).prediction_outputs, out.prediction_outputs)
+
+
+def test_a_model_built_without_statistics_scales_by_the_identity(sz_taxi):
+    model = build("stid", sz_taxi, scaling=None)
+    assert torch.equal(model.scaler.past_loc, torch.zeros(156, 1))
+    assert torch.equal(model.scaler.future_scale, torch.ones(156, 1))
+    out = model(**train_batch(sz_taxi, 2))
+    assert torch.equal(out.loc, torch.zeros(2, 1, 156, 1)) and torch.equal(out.scale, torch.ones(2, 1, 156, 1))
+
+
+def test_loading_a_scaler_of_another_graph_is_refused_with_both_counts(sz_taxi, tmp_path):
+    model = build("stid", sz_taxi)
+    model.save_pretrained(tmp_path)
+    smaller = STID(num_nodes=20, input_len=12, horizon=12, in_channels=1, out_channels=1, steps_per_day=96)
+    with pytest.raises(ValueError, match="saved scaler .* describes 156 nodes x 1 channels but this model has 20 nodes"):
+        safetensors.torch.load_model(smaller, tmp_path / "model.safetensors")
+    bad = {"past_loc": [[0.0]] * 5, "past_scale": [[1.0]] * 5, "future_loc": [[0.0]] * 5, "future_scale": [[1.0]] * 5}
+    with pytest.raises(ValueError, match="past_loc has shape \\(5, 1\\) but the model has 156 nodes"):
+        build("stid", sz_taxi, scaling=bad)
+
+
+def test_scaling_statistics_stay_float32_when_the_model_is_cast(sz_taxi):
+    model = build("stid", sz_taxi).to(torch.bfloat16)
+    assert model.regression.weight.dtype == torch.bfloat16
+    assert model.scaler.future_loc.dtype == torch.float32
+    out = model(**train_batch(sz_taxi, 2))
+    assert out.prediction_outputs.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_an_unknown_loss_is_refused_and_mse_is_used_when_asked(sz_taxi):
+    with pytest.raises(ValueError, match="unknown loss 'mape'"):
+        build("stid", sz_taxi, loss="mape")
+    model = build("stid", sz_taxi, loss="mse")
+    out = model(**train_batch(sz_taxi, 2))
+    batch = train_batch(sz_taxi, 2)
+    expected = ((out.prediction_outputs - batch["future_values"]) ** 2)[batch["future_observed_mask"]].mean()
+    torch.testing.assert_close(out.loss, expected)

@@ -104,24 +104,42 @@ def test_collator_gathers_the_right_windows(sz_taxi):
     rows = [splits.test[0], splits.test[5]]
     batch = splits.collator(rows)
     start = rows[1]["start"]
-    expected_x = (sz_taxi.values[start : start + 12] - splits.scaler.mean) / splits.scaler.std
-    expected_x = np.where(sz_taxi.mask[start : start + 12], expected_x, 0.0)
-    np.testing.assert_allclose(batch["x"][1].numpy(), expected_x, rtol=1e-6)
-    np.testing.assert_array_equal(batch["y"][1].numpy(), sz_taxi.values[start + 12 : start + 18])
-    np.testing.assert_array_equal(batch["y_mask"][1].numpy(), sz_taxi.mask[start + 12 : start + 18])
-    np.testing.assert_array_equal(batch["x_mask"][1].numpy(), sz_taxi.mask[start : start + 12])
-    np.testing.assert_array_equal(batch["y_time"][1].numpy(), sz_taxi.calendar()[start + 12 : start + 18])
-    assert batch["x"].dtype == torch.float32 and batch["x_time"].dtype == torch.int64
-    assert batch["x"].shape == (2, 12, 156, 1) and batch["y"].shape == (2, 6, 156, 1)
+    # original units: the collator never scales, the model does
+    np.testing.assert_array_equal(batch["past_values"][1].numpy(), sz_taxi.values[start : start + 12])
+    np.testing.assert_array_equal(batch["future_values"][1].numpy(), sz_taxi.values[start + 12 : start + 18])
+    np.testing.assert_array_equal(batch["future_observed_mask"][1].numpy(), sz_taxi.mask[start + 12 : start + 18])
+    np.testing.assert_array_equal(batch["past_observed_mask"][1].numpy(), sz_taxi.mask[start : start + 12])
+    np.testing.assert_array_equal(batch["past_time_features"][1].numpy(), sz_taxi.calendar()[start : start + 12])
+    np.testing.assert_array_equal(batch["future_time_features"][1].numpy(), sz_taxi.calendar()[start + 12 : start + 18])
+    assert batch["past_values"].dtype == torch.float32 and batch["past_time_features"].dtype == torch.int64
+    assert batch["past_values"].shape == (2, 12, 156, 1) and batch["future_values"].shape == (2, 6, 156, 1)
+    assert sorted(batch) == sorted(["past_values", "past_observed_mask", "past_time_features", "future_values",
+                                    "future_observed_mask", "future_time_features"])
+
+
+def test_collator_says_to_keep_the_start_column(sz_taxi):
+    splits = D.build_splits(sz_taxi, input_len=12, horizon=6)
+    with pytest.raises(D.DataError, match="remove_unused_columns=False"):
+        splits.collator([{}, {}])
+
+
+def test_model_kwargs_carry_the_training_span_statistics_per_node_and_channel():
+    data = D.load("nyc-bike")
+    splits = D.build_splits(data, input_channels=[0, 1], target_channels=[1])
+    scaling = splits.model_kwargs()["scaling"]
+    assert np.shape(scaling["past_loc"]) == (128, 2) and np.shape(scaling["future_scale"]) == (128, 1)
+    np.testing.assert_allclose(scaling["past_loc"][5], splits.scaler.mean[[0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(scaling["future_loc"][7], splits.scaler.mean[[1]], rtol=1e-6)
+    np.testing.assert_allclose(scaling["future_scale"][0], splits.scaler.std[[1]], rtol=1e-6)
 
 
 def test_collator_batches_are_writable_copies_and_survive_pickling(sz_taxi):
     splits = D.build_splits(sz_taxi, input_len=12, horizon=6)
     last = len(sz_taxi.values) - 18
     batch = splits.collator.gather(np.array([0, last]))
-    before = batch["x"].clone()
-    batch["x"] += 1.0
-    assert splits.collator.gather(np.array([0, last]))["x"].equal(before)
+    before = batch["past_values"].clone()
+    batch["past_values"] += 1.0
+    assert splits.collator.gather(np.array([0, last]))["past_values"].equal(before)
     copied = pickle.loads(pickle.dumps(splits.collator))
     for key, value in copied.gather(np.array([3, last])).items():
         assert value.equal(splits.collator.gather(np.array([3, last]))[key]), key
@@ -147,8 +165,8 @@ def test_channels_select_inputs_and_targets():
     data = D.load("nyc-bike")
     splits = D.build_splits(data, input_channels=[0, 1], target_channels=[1])
     batch = next(splits.iter_batches("val", 8))
-    assert batch["x"].shape[-1] == 2 and batch["y"].shape[-1] == 1
-    assert splits.model_kwargs() == {"num_nodes": 128, "input_len": 12, "horizon": 12, "in_channels": 2, "out_channels": 1}
+    assert batch["past_values"].shape[-1] == 2 and batch["future_values"].shape[-1] == 1
+    assert splits.size_kwargs() == {"num_nodes": 128, "input_len": 12, "horizon": 12, "in_channels": 2, "out_channels": 1}
     with pytest.raises(D.DataError, match="out of range"):
         D.build_splits(data, target_channels=[2])
 
