@@ -1,8 +1,9 @@
 """The ``st-peft`` console script.
 
 ``st-peft train`` fits a backbone (optionally wrapped by an adapter) on a data set and
-writes the trained model, its scaler, the run's options and the test metrics into
-``--output-dir``; ``st-peft evaluate`` reloads such a folder and writes metrics as JSON.
+writes the trained model (which carries its own scaling statistics), the run's options and
+the test metrics into ``--output-dir``; ``st-peft evaluate`` reloads such a folder and
+writes metrics as JSON.
 
 Every option can also come from a YAML file (``--config run.yaml``, keys spelled like the
 flags with ``_`` or ``-``); flags given on the command line override the file.
@@ -38,7 +39,6 @@ from st_peft.tuners.st_lora.model import st_lora_cli_adapter
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
-SCALER_FILE = "scaler.json"
 ADAPTER_DIR = "adapter"
 
 
@@ -81,7 +81,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``st-peft train``."""
     from st_peft.backbones import BACKBONES
-    from st_peft.training import LOSSES
+    from st_peft.losses import LOSSES
 
     add_data_arguments(parser)
     parser.add_argument("--model", default="stid", choices=sorted([*BACKBONES, *MODELS]), help="backbone")
@@ -92,7 +92,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--loss", default="mae", choices=sorted(LOSSES))
+    parser.add_argument("--loss", default="mae", choices=sorted(LOSSES),
+                        help="training loss in original units, an argument of the model")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="resume from a checkpoint folder, or the latest one in --output-dir")
@@ -114,23 +115,41 @@ def _require(options: argparse.Namespace, *names: str) -> None:
         raise SystemExit(f"st-peft {options.command}: missing {', '.join(missing)} (flag or --config key)")
 
 
-def build_backbone(options: argparse.Namespace, splits: Any) -> nn.Module:
-    """Instantiate ``options.model`` for ``splits``: shapes, calendar resolution and graph come from the data."""
+def _model_arguments(model: str) -> set[str]:
+    """The keyword arguments ``--model`` takes: its constructor's, or its transformers config's fields."""
     from st_peft.backbones import BACKBONES
 
+    if model in MODELS:
+        config_class = MODELS[model].__self__.config_class
+        return set(inspect.signature(config_class).parameters)
+    return set(inspect.signature(BACKBONES[model]).parameters)
+
+
+def build_backbone(options: argparse.Namespace, splits: Any) -> nn.Module:
+    """Instantiate ``options.model`` for ``splits``.
+
+    Shapes, the training span's scaling statistics (``splits.model_kwargs()``), the calendar
+    resolution and the graph come from the data; ``--loss`` and ``--model-args`` are passed on.
+    """
+    from st_peft.backbones import BACKBONES
+
+    accepted = _model_arguments(options.model)
+    settings = {"loss": options.loss, **options.model_args}
+    if "loss" not in accepted and options.loss != "mae":
+        raise SystemExit(f"--loss: {options.model} takes no loss argument")
+    settings = {key: value for key, value in settings.items() if key != "loss" or "loss" in accepted}
     if options.model in MODELS:
-        return MODELS[options.model](splits, **options.model_args)
+        return MODELS[options.model](splits, **settings)
     cls = BACKBONES[options.model]
-    accepted = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = dict(splits.model_kwargs())
     if "steps_per_day" in accepted:
         kwargs["steps_per_day"] = splits.steps_per_day
     if "adjacency" in accepted and splits.adjacency is not None:
         kwargs["adjacency"] = splits.adjacency
-    unknown = sorted(set(options.model_args) - set(accepted))
+    unknown = sorted(set(options.model_args) - accepted)
     if unknown:
         raise SystemExit(f"--model-args {unknown} are not arguments of {cls.__name__}")
-    kwargs.update(options.model_args)
+    kwargs.update(settings)
     return cls(**kwargs)
 
 
@@ -161,8 +180,8 @@ def _run_options(options: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(options).items() if k not in ("command", "config", "resume", "overwrite")}
 
 
-def save_run(output_dir: str, model: nn.Module, splits: Any, options: argparse.Namespace, metrics: dict) -> None:
-    """Write ``model.safetensors`` (full state), ``scaler.json``, ``run.json`` and ``metrics.json``.
+def save_run(output_dir: str, model: nn.Module, options: argparse.Namespace, metrics: dict) -> None:
+    """Write ``model.safetensors`` (full state, scaling statistics included), ``run.json`` and ``metrics.json``.
 
     A ``PeftModel`` also gets its adapter saved the PEFT way under ``adapter/``.
     """
@@ -173,7 +192,6 @@ def save_run(output_dir: str, model: nn.Module, splits: Any, options: argparse.N
     save_model(model, os.path.join(output_dir, MODEL_FILE))
     if isinstance(model, PeftModel):
         model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
-    _write_json(os.path.join(output_dir, SCALER_FILE), splits.scaler.to_dict())
     _write_json(os.path.join(output_dir, RUN_FILE), _run_options(options))
     _write_json(os.path.join(output_dir, METRICS_FILE), metrics)
 
@@ -212,28 +230,28 @@ def train(options: argparse.Namespace) -> None:
         weight_decay=options.weight_decay,
         seed=options.seed,
     )
-    trainer = STTrainer(model, args, splits.train, splits.val, splits.collator, splits.scaler,
+    trainer = STTrainer(model, args, splits.train, splits.val, splits.collator,
                         train_sampler=adapter_sampler(model, splits, options),
-                        loss=options.loss, early_stopping_patience=options.patience)
+                        early_stopping_patience=options.patience)
     trainer.train(resume_from_checkpoint=options.resume)
     metrics = trainer.evaluate_test(splits.test)
     if trainer.is_world_process_zero():
-        save_run(options.output_dir, model, splits, options, metrics)
+        save_run(options.output_dir, model, options, metrics)
         print(json.dumps(metrics, indent=2))
 
 
 def evaluate(options: argparse.Namespace) -> None:
-    """Reload an ``st-peft train`` folder, evaluate it on a split and write the metrics JSON."""
+    """Reload an ``st-peft train`` folder, evaluate it on a split and write the metrics JSON.
+
+    The model carries its scaling statistics; the data set is read again only for its windows.
+    """
     from safetensors.torch import load_model
 
-    from st_peft.data import StandardScaler
     from st_peft.training import STTrainer, st_training_args
 
     _require(options, "model_dir")
     with open(os.path.join(options.model_dir, RUN_FILE)) as handle:
         run = argparse.Namespace(command="train", **json.load(handle))
-    with open(os.path.join(options.model_dir, SCALER_FILE)) as handle:
-        scaler = StandardScaler.from_dict(json.load(handle))
     splits = _splits_for(run)
     # the weights come from the run folder, not from the run's starting point
     run.backbone_from = None
@@ -241,7 +259,7 @@ def evaluate(options: argparse.Namespace) -> None:
     load_model(model, os.path.join(options.model_dir, MODEL_FILE))
     args = st_training_args(os.path.join(options.model_dir, "evaluation"), batch_size=options.batch_size,
                             eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
-    trainer = STTrainer(model, args, data_collator=splits.collator, scaler=scaler)
+    trainer = STTrainer(model, args, data_collator=splits.collator)
     metrics = trainer.evaluate_test(getattr(splits, options.split))
     if trainer.is_world_process_zero():
         output = options.output or os.path.join(options.model_dir, f"metrics-{options.split}.json")

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = st_training_args(str(output_dir / "checkpoints"), epochs=options.epochs, batch_size=64, lr=2e-3,
                             seed=options.seed, disable_tqdm=True, logging_strategy="no")
     trainer = STTrainer(model, args, train_dataset=splits.train, eval_dataset=splits.val,
-                        data_collator=splits.collator, scaler=splits.scaler, early_stopping_patience=5)
+                        data_collator=splits.collator, early_stopping_patience=5)
     trainer.remove_callback(PrinterCallback)
     print(f"training STID for at most {options.epochs} epochs (early stopping on validation MAE)...", flush=True)
     trainer.train()

@@ -374,7 +374,6 @@ def save_for_hub(
     repo_id: str,
     template_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
-    extra_files: Sequence[str | os.PathLike] = (),
     **card_kwargs: Any,
 ) -> Path:
     """Write the folder a push uploads: weights as safetensors, configs as JSON, the model card.
@@ -392,8 +391,6 @@ def save_for_hub(
         repo_id: the Hub id the card is for.
         template_dir: folder of the card templates (defaults to ``hub_cards/``).
         overwrite: replace an existing non-empty ``folder``.
-        extra_files: JSON files to upload alongside, e.g. the run's ``scaler.json`` that maps
-            forecasts back to original units.
         card_kwargs: ``dataset``, ``metrics`` and the optional fields of :func:`card_fields`.
 
     Returns:
@@ -418,8 +415,6 @@ def save_for_hub(
             model.save_pretrained(staging)
         for code_file in staging.rglob("*.py"):
             code_file.unlink()
-        for extra in map(Path, extra_files):
-            shutil.copyfile(extra, staging / extra.name)
         unexpected = _non_hub_files(staging)
         if unexpected:
             raise ValueError(
@@ -742,8 +737,8 @@ def run_push(options: argparse.Namespace) -> None:
     """``st-peft push``: rebuild an ``st-peft train`` run and push it with its model card.
 
     The adapter (for runs with ``--adapter``) or the backbone goes up with the run's test
-    metrics from ``metrics.json`` and its ``scaler.json``. With ``--save-dir`` the upload
-    folder is written locally instead.
+    metrics from ``metrics.json``; a backbone carries its scaling statistics in its weights.
+    With ``--save-dir`` the upload folder is written locally instead.
     """
     from safetensors.torch import load_model
 
@@ -757,7 +752,7 @@ def run_push(options: argparse.Namespace) -> None:
     if missing:
         raise SystemExit(f"st-peft push: missing {', '.join(missing)} (flag or --config key)")
     model_dir = Path(options.model_dir)
-    needed = [cli.RUN_FILE, cli.MODEL_FILE, cli.METRICS_FILE, cli.SCALER_FILE]
+    needed = [cli.RUN_FILE, cli.MODEL_FILE, cli.METRICS_FILE]
     absent = [name for name in needed if not (model_dir / name).is_file()]
     if absent:
         raise SystemExit(
@@ -787,10 +782,9 @@ def run_push(options: argparse.Namespace) -> None:
                 "st-peft push: an adapter's card names its backbone: pass --base-model org/backbone"
             )
         card["base_model"] = options.base_model
-    extra = [model_dir / cli.SCALER_FILE]
     try:
         if options.save_dir:
-            folder = save_for_hub(model, options.save_dir, repo_id=options.repo_id, extra_files=extra, **card)
+            folder = save_for_hub(model, options.save_dir, repo_id=options.repo_id, **card)
             print(f"wrote {sorted(path.name for path in folder.iterdir())} to {folder}")
             return
         push = push_adapter if isinstance(model, PeftModel) else push_backbone
@@ -799,7 +793,6 @@ def run_push(options: argparse.Namespace) -> None:
             options.repo_id,
             private=options.private or None,
             token=options.token,
-            extra_files=extra,
             **card,
         )
     except (HubError, ValueError, FileExistsError) as error:

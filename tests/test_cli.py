@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
+import st_peft.data as std
 from st_peft import cli
 
 torch.set_num_threads(1)
@@ -56,7 +57,11 @@ def test_train_then_evaluate_round_trip(tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml")
     assert cli.main(["train", "--config", str(config), "--epochs", "1", "--output-dir", str(out)]) == 0
-    assert {"model.safetensors", "scaler.json", "run.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "run.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "scaler.json").exists()  # the model carries its scaling statistics
+    splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)
+    saved = load_file(out / "model.safetensors")
+    assert torch.equal(saved["scaler.future_loc"], torch.tensor(splits.scaling_statistics()["future_loc"]))
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"loss", "mae@3", "rmse@3", "mape@3", "wape@3", "mae", "rmse", "mape", "wape"}
     run = json.loads((out / "run.json").read_text())
@@ -72,6 +77,15 @@ def test_train_then_evaluate_round_trip(tmp_path):
     for key in metrics:
         if key != "loss":  # the loss is a mean of batch means, so it depends on the batch size
             assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+def test_loss_is_an_argument_of_the_model(tmp_path):
+    splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)
+    options = cli.parse_args(["train", "--config", str(write_config(tmp_path / "run.yaml")), "--loss", "huber"])
+    model = cli.build_model(options, splits)
+    assert model.loss_name == "huber"
+    batch = next(iter(splits.iter_batches("test", 4)))
+    assert float(model(**batch).loss.detach()) > 0
 
 
 def test_registered_adapter_trains_and_reloads(tmp_path, monkeypatch):
@@ -100,7 +114,6 @@ def test_registered_adapter_trains_and_reloads(tmp_path, monkeypatch):
 def test_adapter_config_can_ask_for_a_training_sampler():
     from types import SimpleNamespace
 
-    import st_peft.data as std
     from st_peft.training import MemoryReplaySampler
 
     splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)

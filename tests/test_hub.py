@@ -51,7 +51,7 @@ torch.set_num_threads(1)
 
 DATASET = "chickenpox"
 BACKBONES = ("stid", "gwnet", "stgcn", "factost", "st_link")
-TARGETS = ("y", "y_mask")
+TARGETS = ("future_values", "future_observed_mask")
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +127,16 @@ BACKBONE_CLASSES = {
 
 
 def forecast(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Scaled forecast ``(B, H, N, C_out)`` of ``model`` on ``batch``."""
+    """Forecast ``(B, H, N, C_out)`` in original units of ``model`` on ``batch`` (targets left out)."""
     with torch.no_grad():
         return prediction_of(model(**{key: value for key, value in batch.items() if key not in TARGETS}))
 
 
 def card_metrics(model: torch.nn.Module, batch: dict, splits) -> dict[str, float]:
     """Masked test metrics of ``model`` on ``batch`` in original units, as a card reports them."""
-    prediction = splits.scaler.inverse_transform(forecast(model, batch))
-    return horizon_metrics(prediction, batch["y"], batch["y_mask"], horizons=(1, 4))
+    return horizon_metrics(
+        forecast(model, batch), batch["future_values"], batch["future_observed_mask"], horizons=(1, 4)
+    )
 
 
 def build_adapter(splits, method: str = "st_lora") -> PeftModel:
@@ -146,7 +147,7 @@ def build_adapter(splits, method: str = "st_lora") -> PeftModel:
     """
     if method == "st_lora":
         config = STLoraConfig(
-            **splits.model_kwargs(), r=2, hidden_dim=4, node_embedding_dim=2, num_nall_layers=1
+            **splits.size_kwargs(), r=2, hidden_dim=4, node_embedding_dim=2, num_nall_layers=1
         )
         model = get_peft_model(build_backbone("stid", splits), config)
     else:
@@ -357,6 +358,33 @@ def test_backbone_pull_by_repo_id_then_offline(
     assert torch.equal(forecast(model_class.from_pretrained(repo_id).eval(), batch), expected)
 
 
+def test_backbone_forecasts_real_units_from_raw_values_after_a_round_trip(hub, hub_env, tmp_path, no_pickle):
+    """Prepared: an STID repository (config, weights, card; no scaler file). Real: the pull by repo id.
+
+    The pulled model takes raw speeds and forecasts speeds, exactly as the model that was pushed.
+    """
+    splits = std.build_splits(std.load("los-loop").select_nodes(list(range(8))), input_len=12, horizon=12)
+    torch.manual_seed(0)
+    model = STID(**splits.model_kwargs(), steps_per_day=splits.steps_per_day, embed_dim=8, node_dim=8,
+                 tod_dim=8, dow_dim=8, num_layers=1).eval()
+    batch = next(iter(splits.iter_batches("test", 16)))
+    raw = {key: value for key, value in batch.items() if key not in TARGETS}
+    with torch.no_grad():
+        expected = model(**raw).prediction_outputs
+    folder = prepare(hub, model, "org/stid-real-units", tmp_path, dataset="los-loop", metrics={"mae": 1.0})
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    for pulled in (STID.from_pretrained("org/stid-real-units"), load_backbone(STID, "org/stid-real-units")):
+        with torch.no_grad():
+            output = pulled.eval()(**batch)
+        assert torch.equal(output.prediction_outputs, expected)
+        assert torch.equal(output.loc[0, 0], torch.tensor(splits.scaling_statistics()["future_loc"]))
+        # speeds in mph: an untrained forecast sits near the training mean, not near the scaled space's 0
+        truth, observed = batch["future_values"], batch["future_observed_mask"]
+        assert float(output.loss) < 0.3 * float(truth[observed].mean())
+    assert not any(name.endswith("scaler.json") for name in cached_files(hub_env, "org/stid-real-units"))
+
+
 # ---- bad input: clear messages, nothing half-written --------------------------------------
 
 
@@ -529,7 +557,6 @@ def test_cli_push_folder_then_pull(cli_runs, hub, hub_env, tmp_path):
         "README.md",
         "config.json",
         "model.safetensors",
-        "scaler.json",
     ]
     card = ModelCard.load(tmp_path / "stid" / "README.md").data.to_dict()
     reported = {metric["type"]: metric["value"] for metric in card["model-index"][0]["results"][0]["metrics"]}
@@ -575,7 +602,7 @@ def test_cli_push_errors_are_clear(cli_runs, hub_env, tmp_path, monkeypatch):
             ]
         )
     with pytest.raises(
-        SystemExit, match=r"lacks \['run.json', 'model.safetensors', 'metrics.json', 'scaler.json'\]"
+        SystemExit, match=r"lacks \['run.json', 'model.safetensors', 'metrics.json'\]"
     ):
         cli.main(["push", "--model-dir", str(tmp_path), "--repo-id", "org/cli-x"])
     with pytest.raises(SystemExit, match=r"missing --repo-id"):

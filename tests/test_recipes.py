@@ -20,7 +20,7 @@ from hub_server import free_port
 import st_peft.data as std
 from st_peft import cli
 from st_peft.data.builtin import BUILTIN_DATASETS
-from st_peft.outputs import prediction_of
+from st_peft.outputs import TARGET_NAMES, prediction_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -107,10 +107,8 @@ def test_experiment_recipe_is_read_by_st_peft(recipe):
         model = cli.build_model(options, splits).eval()
         batch = next(iter(splits.iter_batches("test", 2)))
         with torch.no_grad():
-            output = prediction_of(
-                model(**{key: value for key, value in batch.items() if key not in ("y", "y_mask")})
-            )
-        assert output.shape == batch["y"].shape
+            output = prediction_of(model(**{key: value for key, value in batch.items() if key not in TARGET_NAMES}))
+        assert output.shape == batch["future_values"].shape
 
 
 def test_cpu_2proc_config_trains_a_recipe_on_both_ranks(tmp_path):
@@ -145,6 +143,4 @@ def test_cpu_2proc_config_trains_a_recipe_on_both_ranks(tmp_path):
     assert [report["global_step"] for report in reports] == [
         math.ceil(math.ceil(windows / options.batch_size) / 2)
     ] * 2
-    assert {"model.safetensors", "metrics.json", "scaler.json", "run.json"} <= {
-        path.name for path in run_dir.iterdir()
-    }
+    assert {"model.safetensors", "metrics.json", "run.json"} <= {path.name for path in run_dir.iterdir()}

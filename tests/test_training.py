@@ -1,4 +1,4 @@
-"""STTrainer on real data: loss in original units, plain / PEFT / transformers models, checkpoints, samplers."""
+"""Training on real data: plain transformers.Trainer and STTrainer with st-peft, PEFT, transformers and user models."""
 
 import os
 from dataclasses import dataclass
@@ -9,20 +9,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 
 import st_peft.data as std
 from st_peft.backbones import STID
+from st_peft.losses import get_loss, masked_huber
 from st_peft.metrics import masked_mae
 from st_peft.outputs import ForecastOutput
-from st_peft.training import (
-    MemoryReplaySampler,
-    STTrainer,
-    default_horizons,
-    get_loss,
-    masked_huber,
-    st_training_args,
-)
+from st_peft.training import MemoryReplaySampler, STTrainer, default_horizons, st_training_args
 
 torch.set_num_threads(1)
 
@@ -40,19 +34,36 @@ def small(splits):
     return splits.train.select(range(0, 2000, 4)), splits.val.select(range(96)), splits.test.select(range(96))
 
 
+def tiny_stid(splits, **kwargs) -> STID:
+    torch.manual_seed(0)
+    return STID(**splits.model_kwargs(), steps_per_day=splits.steps_per_day, embed_dim=16, node_dim=8,
+                tod_dim=8, dow_dim=8, num_layers=1, **kwargs)
+
+
 class NodeLinear(nn.Module):
-    """History ``(B, L, N, C)`` -> horizon ``(B, H, N, C)`` by a Linear over the time axis."""
+    """History ``(B, L, N, C)`` -> horizon ``(B, H, N, C)`` by a Linear over the time axis, in original units."""
 
     def __init__(self, input_len: int = 12, horizon: int = 12) -> None:
         super().__init__()
         self.proj = nn.Linear(input_len, horizon)
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.proj(x.transpose(1, 3)).transpose(1, 3)
+    def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.proj(past_values.transpose(1, 3)).transpose(1, 3)
+
+
+class PastValuesOnly(nn.Module):
+    """A user's module whose forward takes exactly ``past_values`` and returns a bare tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(12, 12)
+
+    def forward(self, past_values):
+        return self.proj(past_values.transpose(1, 3)).transpose(1, 3)
 
 
 class ConstantWithAux(nn.Module):
-    """Predicts 0 (scaled) everywhere and reports a fixed auxiliary loss."""
+    """Predicts 0 everywhere and reports a fixed auxiliary loss (no loss of its own)."""
 
     def __init__(self, horizon: int, aux: float) -> None:
         super().__init__()
@@ -60,10 +71,10 @@ class ConstantWithAux(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         self.aux = aux
 
-    def forward(self, x: torch.Tensor, **kwargs) -> ForecastOutput:
-        batch, _, nodes, channels = x.shape
+    def forward(self, past_values: torch.Tensor, **kwargs) -> ForecastOutput:
+        batch, _, nodes, channels = past_values.shape
         prediction = self.bias.expand(batch, self.horizon, nodes, channels)
-        return ForecastOutput(prediction=prediction, aux_loss=torch.tensor(self.aux))
+        return ForecastOutput(prediction_outputs=prediction, aux_loss=torch.tensor(self.aux))
 
 
 @dataclass
@@ -81,58 +92,103 @@ class TinyPretrained(PreTrainedModel):
         self.proj = nn.Linear(config.input_len, config.horizon)
         self.post_init()
 
-    def forward(self, x: torch.Tensor, **kwargs) -> ForecastOutput:
-        return ForecastOutput(prediction=self.proj(x.transpose(1, 3)).transpose(1, 3))
+    def forward(self, past_values: torch.Tensor, **kwargs) -> ForecastOutput:
+        return ForecastOutput(prediction_outputs=self.proj(past_values.transpose(1, 3)).transpose(1, 3))
 
 
 def make_trainer(model, splits, small, tmp_path, epochs=2, **kwargs):
     train, val, _ = small
     args = st_training_args(str(tmp_path), epochs=epochs, batch_size=32, lr=1e-2, disable_tqdm=True)
-    return STTrainer(model, args, train, val, splits.collator, splits.scaler, **kwargs)
+    return STTrainer(model, args, train, val, splits.collator, **kwargs)
 
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def test_loss_is_masked_mae_in_original_units_plus_aux(splits, small, tmp_path):
+def loss_on(model: nn.Module, batch: dict) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_plain_transformers_trainer_trains_stid(splits, small, tmp_path):
+    """No st-peft glue: Trainer reads the model's own loss (original units) and the loss falls."""
+    model = tiny_stid(splits)
+    batch = splits.collator(list(small[1]))
+    before = loss_on(model, batch)
+    args = TrainingArguments(str(tmp_path), max_steps=40, per_device_train_batch_size=32, learning_rate=1e-2,
+                             label_names=["future_values"], remove_unused_columns=False, use_cpu=True,
+                             report_to="none", disable_tqdm=True, logging_steps=5, save_strategy="no")
+    Trainer(model, args, train_dataset=small[0], data_collator=splits.collator).train()
+    after = loss_on(model, batch)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_sttrainer_uses_the_models_loss(splits, small, tmp_path):
+    model = tiny_stid(splits, loss="mse").eval()
+    trainer = make_trainer(model, splits, small, tmp_path)
+    batch = splits.collator([small[0][i] for i in range(8)])
+    with torch.no_grad():
+        expected = model(**batch).loss
+        loss = trainer.compute_loss(model, batch)
+    assert torch.equal(loss, expected)
+    # the model's mse, not the masked MAE the trainer would use for a bare tensor
+    assert not torch.isclose(loss, masked_mae(model(**batch).prediction_outputs, batch["future_values"],
+                                              batch["future_observed_mask"]))
+
+
+def test_module_taking_only_past_values_trains(splits, small, tmp_path):
+    """``forward(self, past_values)``: STTrainer passes only the keys its signature names."""
+    model = PastValuesOnly()
+    before = params_of(model)
+    trainer = make_trainer(model, splits, small, tmp_path, epochs=1)
+    trainer.train()
+    assert not torch.equal(params_of(model)["proj.weight"], before["proj.weight"])
+    history = [log["eval_mae"] for log in trainer.state.log_history if "eval_mae" in log]
+    assert len(history) == 1 and np.isfinite(history[0])
+
+
+def test_loss_of_a_bare_forecast_is_masked_mae_in_original_units_plus_aux(splits, small, tmp_path):
     trainer = make_trainer(ConstantWithAux(12, aux=0.5), splits, small, tmp_path)
     batch = splits.collator([small[0][i] for i in range(8)])
     loss = trainer.compute_loss(trainer.model, batch)
-    # the scaled forecast 0 is the training mean in original units
-    mean = float(splits.scaler.mean[0])
-    y, observed = batch["y"].numpy(), batch["y_mask"].numpy()
-    expected = np.abs(y - mean)[observed].mean() + 0.5
+    y, observed = batch["future_values"].numpy(), batch["future_observed_mask"].numpy()
+    expected = np.abs(y)[observed].mean() + 0.5
     assert observed.mean() < 0.95  # the batch really has missing targets
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
 
 
-def test_bad_batches_and_bad_losses_are_named(splits, small, tmp_path):
+def test_bad_batches_are_named(splits, small, tmp_path):
     trainer = make_trainer(NodeLinear(12, 6), splits, small, tmp_path)
     batch = splits.collator([small[0][0], small[0][1]])
-    with pytest.raises(ValueError, match=r"predicts shape \(2, 6, 16, 1\) but the target y has shape \(2, 12, 16, 1\)"):
+    with pytest.raises(ValueError, match=r"future_values has shape \(2, 12, 16, 1\): its horizon is 12 steps, "
+                                         r"the model forecasts horizon=6"):
         trainer.compute_loss(trainer.model, batch)
-    batch.pop("y_mask")
-    with pytest.raises(KeyError, match="y_mask"):
+    batch.pop("future_observed_mask")
+    with pytest.raises(KeyError, match="future_observed_mask"):
         trainer.compute_loss(trainer.model, batch)
-    with pytest.raises(ValueError, match="unknown loss 'l7'"):
-        make_trainer(NodeLinear(), splits, small, tmp_path, loss="l7")
+
+    class OldNames(nn.Module):
+        def forward(self, x, x_mask=None):
+            return x
+
+    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
+        trainer.compute_loss(OldNames(), splits.collator([small[0][0]]))
 
 
-def test_plain_module_trains_keeps_best_safetensors_checkpoint(splits, small, tmp_path):
-    torch.manual_seed(0)
-    model = STID(**splits.model_kwargs(), steps_per_day=splits.steps_per_day, embed_dim=16, node_dim=8,
-                 tod_dim=8, dow_dim=8, num_layers=1)
+def test_stid_trains_keeps_best_safetensors_checkpoint(splits, small, tmp_path):
+    model = tiny_stid(splits)
     trainer = make_trainer(model, splits, small, tmp_path, epochs=3)
     before = trainer.evaluate()["eval_mae"]
     trainer.train()
     history = [log["eval_mae"] for log in trainer.state.log_history if "eval_mae" in log]
-    assert len(history) == 3 and min(history) < 0.8 * before
+    assert len(history) == 3 and min(history) < 0.9 * before
     # the best checkpoint is reloaded at the end
     assert trainer.state.best_metric == pytest.approx(min(history))
     assert trainer.evaluate()["eval_mae"] == pytest.approx(min(history), rel=1e-5)
     best = trainer.state.best_model_checkpoint
-    assert {"model.safetensors", "scaler.json"} <= set(os.listdir(best))
+    assert "model.safetensors" in os.listdir(best) and "scaler.json" not in os.listdir(best)
     saved = load_file(os.path.join(best, "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     test = trainer.evaluate_test(small[2])
@@ -142,8 +198,9 @@ def test_plain_module_trains_keeps_best_safetensors_checkpoint(splits, small, tm
     batch = splits.collator(list(small[2]))
     model.eval()
     with torch.no_grad():
-        forecast = splits.scaler.inverse_transform(model(**batch))
-    assert test["mae"] == pytest.approx(float(masked_mae(forecast, batch["y"], batch["y_mask"])), rel=1e-5)
+        forecast = model(**batch).prediction_outputs
+    expected = float(masked_mae(forecast, batch["future_values"], batch["future_observed_mask"]))
+    assert test["mae"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_peft_model_trains_adapter_only_and_resumes(splits, small, tmp_path):
@@ -182,7 +239,7 @@ def test_pretrained_model_trains_and_resumes_exactly(splits, small, tmp_path):
     final = params_of(model)
     assert any(not torch.equal(final[k], initial[k]) for k in final)
     first = tmp_path / "full" / f"checkpoint-{trainer.state.global_step // 2}"
-    assert {"config.json", "model.safetensors", "scaler.json"} <= set(os.listdir(first))
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(first))
 
     torch.manual_seed(0)
     again = TinyPretrained(TinyConfig())
@@ -194,7 +251,7 @@ def test_pretrained_model_trains_and_resumes_exactly(splits, small, tmp_path):
 def test_early_stopping_on_validation_mae(splits, small, tmp_path):
     train, val, _ = small
     args = st_training_args(str(tmp_path), epochs=10, batch_size=64, lr=0.0, disable_tqdm=True)
-    trainer = STTrainer(NodeLinear(), args, train, val, splits.collator, splits.scaler, early_stopping_patience=2)
+    trainer = STTrainer(NodeLinear(), args, train, val, splits.collator, early_stopping_patience=2)
     trainer.train()
     steps_per_epoch = -(-len(train) // 64)
     # epoch 1 sets the best MAE, epochs 2 and 3 do not beat it (lr 0): stop after 3 of 10
@@ -232,11 +289,11 @@ def test_trainer_uses_memory_replay_batches(splits, small, tmp_path):
 
     train_, val, _ = small
     args = st_training_args(str(tmp_path), epochs=1, batch_size=20, disable_tqdm=True)
-    trainer = STTrainer(NodeLinear(), args, train_, val, recording_collator, splits.scaler, train_sampler=sampler)
+    trainer = STTrainer(NodeLinear(), args, train_, val, recording_collator, train_sampler=sampler)
     loader = trainer.get_train_dataloader()
     assert len(loader) == len(sampler)
     batch = next(iter(loader))
-    assert batch["x"].shape == (20, 12, 16, 1)
+    assert batch["past_values"].shape == (20, 12, 16, 1)
     memory_starts = set(starts[sampler.memory])
     assert max(memory_starts) < min(set(starts) - memory_starts)  # the memory is the earliest windows
     assert len(seen[0]) == 20 and sum(s in memory_starts for s in seen[0]) == 5
@@ -256,6 +313,8 @@ def test_huber_loss_by_hand_and_loss_lookup():
     assert float(masked_huber(pred, target, mask)) == pytest.approx(1.25)
     assert get_loss("huber") is masked_huber and get_loss("mae") is masked_mae
     assert get_loss(masked_huber) is masked_huber
+    with pytest.raises(ValueError, match="unknown loss 'l7'"):
+        get_loss("l7")
 
 
 def test_plain_training_arguments_keep_the_start_column(splits, small, tmp_path):
@@ -264,6 +323,6 @@ def test_plain_training_arguments_keep_the_start_column(splits, small, tmp_path)
                              report_to="none", disable_tqdm=True)
     model = NodeLinear()
     before = params_of(model)
-    STTrainer(model, args, small[0], data_collator=splits.collator, scaler=splits.scaler).train()
+    STTrainer(model, args, small[0], data_collator=splits.collator).train()
     assert not args.remove_unused_columns
     assert not torch.equal(params_of(model)["proj.weight"], before["proj.weight"])

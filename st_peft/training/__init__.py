@@ -1,17 +1,16 @@
-"""Training: ``STTrainer`` (a ``transformers.Trainer``), its default arguments, losses and samplers."""
+"""Training: ``STTrainer`` (a ``transformers.Trainer``), its default arguments and samplers.
+
+The losses live with the models (``st_peft.losses``): every st-peft model returns its own.
+"""
 
 from st_peft.training.distributed import leave_process_group
-from st_peft.training.losses import LOSSES, get_loss, masked_huber
 from st_peft.training.samplers import MemoryReplaySampler
 from st_peft.training.trainer import STTrainer, default_horizons, st_training_args
 
 __all__ = [
-    "LOSSES",
     "MemoryReplaySampler",
     "STTrainer",
     "default_horizons",
-    "get_loss",
     "leave_process_group",
-    "masked_huber",
     "st_training_args",
 ]

@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from st_peft.checks import check_future_values
 from st_peft.forecasting import forecast_loss, inputs_for
 from st_peft.losses import masked_mae
 from st_peft.metrics import POINT_METRICS, horizon_metrics
@@ -162,9 +163,15 @@ class STTrainer(Trainer):
         prediction = prediction_of(outputs)
         loss = None if isinstance(outputs, torch.Tensor) else outputs.get("loss")
         if loss is None:
+            name = type(model).__name__
+            if prediction.dim() != 4:
+                raise ValueError(f"{name} returned a forecast of shape {tuple(prediction.shape)}; st-peft forecasts "
+                                 "are (batch, horizon, nodes, out_channels)")
+            check_future_values(inputs["future_values"], model=name, batch_size=prediction.shape[0],
+                                horizon=prediction.shape[1], nodes=prediction.shape[2],
+                                out_channels=prediction.shape[3])
             loss = forecast_loss(prediction, inputs["future_values"], inputs["future_observed_mask"],
-                                 self.bare_output_loss, model=type(model).__name__,
-                                 aux_loss=getattr(outputs, "aux_loss", None))
+                                 self.bare_output_loss, model=name, aux_loss=getattr(outputs, "aux_loss", None))
         return (loss, prediction) if return_outputs else loss
 
     def prediction_step(

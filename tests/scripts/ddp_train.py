@@ -32,9 +32,9 @@ class NodeLinear(nn.Module):
         super().__init__()
         self.proj = nn.Linear(input_len, horizon)
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Map ``x`` ``(B, L, N, C)`` to ``(B, H, N, C)``."""
-        return self.proj(x.transpose(1, 3)).transpose(1, 3)
+    def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Map ``past_values`` ``(B, L, N, C)`` to ``(B, H, N, C)``, in original units."""
+        return self.proj(past_values.transpose(1, 3)).transpose(1, 3)
 
 
 def parameter_hash(model: nn.Module) -> str:
@@ -64,7 +64,7 @@ def main() -> None:
     train = splits.train.select(range(0, 2000, 10))
     # the batch-sampler path: Accelerate must hand each rank its share of the replay batches
     sampler = MemoryReplaySampler(np.asarray(train["start"]), batch_size=16, replay_fraction=0.25)
-    trainer = STTrainer(model, args, train, None, splits.collator, splits.scaler, train_sampler=sampler)
+    trainer = STTrainer(model, args, train, None, splits.collator, train_sampler=sampler)
     trainer.train()
     metrics = trainer.evaluate_test(splits.test.select(range(TEST_ROWS)), horizons=(1, 12))
 
