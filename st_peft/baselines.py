@@ -76,6 +76,9 @@ def baseline_metrics(
 ) -> dict[str, dict[str, float]]:
     """Masked metrics of the last-value and seasonal-naive forecasts on a split.
 
+    A metric with no observed target to score is NaN with a warning, as in
+    :func:`~st_peft.metrics.horizon_metrics`, never 0.0.
+
     Returns:
         ``{"last value": {...}, "seasonal naive": {...}}`` with :func:`~st_peft.metrics.horizon_metrics` keys.
     """

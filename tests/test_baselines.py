@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 
@@ -55,3 +58,17 @@ def test_baseline_metrics_match_a_hand_computed_mae(taxi_splits):
     expected = np.abs(last_value_forecast(taxi_splits, "val") - y).mean()
     assert metrics["last value"]["mae"] == pytest.approx(expected, rel=1e-6)
     assert metrics["seasonal naive"]["mae"] < metrics["last value"]["mae"]
+
+
+def test_a_test_span_with_no_observed_target_scores_nan_not_zero():
+    # issue 14 (6): seasonal naive and last value scored a perfect 0.0 on an all-masked test span
+    data = load("sz-taxi")
+    test_steps = slice(round(data.num_steps * 0.8), None)
+    mask = data.mask.copy()
+    mask[test_steps] = False
+    splits = build_splits(dataclasses.replace(data, mask=mask), input_len=12, horizon=12)
+    with pytest.warns(RuntimeWarning, match="no observed target to score mae@3"):
+        metrics = baseline_metrics(splits, "test")
+    for name in ("last value", "seasonal naive"):
+        assert all(math.isnan(value) for value in metrics[name].values()), name
+    assert all(math.isfinite(value) for value in baseline_metrics(splits, "val")["last value"].values())

@@ -1,11 +1,13 @@
 """Masked metrics checked against numbers worked out by hand."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from st_peft.losses import LOSSES
 from st_peft.metrics import (
     crps,
     horizon_metrics,
@@ -64,14 +66,15 @@ def test_nan_null_value_and_nan_predictions_at_missing_entries():
     assert masked_rmse(pred, target, null_value=float("nan")) == pytest.approx(1.0)
 
 
-def test_all_masked_gives_zero_not_nan():
+def test_all_masked_point_metrics_give_zero_so_training_losses_stay_finite():
     mask = np.zeros_like(TARGET, dtype=bool)
     for fn in (masked_mae, masked_rmse, masked_mape, masked_wape):
         assert fn(PRED, TARGET, mask) == 0.0
-    grad_pred = torch.zeros(1, 2, 2, 1, requires_grad=True)
-    loss = masked_mae(grad_pred, torch.zeros(1, 2, 2, 1))
-    loss.backward()
-    assert float(loss.detach()) == 0.0 and torch.isfinite(grad_pred.grad).all()
+    for name, loss_fn in LOSSES.items():
+        grad_pred = torch.zeros(1, 2, 2, 1, requires_grad=True)
+        loss = loss_fn(grad_pred, torch.zeros(1, 2, 2, 1), torch.zeros(1, 2, 2, 1, dtype=torch.bool))
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and torch.isfinite(grad_pred.grad).all(), name
 
 
 def test_horizon_metrics_per_step_and_pooled():
@@ -91,13 +94,34 @@ def test_horizon_metrics_per_step_and_pooled():
     }
 
 
-def test_horizon_metrics_all_masked_step_does_not_poison_average():
+def test_horizon_metrics_all_masked_step_is_nan_with_a_warning_and_does_not_poison_average():
     mask = np.ones_like(TARGET, dtype=bool)
     mask[:, 0] = False
-    metrics = horizon_metrics(torch.tensor(PRED), torch.tensor(TARGET), torch.tensor(mask), horizons=(1, 2))
-    assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["mae@1"] == 0.0 and metrics["rmse@1"] == 0.0
+    with pytest.warns(RuntimeWarning, match=r"no observed target to score mae@1, rmse@1, mape@1, wape@1: reported as NaN"):
+        metrics = horizon_metrics(torch.tensor(PRED), torch.tensor(TARGET), torch.tensor(mask), horizons=(1, 2))
+    assert all(math.isnan(metrics[f"{name}@1"]) for name in ("mae", "rmse", "mape", "wape"))
+    assert all(math.isfinite(value) for key, value in metrics.items() if not key.endswith("@1"))
     assert metrics["mae"] == pytest.approx(metrics["mae@2"])
+
+
+def test_evaluation_with_no_observed_target_is_nan_never_a_perfect_zero():
+    # issue 14 (6): an all-masked test span scored MAE, RMSE, MAPE and WAPE of 0.0
+    with pytest.warns(RuntimeWarning, match="reported as NaN"):
+        metrics = horizon_metrics(PRED, TARGET, np.zeros_like(TARGET, dtype=bool), horizons=(1, 2))
+    assert len(metrics) == 12 and all(math.isnan(value) for value in metrics.values())
+
+
+def test_mape_and_wape_of_all_zero_targets_are_nan_in_the_report():
+    target = np.zeros_like(TARGET)
+    with pytest.warns(RuntimeWarning, match="mape@1, wape@1"):
+        metrics = horizon_metrics(PRED, target, np.ones_like(TARGET, dtype=bool), horizons=(1,))
+    assert metrics["mae@1"] == pytest.approx(1.5) and math.isnan(metrics["mape@1"]) and math.isnan(metrics["wape"])
+
+
+def test_observed_targets_raise_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        horizon_metrics(PRED, TARGET, horizons=(1, 2))
 
 
 def test_clear_errors_for_bad_shapes_and_horizons():

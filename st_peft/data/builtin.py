@@ -1,4 +1,4 @@
-"""Built-in real data sets shipped in ``st_peft/builtin_data`` and ``load()`` by name or path."""
+"""Built-in real data sets shipped in ``st_peft/builtin_data``, opened by name with ``st_peft.data.load``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from st_peft.data.container import STData, observed_mask
-from st_peft.data.errors import DataError
-from st_peft.data.graphs import read_adjacency, read_dcrnn_pickle
-from st_peft.data.readers import read_h5, read_npz, read_wide_csv
+from st_peft.data.graphs import read_adjacency
+from st_peft.data.readers import read_npz, read_wide_csv
 
 BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "builtin_data"
 
@@ -77,40 +76,4 @@ BUILTIN_DATASETS: dict[str, Callable[[], STData]] = {
     "etth1": _etth1,
     "chickenpox": _chickenpox,
 }
-
-
-def load(name_or_path: str | Path, **options) -> STData:
-    """Open a built-in data set by name, or a user's file by path.
-
-    Args:
-        name_or_path: one of ``BUILTIN_DATASETS`` (``"sz-taxi"``, ``"los-loop"``, ``"nyc-taxi"``,
-            ``"nyc-bike"``, ``"etth1"``, ``"chickenpox"``), or a path to a ``.npz`` (PEMS layout,
-            needs ``steps_per_day``), ``.h5`` or ``.csv`` file.
-        **options: passed to the reader of that format (``steps_per_day``, ``adjacency``,
-            ``missing_value``, ...). An ``adjacency`` given as a path is read with the graph readers.
-
-    Returns:
-        The data set as :class:`STData` ``(T, N, C)``.
-    """
-    key = str(name_or_path)
-    if key in BUILTIN_DATASETS:
-        if options:
-            raise DataError(f"built-in data set '{key}' takes no options, got {sorted(options)}")
-        return BUILTIN_DATASETS[key]()
-    path = Path(name_or_path)
-    if not path.exists():
-        raise DataError(
-            f"'{key}' is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) nor an existing file"
-        )
-    adjacency = options.get("adjacency")
-    if isinstance(adjacency, (str, Path)):
-        options["adjacency"] = (
-            read_dcrnn_pickle(adjacency)[1] if str(adjacency).endswith(".pkl") else read_adjacency(adjacency)
-        )
-    readers = {".npz": read_npz, ".h5": read_h5, ".hdf5": read_h5, ".csv": read_wide_csv}
-    if path.suffix not in readers:
-        raise DataError(f"{path}: unknown format '{path.suffix}' (known: {', '.join(readers)})")
-    if path.suffix == ".npz" and "steps_per_day" not in options:
-        raise DataError(f"{path}: pass steps_per_day for an .npz file (288 for 5-minute PEMS data)")
-    return readers[path.suffix](path, **options)
 

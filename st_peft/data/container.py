@@ -11,6 +11,10 @@ import pandas as pd
 from st_peft.data.errors import DataError
 
 MINUTES_PER_DAY = 1440
+SECONDS_PER_DAY = 86400
+# a step this many times the typical step is a gap (daily and coarser data keep calendar
+# months of 28 to 31 days below it)
+GAP_FACTOR = 1.5
 
 
 @dataclass
@@ -27,6 +31,12 @@ class STData:
         adjacency: float32 ``(N, N)`` weighted or binary adjacency, or None.
         node_ids: one id per node; defaults to ``"0" .. "N-1"``.
         channel_names: one name per channel; defaults to ``"c0" ..``.
+
+    Refused at construction, each naming the first offending step, node and channel (or index):
+    an observed value that is NaN or inf, or that overflows float32 (1e39 in float64 input);
+    ``steps_per_day`` that is not a whole number in ``[1, 86400]``; timestamps that repeat, go
+    backwards, or leave a gap (a step over 1.5 times the median step). Gaps are refused rather
+    than bridged so that no window spans one: insert the missing steps as missing values.
     """
 
     values: np.ndarray
@@ -46,32 +56,49 @@ class STData:
         mask = np.asarray(self.mask, dtype=bool)
         if mask.shape != values.shape:
             raise DataError(f"{self.name}: mask shape {mask.shape} differs from values shape {values.shape}")
-        if not np.isfinite(values[mask]).all():
-            raise DataError(
-                f"{self.name}: values hold NaN or inf at observed positions; "
-                "mark them missing in `mask` or use a reader that treats them as missing"
-            )
-        self.values = np.where(mask, values, 0).astype(np.float32)
-        self.mask = mask
         t, n, c = values.shape
-        if self.steps_per_day < 1:
-            raise DataError(f"{self.name}: steps_per_day must be >= 1, got {self.steps_per_day}")
+        self.steps_per_day = checked_steps_per_day(self.steps_per_day, self.name)
         if self.timestamps is not None:
             self.timestamps = np.asarray(self.timestamps, dtype="datetime64[ns]")
             if self.timestamps.shape != (t,):
                 raise DataError(f"{self.name}: {self.timestamps.shape[0]} timestamps for {t} time steps")
-        if self.adjacency is not None:
-            self.adjacency = np.ascontiguousarray(self.adjacency, dtype=np.float32)
-            if self.adjacency.shape != (n, n):
-                raise DataError(f"{self.name}: adjacency is {self.adjacency.shape} but the data has {n} nodes")
-            if not np.isfinite(self.adjacency).all():
-                raise DataError(f"{self.name}: adjacency holds NaN or inf")
+            _check_regular(self.timestamps, self.name)
         self.node_ids = [str(i) for i in self.node_ids] or [str(i) for i in range(n)]
         if len(self.node_ids) != n:
             raise DataError(f"{self.name}: {len(self.node_ids)} node ids for {n} nodes")
         self.channel_names = list(self.channel_names) or [f"c{i}" for i in range(c)]
         if len(self.channel_names) != c:
             raise DataError(f"{self.name}: {len(self.channel_names)} channel names for {c} channels")
+        non_finite = mask & ~np.isfinite(values)
+        if non_finite.any():
+            raise DataError(
+                f"{self.name}: NaN or inf at {self._position(non_finite)}, an observed position; "
+                "mark it missing in `mask` or use a reader that treats it as missing"
+            )
+        # a float64 value beyond float32's range is finite here but inf once stored: a model
+        # trained on it learns NaN
+        if values.dtype.kind == "f" and values.dtype.itemsize > 4:
+            too_large = mask & (np.abs(values) > np.finfo(np.float32).max)
+            if too_large.any():
+                first = tuple(np.argwhere(too_large)[0])
+                raise DataError(
+                    f"{self.name}: value {values[first]:.3g} at {self._position(too_large)} overflows float32 "
+                    f"(largest {np.finfo(np.float32).max:.3g}); rescale the data or mark the value missing"
+                )
+        self.values = np.where(mask, values, 0).astype(np.float32)
+        self.mask = mask
+        if self.adjacency is not None:
+            self.adjacency = np.ascontiguousarray(self.adjacency, dtype=np.float32)
+            if self.adjacency.shape != (n, n):
+                raise DataError(f"{self.name}: adjacency is {self.adjacency.shape} but the data has {n} nodes")
+            if not np.isfinite(self.adjacency).all():
+                raise DataError(f"{self.name}: adjacency holds NaN or inf")
+
+    def _position(self, where: np.ndarray) -> str:
+        """The first True entry of a ``(T, N, C)`` bool array, as step (and time), node and channel."""
+        step, node, channel = (int(i) for i in np.argwhere(where)[0])
+        when = f"step {step}" if self.timestamps is None else f"step {step} ({self.timestamps[step]})"
+        return f"{when}, node '{self.node_ids[node]}', channel '{self.channel_names[channel]}'"
 
     @property
     def num_steps(self) -> int:
@@ -160,10 +187,15 @@ class STData:
     def from_hf_dataset(cls, dataset, name: str | None = None, steps_per_day: int | None = None) -> STData:
         """Build from a ``datasets.Dataset`` made by :meth:`to_hf_dataset` (or shaped like one).
 
+        ``Dataset.push_to_hub`` keeps the columns but not the st-peft metadata (graph, ids,
+        steps per day) that :meth:`to_hf_dataset` stores in ``info.description``; ``save_to_disk``
+        keeps both. Without metadata the steps per day come from the timestamps.
+
         Args:
             dataset: rows of ``values`` ``(N, C)``, optional ``mask`` and ``timestamp``.
             name: overrides the stored name.
-            steps_per_day: required when the data set carries no st-peft metadata.
+            steps_per_day: overrides the stored value; required when the data set carries neither
+                st-peft metadata nor timestamps.
         """
         try:
             metadata = json.loads(dataset.info.description or "{}").get("st_peft", {})
@@ -182,19 +214,86 @@ class STData:
         )
         timestamps = np.asarray(table["timestamp"][:]) if "timestamp" in dataset.column_names else None
         spd = steps_per_day or metadata.get("steps_per_day")
+        if spd is None and timestamps is not None:
+            spd = steps_per_day_of(pd.DatetimeIndex(timestamps), name or metadata.get("name", "data"))
         if spd is None:
-            raise DataError("steps_per_day is unknown: pass it, the dataset carries no st-peft metadata")
+            raise DataError(
+                "steps_per_day is unknown: the dataset has neither st-peft metadata nor timestamps; "
+                "pass steps_per_day=... (command line: --steps-per-day)"
+            )
         adjacency = metadata.get("adjacency")
         return cls(
             values=np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) * mask,
             mask=mask,
-            steps_per_day=int(spd),
+            steps_per_day=spd,
             name=name or metadata.get("name", "data"),
             timestamps=timestamps,
             start_day_of_week=int(metadata.get("start_day_of_week", 0)),
             adjacency=None if adjacency is None else np.asarray(adjacency, dtype=np.float32),
             node_ids=metadata.get("node_ids", []),
             channel_names=metadata.get("channel_names", []),
+        )
+
+
+def steps_per_day_of(timestamps: pd.DatetimeIndex, source: str = "data") -> int:
+    """Infer steps per day from the median step between increasing timestamps (1 for daily or coarser).
+
+    Raises:
+        DataError: for fewer than two timestamps, or timestamps that repeat, go backwards or leave a gap.
+    """
+    if len(timestamps) < 2:
+        raise DataError(f"{source}: at least two timestamps are needed to infer the step length")
+    stamps = timestamps.to_numpy(dtype="datetime64[ns]")
+    _check_regular(stamps, source)
+    step_seconds = np.median(np.diff(stamps).astype(np.int64)) / 1e9
+    return max(1, int(SECONDS_PER_DAY // step_seconds))
+
+
+def checked_steps_per_day(steps_per_day, source: str = "data") -> int:
+    """``steps_per_day`` as an int, refused unless it is a whole number in ``[1, 86400]``.
+
+    1 is daily or coarser data; 86400 is one step a second, the finest st-peft's calendar resolves.
+
+    Raises:
+        DataError: naming ``source``, the value and the fix (the command line's ``--steps-per-day``).
+    """
+    number = isinstance(steps_per_day, (int, float, np.integer, np.floating)) and not isinstance(steps_per_day, bool)
+    if not (number and float(steps_per_day).is_integer() and 1 <= steps_per_day <= SECONDS_PER_DAY):
+        raise DataError(
+            f"{source}: steps_per_day must be a whole number of steps in a day, from 1 (daily or coarser) to "
+            f"{SECONDS_PER_DAY} (one a second), got {steps_per_day!r}; pass steps_per_day=288 for 5-minute "
+            "steps (command line: --steps-per-day 288)"
+        )
+    return int(steps_per_day)
+
+
+def _check_regular(timestamps: np.ndarray, source: str) -> None:
+    """Refuse timestamps ``(T,)`` that repeat, go backwards or leave a gap, naming the first offending index.
+
+    A gap is a step longer than ``GAP_FACTOR`` times the median step. It is refused rather than
+    bridged, so that no window ever spans one: the fix is to insert the missing steps as
+    missing values, which the masks then skip.
+    """
+    if len(timestamps) < 2:
+        return
+    steps = np.diff(timestamps).astype(np.int64)
+    backwards = np.flatnonzero(steps <= 0)
+    if backwards.size:
+        i = int(backwards[0]) + 1
+        what = "repeats" if steps[i - 1] == 0 else "goes back from"
+        raise DataError(
+            f"{source}: timestamp {i} ({timestamps[i]}) {what} timestamp {i - 1} ({timestamps[i - 1]}); "
+            "timestamps must increase: sort the rows and drop duplicates (local times repeat an hour when "
+            "daylight saving ends: use UTC)"
+        )
+    typical = pd.Timedelta(int(np.median(steps)), unit="ns")
+    gaps = np.flatnonzero(steps > GAP_FACTOR * typical.value)
+    if gaps.size:
+        i = int(gaps[0]) + 1
+        raise DataError(
+            f"{source}: a gap of {pd.Timedelta(int(steps[i - 1]), unit='ns')} before timestamp {i} "
+            f"({timestamps[i]}) in steps of {typical}; windows must not span it: insert the missing steps "
+            f"as missing values (pandas: frame.asfreq('{pd.tseries.frequencies.to_offset(typical).freqstr}'))"
         )
 
 

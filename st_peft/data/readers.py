@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from st_peft.data.container import MINUTES_PER_DAY, STData, observed_mask
+from st_peft.data.container import STData, observed_mask, steps_per_day_of
 from st_peft.data.errors import DataError
 
 
@@ -103,17 +103,6 @@ def read_wide_csv(
     return _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day, **metadata)
 
 
-def steps_per_day_of(timestamps: pd.DatetimeIndex) -> int:
-    """Infer steps per day from the most common gap between timestamps (1 for daily or coarser)."""
-    if len(timestamps) < 2:
-        raise DataError("at least two timestamps are needed to infer the step length")
-    gaps = np.diff(timestamps.to_numpy(dtype="datetime64[m]")).astype(np.int64)
-    step_minutes = int(pd.Series(gaps).mode().iloc[0])
-    if step_minutes <= 0:
-        raise DataError("timestamps are not increasing")
-    return max(1, MINUTES_PER_DAY // step_minutes)
-
-
 def _from_frame(
     frame: pd.DataFrame,
     path: Path,
@@ -130,7 +119,7 @@ def _from_frame(
     timestamps = None
     if isinstance(frame.index, pd.DatetimeIndex):
         timestamps = frame.index.to_numpy(dtype="datetime64[ns]")
-        steps_per_day = steps_per_day or steps_per_day_of(frame.index)
+        steps_per_day = steps_per_day or steps_per_day_of(frame.index, str(path))
     values = values[..., None]
     return STData(
         values=np.nan_to_num(values),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import datasets
@@ -222,8 +223,11 @@ def build_splits(
     With ``ratios`` the time axis is cut in three spans; a window belongs to the span its
     target lies in (its history may reach back into the span before). With ``index_file``
     the windows are read from an ``.npz`` holding ``train``/``val``/``test`` arrays of
-    ``(start, split, end)`` rows (the STAEformer layout). ``few_shot`` keeps the most recent
-    fraction of the training windows, as a new city would have them; the scaler is fitted
+    ``(start, split, end)`` rows (the STAEformer layout); each split's windows must start in
+    increasing order, every validation window after the last training one and every test
+    window after the last validation one (neighbouring windows share steps, as in
+    STAEformer's own files), and none may start before step 0 or end beyond the series.
+    ``few_shot`` keeps the most recent fraction of the training windows, as a new city would have them; the scaler is fitted
     on the observed values of the training steps those windows cover, never beyond, and handed
     to models through :meth:`ForecastingSplits.model_kwargs`; batches stay in original units.
 
@@ -315,18 +319,43 @@ def _starts_from_index(path: Path, num_steps: int, input_len: int, horizon: int)
         raise DataError(f"index file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            index = {split: np.asarray(archive[split], dtype=np.int64) for split in SPLIT_NAMES}
+            raw = {split: np.asarray(archive[split]) for split in SPLIT_NAMES}
     except KeyError as error:
         raise DataError(f"{path}: an index file needs arrays {SPLIT_NAMES} ({error})") from error
     except Exception as error:
         raise DataError(f"corrupt index file {path}: {error}") from error
     starts = {}
-    for split, rows in index.items():
+    for split, rows in raw.items():
         if rows.ndim != 2 or rows.shape[1] != 3 or len(rows) == 0:
             raise DataError(f"{path}: '{split}' must be a non-empty (n, 3) array, got {rows.shape}")
+        if rows.dtype.kind not in "iu":
+            raise DataError(f"{path}: '{split}' holds {rows.dtype} values; window steps must be integers")
+        rows = rows.astype(np.int64)
         if not ((rows[:, 1] - rows[:, 0] == input_len).all() and (rows[:, 2] - rows[:, 1] == horizon).all()):
             raise DataError(f"{path}: '{split}' windows are not {input_len} in and {horizon} out")
-        if rows[:, 0].min() < 0 or rows[:, 2].max() > num_steps:
-            raise DataError(f"{path}: '{split}' windows reach step {rows[:, 2].max()} of a {num_steps}-step series")
+        negative = np.flatnonzero(rows[:, 0] < 0)
+        if negative.size:
+            row = int(negative[0])
+            raise DataError(f"{path}: '{split}' window {row} starts at step {rows[row, 0]}; starts must be >= 0")
+        beyond = np.flatnonzero(rows[:, 2] > num_steps)
+        if beyond.size:
+            row = int(beyond[0])
+            raise DataError(
+                f"{path}: '{split}' window {row} ends at step {rows[row, 2]}, beyond the {num_steps}-step series"
+            )
+        unordered = np.flatnonzero(np.diff(rows[:, 0]) <= 0)
+        if unordered.size:
+            row = int(unordered[0]) + 1
+            raise DataError(
+                f"{path}: '{split}' window {row} starts at step {rows[row, 0]}, not after window {row - 1} "
+                f"(step {rows[row - 1, 0]}); the windows of a split must be in time order without repeats"
+            )
         starts[split] = rows[:, 0]
+    for earlier, later in pairwise(SPLIT_NAMES):
+        if starts[later][0] <= starts[earlier][-1]:
+            raise DataError(
+                f"{path}: '{later}' window 0 starts at step {starts[later][0]}, not after the last '{earlier}' "
+                f"window (step {starts[earlier][-1]}); train, val and test windows must follow each other "
+                "in time without overlapping"
+            )
     return starts
