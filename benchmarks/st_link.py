@@ -7,7 +7,8 @@
                                                        # the same comparison from pretrained GPT-2
 
 Protocol (default): NYCTaxi and NYCBike1 demand (inflow and outflow) and LOS-loop speed,
-12 steps in and 12 out, chronological 7:1:2 split, scaler fitted on the training span.
+12 steps in and 12 out, chronological 7:1:2 split, scaling statistics fitted on the training
+span and carried by each model (``splits.model_kwargs()``).
 Every model trains for the same fixed budget of optimizer steps (``--steps``, batch
 ``--batch-size``, AdamW lr ``--lr``, masked MAE in original units plus the router's
 balance loss, through ``STTrainer``) with no validation-based selection, and is tested on
@@ -47,6 +48,7 @@ from common import markdown_table, parameter_count, write_results  # noqa: E402
 from st_peft.backbones import STID, GWNet  # noqa: E402
 from st_peft.data import build_splits, load  # noqa: E402
 from st_peft.models.st_link import STLinkForForecasting  # noqa: E402
+from st_peft.outputs import TARGET_NAMES  # noqa: E402
 from st_peft.training import STTrainer, st_training_args  # noqa: E402
 
 METRICS = ("mae", "rmse", "mape")
@@ -111,7 +113,7 @@ def train_and_test(model: torch.nn.Module, splits, options: argparse.Namespace, 
         load_best_model_at_end=False,
         disable_tqdm=True,
     )
-    trainer = STTrainer(model, args, splits.train, None, splits.collator, splits.scaler)
+    trainer = STTrainer(model, args, splits.train, None, splits.collator)
     trainer.remove_callback(PrinterCallback)  # it would print every run's training summary
     start = time.perf_counter()
     trainer.train()
@@ -145,7 +147,7 @@ def compare_cost(splits, options: argparse.Namespace) -> dict:
     """Training-step time and memory of ST-LINK against the baseline of the same size, side by side."""
     models = {name: build_model(name, splits, options, seed=0).train() for name in ("ST-LINK", "GPT-2 + PFA baseline")}
     batch = splits.collator([splits.train[i] for i in range(options.batch_size)])
-    inputs = {key: value for key, value in batch.items() if key not in ("y", "y_mask")}
+    inputs = {key: value for key, value in batch.items() if key not in TARGET_NAMES}
     optimizers = {
         name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
         for name, model in models.items()
@@ -154,7 +156,7 @@ def compare_cost(splits, options: argparse.Namespace) -> dict:
     def step(name: str) -> float:
         start = time.perf_counter()
         output = models[name](**inputs)
-        loss = output.prediction.abs().mean()
+        loss = output.prediction_outputs.abs().mean()
         if output.aux_loss is not None:
             loss = loss + output.aux_loss
         loss.backward()

@@ -71,7 +71,8 @@ class STScaler(nn.Module):
             )
         for name in STATISTIC_NAMES:
             buffer = getattr(self, name)
-            value = torch.as_tensor(np.asarray(statistics[name], dtype=np.float32))
+            # on the CPU even under a meta-device context (transformers builds models there to load them)
+            value = torch.as_tensor(np.asarray(statistics[name], dtype=np.float32), device="cpu")
             if value.dim() == 1 and value.shape[0] == buffer.shape[1]:
                 value = value.expand_as(buffer)
             if value.shape != buffer.shape:

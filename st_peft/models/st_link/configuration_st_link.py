@@ -5,6 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, PreTrainedConfig
 
+from st_peft.losses import LOSSES
+
 
 @strict
 class STLinkConfig(PreTrainedConfig):
@@ -51,6 +53,13 @@ class STLinkConfig(PreTrainedConfig):
             undo it on the forecast.
         revin_affine (`bool`): learn a per-channel scale and shift inside that normalisation.
         revin_eps (`float`): added to the variance before its square root.
+        scaling (`dict`, *optional*): the training span's statistics, a mapping of
+            `past_loc` / `past_scale` (`(N, C_in)` nested lists) and `future_loc` / `future_scale`
+            (`(N, C_out)`), as `splits.model_kwargs()` gives them. The forecaster normalises
+            `past_values` with them and returns forecasts in original units; `None` scales by the
+            identity.
+        loss (`str`): training loss in original units, one of `"mae"`, `"mse"`, `"huber"`
+            (`st_peft.losses.LOSSES`).
 
     Example:
 
@@ -89,6 +98,8 @@ class STLinkConfig(PreTrainedConfig):
     use_revin: bool = True
     revin_affine: bool = True
     revin_eps: float = 1e-5
+    scaling: dict | None = None
+    loss: str = "mae"
 
     @property
     def num_patches(self) -> int:
@@ -161,6 +172,8 @@ class STLinkConfig(PreTrainedConfig):
                 )
             if not 0.0 <= self.memory_ema_decay < 1.0:
                 raise ValueError(f"`memory_ema_decay` must lie in [0, 1), got {self.memory_ema_decay}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {sorted(LOSSES)}, got {self.loss!r}.")
         if self.use_revin and self.out_channels > self.in_channels:
             raise ValueError(
                 f"RevIN undoes the normalisation of output channel c with the statistics of input channel c: "

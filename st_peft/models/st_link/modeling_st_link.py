@@ -7,9 +7,14 @@ follows the method as published and records each choice the paper leaves open.
 Tokens are ordered patch-major: token ``p * N + n`` holds patch ``p`` of node ``n``, so that
 under GPT-2's causal mask the tokens of the last patch see every node's earlier patches.
 
+[`STLinkForForecasting`] speaks transformers' time-series language: ``past_values`` in original
+units in, a ``ForecastOutput`` in original units (with ``loss`` when ``future_values`` is given)
+out. It carries the training span's statistics as an ``STScaler`` and works in that scaled
+space; [`STLinkModel`] encodes an already scaled history.
+
 This file is copied next to the weights by ``save_pretrained`` (``register_for_auto_class``),
-so it imports only ``torch``, ``transformers``, ``safetensors``, ``st_peft.outputs`` and its sibling
-configuration file.
+so it imports only ``torch``, ``transformers``, ``safetensors``, ``st_peft`` (outputs, checks,
+scaling, losses, the shared forecast output) and its sibling configuration file.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, cached_file
 
-from st_peft.outputs import ForecastOutput
+from st_peft.checks import check_node_index, check_observed_mask, check_past_values, check_time_features
+from st_peft.forecasting import forecast_output
+from st_peft.losses import get_loss
+from st_peft.outputs import ForecastOutput, reject_renamed_inputs
+from st_peft.scaling import STATISTIC_NAMES, STScaler
 
 from .configuration_st_link import STLinkConfig
 
@@ -417,24 +426,27 @@ class STLinkEmbeddings(nn.Module):
         self.wpe = None if config.use_se_attention else nn.Embedding(config.gpt2_config.n_positions, width)
         self.dropout = nn.Dropout(config.gpt2_config.embd_pdrop)
 
-    def forward(self, x: torch.Tensor, x_time: torch.Tensor | None, node_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, scaled_past_values: torch.Tensor, past_time_features: torch.Tensor | None, node_index: torch.Tensor
+    ) -> torch.Tensor:
         """Embed a history.
 
         Args:
-            x: ``(B, L, N, C_in)``, already normalised.
-            x_time: ``(B, L, 2)`` time-of-day slot and day of week, or ``None`` to skip the calendar.
-            node_index: ``(N,)`` graph indices of the nodes in ``x``.
+            scaled_past_values: ``(B, L, N, C_in)``, already normalised.
+            past_time_features: ``(B, L, 2)`` time-of-day slot and day of week, or ``None`` to skip the calendar.
+            node_index: ``(N,)`` graph indices of the nodes in ``scaled_past_values``.
 
         Returns:
             Tokens ``(B, P * N, d)``, patch-major.
         """
-        batch, length, num_nodes, channels = x.shape
+        batch, length, num_nodes, channels = scaled_past_values.shape
         num_patches = length // self.patch_len
-        patches = x.reshape(batch, num_patches, self.patch_len, num_nodes, channels).permute(0, 1, 3, 2, 4)
+        patches = scaled_past_values.reshape(batch, num_patches, self.patch_len, num_nodes, channels)
+        patches = patches.permute(0, 1, 3, 2, 4)
         tokens = self.patch(patches.reshape(batch, num_patches, num_nodes, self.patch_len * channels))
         tokens = tokens + self.node(node_index)
-        if x_time is not None:
-            last_step = x_time[:, self.patch_len - 1 :: self.patch_len]
+        if past_time_features is not None:
+            last_step = past_time_features[:, self.patch_len - 1 :: self.patch_len]
             calendar = self.time_of_day(last_step[..., 0]) + self.day_of_week(last_step[..., 1])
             tokens = tokens + calendar[:, :, None, :]
         tokens = tokens.reshape(batch, num_patches * num_nodes, -1)
@@ -511,14 +523,14 @@ class STLinkPreTrainedModel(PreTrainedModel):
     config: STLinkConfig
     config_class = STLinkConfig
     base_model_prefix = "st_link"
-    main_input_name = "x"
+    main_input_name = "past_values"
     supports_gradient_checkpointing = False
     _no_split_modules = ["STLinkBlock"]
     _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2's initialisation, plus the ST-LINK parameters: node rotations, memory, RevIN."""
+        """GPT-2's initialisation, plus the ST-LINK parameters: node rotations, memory, RevIN, scaler."""
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, Conv1D):
@@ -538,6 +550,13 @@ class STLinkPreTrainedModel(PreTrainedModel):
         if isinstance(module, STLinkRevIN) and module.affine:
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        if isinstance(module, STScaler):
+            # from_pretrained builds the model on the meta device: a scaler the checkpoint lacks
+            # takes the config's statistics (the identity without them)
+            expected = STScaler(module.num_nodes, module.past_loc.shape[1], module.future_loc.shape[1],
+                                self.config.scaling, model=module.model)
+            for name in STATISTIC_NAMES:
+                init.copy_(getattr(module, name), getattr(expected, name))
 
     def apply_partial_freeze(self) -> None:
         """Set ``requires_grad`` by the configuration: lower blocks frozen except ``ln_1``/``ln_2``, the rest trainable."""
@@ -559,6 +578,26 @@ class STLinkPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.apply_partial_freeze()
         return loaded
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Refuse a checkpoint whose saved scaler describes another graph, then finish loading as transformers does.
+
+        transformers copies the checkpoint into the model itself (``STScaler._load_from_state_dict``
+        never runs) and reports a size mismatch only as a log table; with
+        ``ignore_mismatched_sizes=True`` it would even swap the saved statistics for the config's.
+        A forecaster with the wrong statistics forecasts the wrong units, so it is refused here,
+        naming both node counts.
+        """
+        for key, saved, expected in sorted(loading_info.mismatched_keys):
+            module_name, _, buffer_name = key.rpartition(".")
+            if isinstance(model.get_submodule(module_name), STScaler):
+                raise ValueError(
+                    f"{type(model).__name__}: the checkpoint's scaler ({key}, shape {tuple(saved)}) describes "
+                    f"{saved[0]} nodes but this model has {expected[0]} nodes (shape {tuple(expected)}); load it "
+                    f"into a model of {saved[0]} nodes, or build one for the new graph with from_splits"
+                )
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     @classmethod
     def from_gpt2(cls, name_or_path: str | os.PathLike, **config_kwargs) -> STLinkPreTrainedModel:
@@ -634,11 +673,15 @@ class STLinkModel(STLinkPreTrainedModel):
 
     The lower ``n_layer - U`` blocks are frozen but for their LayerNorms when
     ``use_partial_freeze`` is set (partially frozen attention, from ST-LLM); the upper ``U``
-    blocks train and, with ``use_mrffn``, hold an MRFFN instead of the MLP.
+    blocks train and, with ``use_mrffn``, hold an MRFFN instead of the MLP. Its input is a history
+    already in the forecaster's scaled space (``scaled_past_values``); [`STLinkForForecasting`]
+    takes ``past_values`` in original units.
 
     Args:
         config: the model configuration.
     """
+
+    main_input_name = "scaled_past_values"
 
     def __init__(self, config: STLinkConfig):
         super().__init__(config)
@@ -656,69 +699,66 @@ class STLinkModel(STLinkPreTrainedModel):
         self.post_init()
         self.apply_partial_freeze()
 
-    def check_input(self, x: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
-        """Refuse inputs that disagree with the configuration; return the node indices ``(N,)``."""
+    def check_input(self, scaled_past_values: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
+        """Refuse a history that disagrees with the configuration; return the node indices ``(n,)``."""
         config = self.config
-        if x.ndim != 4:
-            raise ValueError(
-                f"ST-LINK expects x of shape (batch, time, nodes, channels); got {tuple(x.shape)}."
-            )
-        _, length, num_nodes, channels = x.shape
-        if length != config.input_len:
-            raise ValueError(
-                f"x has {length} time steps but the model was configured with input_len={config.input_len}."
-            )
-        if channels != config.in_channels:
-            raise ValueError(
-                f"x has {channels} channels but the model was configured with in_channels={config.in_channels}."
-            )
+        shape = tuple(scaled_past_values.shape)
+        nodes = f"nodes={config.num_nodes}" if node_index is None else "nodes=len(node_index)"
+        expected = f"(batch, input_len={config.input_len}, {nodes}, in_channels={config.in_channels})"
+        if (
+            len(shape) != 4
+            or shape[1] != config.input_len
+            or shape[3] != config.in_channels
+            or (node_index is None and shape[2] != config.num_nodes)
+        ):
+            hint = "; pass node_index for a subset of the graph" if len(shape) == 4 and node_index is None else ""
+            raise ValueError(f"STLinkModel expects scaled_past_values of shape {expected}; got {shape}{hint}")
         if node_index is None:
-            if num_nodes != config.num_nodes:
-                raise ValueError(
-                    f"x has {num_nodes} nodes but the model was configured with num_nodes={config.num_nodes}; "
-                    "pass node_index to forecast a subset of the graph."
-                )
-            return torch.arange(num_nodes, device=x.device)
-        node_index = node_index.to(x.device)
-        if node_index.shape != (num_nodes,):
-            raise ValueError(f"node_index has shape {tuple(node_index.shape)} but x has {num_nodes} nodes.")
-        if num_nodes and (node_index.min() < 0 or node_index.max() >= config.num_nodes):
-            raise ValueError(f"node_index holds values outside [0, {config.num_nodes}).")
-        return node_index
+            return torch.arange(shape[2], device=scaled_past_values.device)
+        check_node_index(node_index, shape[2], config.num_nodes, model="STLinkModel")
+        return node_index.to(scaled_past_values.device)
 
     def forward(
         self,
-        x: torch.Tensor,
-        x_time: torch.Tensor | None = None,
+        scaled_past_values: torch.Tensor | None = None,
+        past_time_features: torch.Tensor | None = None,
         node_index: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> STLinkModelOutput:
-        """Encode a normalised history.
+        """Encode a history that is already in the forecaster's scaled space.
+
+        [`STLinkForForecasting`] takes ``past_values`` in original units and scales them before
+        calling this encoder.
 
         Args:
-            x: ``(B, L, N, C_in)``.
-            x_time: ``(B, L, 2)`` int64 time-of-day slot and day of week, or ``None``.
-            node_index: ``(N,)`` graph indices of the nodes in ``x`` when it covers a subset.
+            scaled_past_values: ``(B, L, N, C_in)`` (required; a keyword default only so that a call with
+                ``past_values`` is told the difference).
+            past_time_features: ``(B, L, 2)`` int64 time-of-day slot and day of week, or ``None``.
+            node_index: ``(N,)`` graph indices of the nodes in ``scaled_past_values`` when it covers a subset.
             output_hidden_states: also return the states entering each block.
-            **kwargs: other batch entries (``y``, ``y_mask``, ``y_time``), ignored.
+            **kwargs: other batch entries, ignored.
 
         Returns:
             [`STLinkModelOutput`] with ``last_hidden_state`` ``(B, P, N, d)``.
         """
-        node_index = self.check_input(x, node_index)
-        if x_time is not None and x_time.numel() and x_time[..., 0].max() >= self.config.steps_per_day:
-            raise ValueError(
-                f"x_time holds time-of-day slot {int(x_time[..., 0].max())} but the model was configured with "
-                f"steps_per_day={self.config.steps_per_day}."
+        if scaled_past_values is None or "past_values" in kwargs:
+            raise TypeError(
+                "STLinkModel encodes a scaled history, scaled_past_values (B, L, N, C_in); STLinkForForecasting "
+                "takes past_values in original units and scales them itself."
             )
-        batch, _, num_nodes, _ = x.shape
+        node_index = self.check_input(scaled_past_values, node_index)
+        batch, _, num_nodes, _ = scaled_past_values.shape
+        if past_time_features is not None:
+            check_time_features(past_time_features, model="STLinkModel", name="past_time_features",
+                                batch_size=batch, steps=self.config.input_len,
+                                steps_per_day=self.config.steps_per_day)
         num_patches = self.config.num_patches
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
 
-        hidden = self.embeddings(x, x_time, node_index)
+        hidden = self.embeddings(scaled_past_values, past_time_features, node_index)
         # the angles depend on the node rotation, a parameter: computed once per forward, shared by every block
         rotary = None if self.rotary is None else self.rotary(num_patches, node_index)
         states = []
@@ -744,14 +784,28 @@ class STLinkModel(STLinkPreTrainedModel):
 
 
 class STLinkForForecasting(STLinkPreTrainedModel):
-    """ST-LINK forecaster: RevIN, [`STLinkModel`], and a per-node head from its ``P`` tokens to ``(H, C_out)``.
+    """ST-LINK forecaster: scaler, RevIN, [`STLinkModel`], and a per-node head from its ``P`` tokens to ``(H, C_out)``.
+
+    It takes ``past_values`` in original units, normalises them with the training span's
+    statistics (``config.scaling``, held by ``scaler``: float32 buffers saved with the weights),
+    forecasts in that scaled space and returns the forecast in original units, with the masked
+    ``loss`` (``config.loss``, plus the router balance ``aux_loss``) whenever ``future_values`` is
+    given, so plain ``transformers.Trainer`` trains it.
 
     Args:
         config: the model configuration.
     """
 
+    # transformers.Trainer passes num_items_in_batch to models that take **kwargs unless told
+    # not to; the loss here is a per-batch mean already
+    accepts_loss_kwargs = False
+
     def __init__(self, config: STLinkConfig):
         super().__init__(config)
+        self.loss_fn = get_loss(config.loss)
+        # registered first, so a saved scaler of another graph is reported before any other mismatch
+        self.scaler = STScaler(config.num_nodes, config.in_channels, config.out_channels, config.scaling,
+                               model=type(self).__name__)
         self.st_link = STLinkModel(config)
         self.revin = STLinkRevIN(config) if config.use_revin else None
         self.head = nn.Linear(config.num_patches * config.hidden_size, config.horizon * config.out_channels)
@@ -761,15 +815,15 @@ class STLinkForForecasting(STLinkPreTrainedModel):
     def from_splits(
         cls, splits, gpt2_name_or_path: str | os.PathLike | None = None, **config_kwargs
     ) -> STLinkForForecasting:
-        """A forecaster shaped for a data split: nodes, lengths, channels and calendar come from ``splits``.
+        """A forecaster shaped and scaled for a data split: sizes, statistics and calendar come from ``splits``.
 
         Args:
             splits: an object with ``model_kwargs()`` (``num_nodes``, ``input_len``, ``horizon``,
-                ``in_channels``, ``out_channels``) and ``steps_per_day``, such as
+                ``in_channels``, ``out_channels``, ``scaling``) and ``steps_per_day``, such as
                 ``st_peft.data.build_splits(...)``.
             gpt2_name_or_path: a GPT-2 checkpoint to start from (see [`from_gpt2`]); ``None`` builds
                 random GPT-2 blocks from ``gpt2_config``.
-            **config_kwargs: any other [`STLinkConfig`] field.
+            **config_kwargs: any other [`STLinkConfig`] field (``loss``, ``gpt2_config``, ...).
         """
         config_kwargs = {**splits.model_kwargs(), "steps_per_day": splits.steps_per_day, **config_kwargs}
         if gpt2_name_or_path is not None:
@@ -778,38 +832,68 @@ class STLinkForForecasting(STLinkPreTrainedModel):
 
     def forward(
         self,
-        x: torch.Tensor,
-        x_time: torch.Tensor | None = None,
+        past_values: torch.Tensor | None = None,
+        past_observed_mask: torch.Tensor | None = None,
+        past_time_features: torch.Tensor | None = None,
+        future_time_features: torch.Tensor | None = None,
+        future_values: torch.Tensor | None = None,
+        future_observed_mask: torch.Tensor | None = None,
         node_index: torch.Tensor | None = None,
         **kwargs,
     ) -> ForecastOutput:
-        """Forecast from a scaled history.
+        """Forecast the next ``horizon`` steps in original units.
 
         Args:
-            x: scaled history ``(B, L, N, C_in)``.
-            x_time: ``(B, L, 2)`` int64 time-of-day slot and day of week, or ``None``.
-            node_index: ``(N,)`` graph indices of the nodes in ``x`` when it covers a subset.
-            **kwargs: other batch entries (``y``, ``y_mask``, ``y_time``), ignored.
+            past_values: history ``(B, L, N, C_in)`` in original units (required; a keyword default only
+                so that a call with an old name is told the new one); entries that are not observed may
+                hold anything (0, NaN) and enter the model as the training mean.
+            past_observed_mask: bool ``(B, L, N, C_in)``, True where observed; by default every finite entry.
+            past_time_features: int64 ``(B, L, 2)`` time-of-day slot and day of week, or ``None`` (no
+                calendar embedding).
+            future_time_features: int64 ``(B, H, 2)``; unused (the tokens carry the history's calendar).
+            future_values: targets ``(B, H, N, C_out)`` in original units; when given the output holds ``loss``.
+            future_observed_mask: bool ``(B, H, N, C_out)``, True where the target was observed.
+            node_index: ``(n,)`` graph indices of the nodes in ``past_values`` when it covers a subset.
+            **kwargs: other batch entries (``num_items_in_batch``), ignored; the argument names of
+                st-peft 0.0 (``x``, ``y``, ...) are refused with their new names.
 
         Returns:
-            [`ForecastOutput`] with the scaled ``prediction`` ``(B, H, N, C_out)`` and ``aux_loss``, the
-            router balance loss times ``router_aux_loss_coef`` (``None`` without MRFFN).
+            [`ForecastOutput`] with ``prediction_outputs`` ``(B, H, n, C_out)`` in original units,
+            ``loc`` / ``scale`` ``(B, 1, n, C_out)`` of the scaler, ``aux_loss`` (the router balance
+            loss times ``router_aux_loss_coef``; ``None`` without MRFFN) and, when ``future_values``
+            is given, ``loss`` (masked ``config.loss`` in original units plus ``aux_loss``).
         """
+        name = type(self).__name__
+        reject_renamed_inputs(kwargs, name)
+        if past_values is None:
+            raise TypeError(f"{name}.forward needs past_values (B, L, N, C_in)")
         config = self.config
+        check_past_values(past_values, model=name, num_nodes=config.num_nodes, input_len=config.input_len,
+                          in_channels=config.in_channels, node_index=node_index)
+        if past_time_features is not None:
+            check_time_features(past_time_features, model=name, name="past_time_features",
+                                batch_size=past_values.shape[0], steps=config.input_len,
+                                steps_per_day=config.steps_per_day)
+        mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",
+                                   values_name="past_values")
+        scaled = self.scaler.normalise_past(past_values, mask, node_index, dtype=self.dtype)
         stats = None
         if self.revin is not None:
-            self.st_link.check_input(x, node_index)
-            x, stats = self.revin.normalize(x)
-        encoded = self.st_link(x=x, x_time=x_time, node_index=node_index)
+            scaled, stats = self.revin.normalize(scaled)
+        encoded = self.st_link(scaled_past_values=scaled, past_time_features=past_time_features,
+                               node_index=node_index)
         hidden = encoded.last_hidden_state
         batch, num_patches, num_nodes, width = hidden.shape
         per_node = hidden.permute(0, 2, 1, 3).reshape(batch, num_nodes, num_patches * width)
-        prediction = self.head(per_node).reshape(batch, num_nodes, config.horizon, config.out_channels)
-        prediction = prediction.permute(0, 2, 1, 3)
+        scaled_prediction = self.head(per_node).reshape(batch, num_nodes, config.horizon, config.out_channels)
+        scaled_prediction = scaled_prediction.permute(0, 2, 1, 3)
         if stats is not None:
-            prediction = self.revin.denormalize(prediction, stats)
+            scaled_prediction = self.revin.denormalize(scaled_prediction, stats)
         aux_loss = None if encoded.aux_loss is None else config.router_aux_loss_coef * encoded.aux_loss
-        return ForecastOutput(prediction=prediction, aux_loss=aux_loss)
+        loc, scale = self.scaler.future_loc_scale(batch, node_index)
+        return forecast_output(scaled_prediction, loc, scale, model=name, loss_fn=self.loss_fn,
+                               future_values=future_values, future_observed_mask=future_observed_mask,
+                               aux_loss=aux_loss)
 
 
 __all__ = ["STLinkForForecasting", "STLinkModel", "STLinkModelOutput", "STLinkPreTrainedModel"]
