@@ -3,7 +3,7 @@
     python benchmarks/st_lora.py [--quick] [--datasets chickenpox nyc-bike sz-taxi] [--seeds 0 1 2]
 
 Variants, for every backbone, data set and seed (12 steps in, 12 out, chronological 7:1:2
-split, scaler fitted on the training span):
+split, scaling statistics of the training span carried by the backbone):
 
 1. ``backbone``: the backbone trained to early stopping;
 2. ``+ST-LoRA``: variant 1's backbone frozen, ST-LoRA (default ``STLoraConfig``: one predictor
@@ -50,7 +50,6 @@ from transformers import TrainerCallback  # noqa: E402
 
 from st_peft.backbones import BACKBONES  # noqa: E402
 from st_peft.data import ForecastingSplits, build_splits, load  # noqa: E402
-from st_peft.outputs import prediction_of  # noqa: E402
 from st_peft.training import STTrainer, st_training_args  # noqa: E402
 from st_peft.tuners.st_lora import STLoraConfig  # noqa: E402
 
@@ -94,7 +93,7 @@ def fit(model: torch.nn.Module, splits: ForecastingSplits, seed: int, lr: float,
             save_steps=options.steps, max_steps=options.steps * options.epochs,
         )
         trainer = STTrainer(model, args, train_dataset=splits.train, eval_dataset=val,
-                            data_collator=splits.collator, scaler=splits.scaler, early_stopping_patience=3,
+                            data_collator=splits.collator, early_stopping_patience=3,
                             callbacks=[TimeLimit(options.time_limit)])
         trainer.train()
         seconds = time.perf_counter() - start
@@ -116,7 +115,7 @@ def build(name: str, splits: ForecastingSplits, seed: int, paper_size: bool = Fa
 
 def adapter_config(splits: ForecastingSplits, **overrides) -> STLoraConfig:
     """The default ST-LoRA configuration for ``splits``."""
-    return STLoraConfig(**splits.model_kwargs(), **overrides)
+    return STLoraConfig(**splits.size_kwargs(), **overrides)
 
 
 def added_parameters(model: torch.nn.Module) -> int:
@@ -155,14 +154,14 @@ def run_setting(name: str, splits: ForecastingSplits, seed: int, options: argpar
 def speed(name: str, splits: ForecastingSplits, repeats: int, paper_size: bool = False) -> dict:
     """Median seconds of a training step and of inference, with and without ST-LoRA, interleaved."""
     batch = splits.collator.gather(np.asarray(splits.split("train")["start"])[:BATCH])
-    inputs = {key: batch[key] for key in ("x", "x_time", "y_time")}
+    inputs = {key: batch[key] for key in ("past_values", "past_observed_mask", "past_time_features",
+                                          "future_time_features")}
     plain = build(name, splits, 0, paper_size)
     adapted = get_peft_model(build(name, splits, 0, paper_size), adapter_config(splits))
 
     def step(model: torch.nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
-        prediction = splits.scaler.inverse_transform(prediction_of(model(**inputs)))
-        loss = (prediction - batch["y"]).abs()[batch["y_mask"]].mean()
+        loss = model(**batch).loss  # masked MAE in original units
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for param, grad in zip(params, grads, strict=True):

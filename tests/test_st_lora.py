@@ -1,9 +1,12 @@
-"""ST-LoRA as a PEFT method: identity at init, adapters' life cycle, save/load, bad input, backbones."""
+"""ST-LoRA as a PEFT method: identity at init, loss of the refined forecast, the predictor's space,
+adapters' life cycle, save/load, bad input, the reference backbones and training with Trainer."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import subprocess
 import sys
 
@@ -14,19 +17,46 @@ from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 from torch import nn
+from transformers import Trainer, TrainingArguments
 
-import st_peft
+import st_peft  # noqa: F401  (registers STLORA)
 from _st_peft_import_hint import PeftTypeMapping
+from st_peft.backbones import BACKBONES
 from st_peft.data import build_splits, load
+from st_peft.forecasting import forecast_loss
+from st_peft.losses import masked_mae
 from st_peft.outputs import ForecastOutput
 from st_peft.tuners.st_lora import STLoraConfig, STLoraModel
-from st_peft.tuners.st_lora.layer import NodeAdaptiveLayer
+from st_peft.tuners.st_lora.layer import NodeAdaptiveLayer, NodeSelection
+from st_peft.tuners.st_lora.space import window_space
 
-NODES, LENGTH, HORIZON = 5, 12, 12
+LENGTH, HORIZON = 12, 12
+
+
+@pytest.fixture(scope="module")
+def los_loop():
+    """Splits of los-loop (207 road sensors, speeds in mph) and a validation batch of 4 windows."""
+    splits = build_splits(load("los-loop"), input_len=LENGTH, horizon=HORIZON)
+    return splits, next(splits.iter_batches("val", batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def chickenpox():
+    """Splits of chickenpox (20 counties, weekly) and a validation batch of 4 windows."""
+    splits = build_splits(load("chickenpox"), input_len=LENGTH, horizon=HORIZON)
+    return splits, next(splits.iter_batches("val", batch_size=4))
+
+
+@pytest.fixture()
+def batch(los_loop) -> dict[str, torch.Tensor]:
+    return dict(los_loop[1])
+
+
+NODES = 207  # los-loop's
 
 
 class TinyForecaster(nn.Module):
-    """A user's forecaster: per-node MLP over the history ``(B, L, N, 1) -> (B, H, N, 1)``."""
+    """A user's forecaster: a per-node MLP over the history ``(B, L, N, 1) -> (B, H, N, 1)``."""
 
     def __init__(self, num_nodes: int = NODES) -> None:
         super().__init__()
@@ -35,9 +65,20 @@ class TinyForecaster(nn.Module):
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(16, HORIZON)
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        hidden = self.fc2(self.act(self.fc1(x[..., 0].transpose(1, 2))))
+    def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden = self.fc2(self.act(self.fc1(past_values[..., 0].transpose(1, 2))))
         return hidden.transpose(1, 2).unsqueeze(-1)
+
+
+class PastValuesOnly(nn.Module):
+    """A user's module whose forward takes exactly ``past_values``: last value plus a learned per-step offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(HORIZON, 1, 1))
+
+    def forward(self, past_values):
+        return past_values[:, -1:] + self.offset
 
 
 class ConvForecaster(nn.Module):
@@ -48,14 +89,14 @@ class ConvForecaster(nn.Module):
         self.conv = nn.Conv2d(1, 4, kernel_size=(1, 3), padding=(0, 1))
         self.head = nn.Linear(4 * LENGTH, HORIZON)
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        hidden = self.conv(x.permute(0, 3, 2, 1))  # (B, 4, N, L)
+    def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden = self.conv(past_values.permute(0, 3, 2, 1))  # (B, 4, N, L)
         batch, channels, nodes, length = hidden.shape
         out = self.head(hidden.permute(0, 2, 1, 3).reshape(batch, nodes, channels * length))
         return out.transpose(1, 2).unsqueeze(-1)
 
 
-def frozen_output(backbone: nn.Module, **inputs) -> torch.Tensor:
+def frozen_output(backbone: nn.Module, **inputs):
     """The backbone's output with its weights frozen, as they are under the adapter.
 
     torch picks its matmul kernel for batched inputs by whether the weight requires grad, so
@@ -66,7 +107,7 @@ def frozen_output(backbone: nn.Module, **inputs) -> torch.Tensor:
 
 
 def config(**overrides) -> STLoraConfig:
-    return STLoraConfig(num_nodes=NODES, input_len=LENGTH, horizon=HORIZON, **overrides)
+    return STLoraConfig(**{"num_nodes": NODES, "input_len": LENGTH, "horizon": HORIZON, **overrides})
 
 
 def perturb(model: nn.Module, seed: int = 1) -> None:
@@ -78,10 +119,21 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
                 parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
 
 
+def mae(prediction: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The masked MAE of a forecast against the batch's targets (what a user's module is trained on)."""
+    return forecast_loss(prediction, batch["future_values"], batch["future_observed_mask"], masked_mae, model="test")
 
-@pytest.fixture()
-def history() -> torch.Tensor:
-    return torch.randn(3, LENGTH, NODES, 1, generator=torch.Generator().manual_seed(0))
+
+def make_backbone(name: str, splits) -> nn.Module:
+    """A tiny reference backbone carrying the training span's scaling statistics."""
+    kwargs = splits.model_kwargs()
+    if name == "stid":
+        return BACKBONES[name](**kwargs, steps_per_day=splits.steps_per_day, embed_dim=8, node_dim=8, tod_dim=8,
+                               dow_dim=8)
+    if name == "gwnet":
+        return BACKBONES[name](**kwargs, adjacency=splits.adjacency, residual_channels=8, dilation_channels=8,
+                               skip_channels=16, end_channels=16)
+    return BACKBONES[name](**kwargs, adjacency=splits.adjacency, block_channels=(8, 4, 8))
 
 
 def test_registered_as_peft_type():
@@ -91,62 +143,307 @@ def test_registered_as_peft_type():
     assert config().peft_type is PeftType.STLORA
 
 
+def test_config_is_built_from_the_splits_sizes(los_loop):
+    splits, _ = los_loop
+    cfg = STLoraConfig(**splits.size_kwargs())
+    assert (cfg.num_nodes, cfg.input_len, cfg.horizon, cfg.in_channels, cfg.out_channels) == (NODES, 12, 12, 1, 1)
+
+
+# identity at initialisation -------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"target_modules": ["fc1", "fc2"]}, {"num_blocks": 2, "dropout": 0.1}, {"num_blocks": 0, "target_modules": ["fc1"]}],
+    [{}, {"target_modules": ["fc1", "fc2"]}, {"num_blocks": 2, "dropout": 0.1},
+     {"num_blocks": 0, "target_modules": ["fc1"]}, {"scaling_l2": 0.5}],
 )
-def test_output_equals_backbone_exactly_at_init(history, overrides):
+def test_users_module_output_and_loss_equal_the_backbone_exactly_at_init(batch, overrides):
     torch.manual_seed(0)
     backbone = TinyForecaster()
-    expected = frozen_output(backbone, x=history)
+    expected = frozen_output(backbone, **batch)
     model = get_peft_model(backbone, config(**overrides))
     model.train()  # dropout on the low-rank path must not matter while B is zero
-    assert torch.equal(model(x=history), expected)
+    output = model(**batch)
+    assert isinstance(output, ForecastOutput)
+    assert torch.equal(output.prediction_outputs, expected)
+    assert torch.equal(output.loss, mae(expected, batch))
 
 
-def test_adapter_changes_only_what_it_should_and_disable_restores_backbone(history):
-    backbone = TinyForecaster()
-    expected = frozen_output(backbone, x=history)
-    model = get_peft_model(backbone, config(target_modules=["fc1"]))
+@pytest.mark.parametrize(
+    ("name", "targets", "node_axis"),
+    [("stid", None, -2), ("stid", ["fc1"], -2), ("gwnet", None, -2), ("gwnet", ["filter_conv"], -2),
+     ("stgcn", None, -2), ("stgcn", ["theta"], 1)],
+)
+def test_reference_backbone_output_and_loss_equal_exactly_at_init(chickenpox, name, targets, node_axis):
+    splits, batch = chickenpox
+    torch.manual_seed(0)
+    backbone = make_backbone(name, splits).eval()
+    expected = frozen_output(backbone, **batch)
+    model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs(), target_modules=targets,
+                                                  node_axis=node_axis)).eval()
+    output = model(**batch)
+    assert torch.equal(output.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(output.loss, expected.loss)
+    assert torch.equal(output.loc, expected.loc) and torch.equal(output.scale, expected.scale)
+
+
+# a user's own module --------------------------------------------------------------------------------------
+
+
+def test_module_taking_exactly_past_values_trains_and_returns_loss(los_loop):
+    splits, batch = los_loop
+    backbone = PastValuesOnly()
+    expected = frozen_output(backbone, past_values=batch["past_values"])
+    model = get_peft_model(backbone, config())
+    output = model(**batch)
+    assert torch.equal(output.prediction_outputs, expected)
+    start = output.loss.item()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for train_batch in itertools.islice(splits.iter_batches("train", batch_size=32), 15):
+        loss = model(**train_batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model(**batch).loss.item() < start
+    with model.disable_adapter():  # the module's own output: it sees past_values only
+        assert torch.equal(model(**batch), batch["past_values"][:, -1:] + backbone.offset)
+
+
+def test_module_with_old_argument_name_is_told_the_new_one(batch):
+    class OldStyle(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = get_peft_model(OldStyle(), config())
+    with pytest.raises(TypeError, match="must take the history as past_values.*'x' is now 'past_values'"):
+        model(**batch)
+
+
+def test_past_values_may_be_positional(batch):
+    model = get_peft_model(TinyForecaster(), config())
     perturb(model)
-    adapted = model(x=history)
-    assert adapted.shape == (3, HORIZON, NODES, 1)
-    assert not torch.allclose(adapted, expected)
+    positional = model(batch["past_values"], future_values=batch["future_values"])
+    keyword = model(past_values=batch["past_values"], future_values=batch["future_values"])
+    assert torch.equal(positional.prediction_outputs, keyword.prediction_outputs)
+    assert torch.equal(positional.loss, keyword.loss)
+
+
+@pytest.mark.parametrize(("old", "new"), [("x", "past_values"), ("x_mask", "past_observed_mask"),
+                                          ("y", "future_values"), ("y_time", "future_time_features")])
+def test_old_argument_names_are_refused_with_the_new_name(batch, old, new):
+    model = get_peft_model(TinyForecaster(), config())
+    inputs = {"past_values": batch["past_values"], old: batch["past_values"]}
+    with pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
+        model(**inputs)
+    with model.disable_adapter(), pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
+        model(**inputs)
+
+
+# the predictor's space ------------------------------------------------------------------------------------
+
+
+def test_scaled_space_of_a_backbone_with_a_scaler(los_loop):
+    """The predictor sees the history as the backbone scales it, and refines in the backbone's scaled space."""
+    splits, batch = los_loop
+    backbone = make_backbone("stid", splits).eval()
+    model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs()))
+    perturb(model)
+    head = model.base_model.model.st_lora_predictor.stlora_heads["default"]
+    seen = {}
+    head.register_forward_pre_hook(lambda module, args: seen.update(history=args[0], prediction=args[1]))
+    output = model(**batch)
     with model.disable_adapter():
-        assert torch.equal(model(x=history), expected)
-    assert torch.equal(model(x=history), adapted)
+        plain = model(**batch)
+    scaler = backbone.scaler
+    torch.testing.assert_close(seen["history"], scaler.normalise_past(batch["past_values"], batch["past_observed_mask"]),
+                               rtol=0, atol=0)
+    loc, scale = scaler.future_loc_scale(4)
+    assert torch.equal(output.loc, loc) and torch.equal(output.scale, scale)
+    torch.testing.assert_close(seen["prediction"], (plain.prediction_outputs - loc) / scale)
+    correction = head(seen["history"], seen["prediction"], NodeSelection())
+    torch.testing.assert_close(output.prediction_outputs, plain.prediction_outputs + scale * correction)
+
+
+def test_own_space_normalises_each_window_over_its_history_and_forecast(batch):
+    """A module without a scaler: per window, node and variable, mean and std of history and forecast."""
+    backbone = TinyForecaster()
+    past = batch["past_values"].clone()
+    past[:, :, 0] = 0.0  # a flat history: its forecast must still come out well scaled
+    mask = batch["past_observed_mask"].clone()
+    mask[:, :4, 1] = False  # unobserved steps do not count
+    past[:, :4, 1] = float("nan")
+    prediction = frozen_output(backbone, past_values=torch.where(mask, past, 0.0))
+    model = get_peft_model(backbone, config())
+    output = model(past_values=torch.where(mask, past, 0.0), past_observed_mask=mask)
+    assert torch.equal(output.prediction_outputs, prediction)
+    seen = torch.cat([past[0, 4:, 1, 0], prediction[0, :, 1, 0]])
+    torch.testing.assert_close(output.loc[0, 0, 1, 0], seen.mean())
+    torch.testing.assert_close(output.scale[0, 0, 1, 0], seen.std(unbiased=False))
+    space = window_space(past, mask, prediction, [0])
+    bound = math.sqrt(LENGTH + HORIZON - 1) + 1e-4
+    assert space.history.abs().max() <= bound and space.normalise(prediction).abs().max() <= bound
+    assert not space.history.isnan().any() and torch.equal(space.history[:, :4, 1], torch.zeros(4, 4, 1))
+
+
+class TwoChannelsInOneOut(nn.Module):
+    """A user's module reading two channels and forecasting one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * LENGTH, HORIZON)
+
+    def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        batch, length, nodes, channels = past_values.shape
+        flat = past_values.permute(0, 2, 1, 3).reshape(batch, nodes, length * channels)
+        return self.fc(flat).transpose(1, 2).unsqueeze(-1)
+
+
+def test_forecast_channel_of_another_history_channel_needs_the_mapping():
+    splits = build_splits(load("nyc-bike"), input_len=LENGTH, horizon=HORIZON, target_channels=[1])
+    sizes = splits.size_kwargs()
+    with pytest.raises(ValueError, match="in_channels=2 != out_channels=1.*output_history_channels"):
+        get_peft_model(TwoChannelsInOneOut(), STLoraConfig(**sizes))
+    with pytest.raises(ValueError, match=r"output_history_channels must list.*got \[2\]"):
+        STLoraConfig(**sizes, output_history_channels=[2])
+    channels = [splits.input_channels.index(c) for c in splits.target_channels]
+    batch = next(splits.iter_batches("val", batch_size=2))
+    backbone = TwoChannelsInOneOut()
+    expected = frozen_output(backbone, **batch)
+    model = get_peft_model(backbone, STLoraConfig(**sizes, output_history_channels=channels))
+    output = model(**batch)
+    assert torch.equal(output.prediction_outputs, expected)
+    outflow = torch.cat([batch["past_values"][0, :, 5, 1], expected[0, :, 5, 0]])
+    torch.testing.assert_close(output.loc[0, 0, 5, 0], outflow.mean())
+
+
+# the output and its loss ----------------------------------------------------------------------------------
+
+
+def test_loss_is_the_backbones_loss_of_the_refined_forecast(chickenpox):
+    splits, batch = chickenpox
+    backbone = BACKBONES["stid"](**splits.model_kwargs(), steps_per_day=1, embed_dim=8, node_dim=8, tod_dim=8,
+                                 dow_dim=8, loss="huber")
+    model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs()))
+    perturb(model)
+    output = model(**batch)
+    with model.disable_adapter():
+        plain = model(**batch)
+    assert not torch.equal(output.prediction_outputs, plain.prediction_outputs)
+    expected = forecast_loss(output.prediction_outputs, batch["future_values"], batch["future_observed_mask"],
+                             backbone.loss_fn, model="STID")
+    assert torch.equal(output.loss, expected)
+    assert output.aux_loss is None
+    assert model(**{k: v for k, v in batch.items() if not k.startswith("future_values")}).loss is None
+
+
+def test_targets_of_the_wrong_horizon_are_refused_with_both_shapes(batch):
+    model = get_peft_model(TinyForecaster(), config())
+    with pytest.raises(ValueError, match=r"\(4, 12, 207, 1\) but future_values has shape \(4, 6, 207, 1\)"):
+        model(past_values=batch["past_values"], future_values=batch["future_values"][:, :6])
+
+
+def test_adapter_changes_only_what_it_should_and_disable_restores_backbone(chickenpox):
+    splits, batch = chickenpox
+    backbone = make_backbone("stid", splits).eval()
+    expected = frozen_output(backbone, **batch)
+    model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs(), target_modules=["fc1"]))
+    perturb(model)
+    adapted = model(**batch)
+    assert adapted.prediction_outputs.shape == (4, HORIZON, 20, 1)
+    assert not torch.allclose(adapted.prediction_outputs, expected.prediction_outputs)
+    with model.disable_adapter():
+        plain = model(**batch)
+    assert torch.equal(plain.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(plain.loss, expected.loss)
+    assert torch.equal(model(**batch).prediction_outputs, adapted.prediction_outputs)
+
+
+def test_scaling_penalty_is_aux_loss_and_part_of_loss(batch):
+    backbone = TinyForecaster()
+    expected = frozen_output(backbone, **batch)
+    model = get_peft_model(backbone, config(target_modules=["fc1"], scaling_l2=0.5))
+    output = model(**batch)
+    assert torch.equal(output.prediction_outputs, expected) and output.aux_loss.item() == 0.0
+    perturb(model)
+    output = model(**batch)
+    layer = model.base_model.model.fc1
+    head = model.base_model.model.st_lora_predictor.stlora_heads["default"]
+    by_hand = (layer.stlora_node_scale["default"] - 1).pow(2).sum()
+    for nall in head.blocks[0].layers:
+        by_hand = by_hand + (head.node_embedding @ nall.generator).pow(2).sum()
+    torch.testing.assert_close(output.aux_loss, 0.5 * by_hand)
+    torch.testing.assert_close(output.loss, mae(output.prediction_outputs, batch) + output.aux_loss)
+
+
+class QuantileForecaster(TinyForecaster):
+    """A forecaster returning a ``ForecastOutput`` with quantiles ``(B, H, N, 1, 3)`` and an aux_loss."""
+
+    def forward(self, past_values: torch.Tensor, **kwargs) -> ForecastOutput:
+        median = super().forward(past_values)
+        spread = torch.tensor([-1.0, 0.0, 1.0])
+        return ForecastOutput(prediction_outputs=median, quantile_outputs=median.unsqueeze(-1) + spread,
+                              aux_loss=torch.tensor(0.25), loss=median.sum())
+
+
+def test_forecast_output_prediction_and_quantiles_are_refined_together(batch):
+    backbone = QuantileForecaster()
+    expected = frozen_output(backbone, **batch)
+    model = get_peft_model(backbone, config())
+    perturb(model)
+    output = model(**batch)
+    shift = output.prediction_outputs - expected.prediction_outputs
+    assert shift.abs().max() > 0
+    torch.testing.assert_close(output.quantile_outputs, expected.quantile_outputs + shift.unsqueeze(-1))
+    # the forecaster's own loss described the unrefined forecast: the loss is that of the refined one
+    torch.testing.assert_close(output.loss, mae(output.prediction_outputs, batch) + 0.25)
+    assert output.aux_loss.item() == 0.25
+
+
+# NALLs ----------------------------------------------------------------------------------------------------
 
 
 def test_nall_matches_hand_computed_per_node_formula():
     torch.manual_seed(0)
-    layer = NodeAdaptiveLayer(nn.Linear(6, 3), st_peft.tuners.st_lora.layer.NodeSelection(), "fc")
-    layer.update_layer("default", config(r=2, alpha=4.0))
+    layer = NodeAdaptiveLayer(nn.Linear(6, 3), NodeSelection(), "fc")
+    layer.update_layer("default", config(num_nodes=5, r=2, alpha=4.0))
     perturb(layer)
-    x = torch.randn(2, NODES, 6)  # nodes on axis -2
+    x = torch.randn(2, 5, 6)  # nodes on axis -2
     out = layer(x)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A = layer.stlora_A["default"].weight
     B = layer.stlora_B["default"].weight
     s = layer.stlora_node_scale["default"]
-    for i in range(NODES):
+    for i in range(5):
         A_i = torch.diag(s[i]) @ A
         expected = x[:, i] @ W.T + b + (4.0 / 2) * x[:, i] @ (B @ A_i).T
         torch.testing.assert_close(out[:, i], expected)
 
 
-def test_conv_nall_is_node_specific(history):
-    backbone = ConvForecaster()
-    model = get_peft_model(backbone, config(num_blocks=0, target_modules=["conv"], node_axis=2))
+def test_conv_nall_is_node_specific(batch):
+    model = get_peft_model(ConvForecaster(), config(num_blocks=0, target_modules=["conv"], node_axis=2))
     perturb(model)
-    before = model(x=history)
+    before = model(**batch).prediction_outputs
     with torch.no_grad():
         model.base_model.model.conv.stlora_node_scale["default"][0] += 1.0
-    after = model(x=history)
+    after = model(**batch).prediction_outputs
     assert not torch.allclose(after[:, :, 0], before[:, :, 0])
     assert torch.equal(after[:, :, 1:], before[:, :, 1:])
 
 
-def test_backbone_frozen_and_unchanged_by_training(history):
+def test_node_index_selects_rows_of_the_node_factors(batch):
+    model = get_peft_model(TinyForecaster(), config(target_modules=["fc1"]))
+    perturb(model)
+    index = torch.tensor([3, 1])
+    full = model(**batch)
+    subset = model(**{key: value[:, :, index] if value.dim() == 4 else value for key, value in batch.items()},
+                   node_index=index)
+    torch.testing.assert_close(subset.prediction_outputs, full.prediction_outputs[:, :, index])
+
+
+# adapters' life cycle -------------------------------------------------------------------------------------
+
+
+def test_backbone_frozen_and_unchanged_by_training(batch):
     backbone = TinyForecaster()
     original = copy.deepcopy(backbone.state_dict())
     model = get_peft_model(backbone, config(target_modules=["fc1"]))
@@ -154,7 +451,7 @@ def test_backbone_frozen_and_unchanged_by_training(history):
     assert trainable and all("stlora_" in name for name in trainable)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
-        loss = (model(x=history) - 1.0).abs().mean()
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -163,24 +460,24 @@ def test_backbone_frozen_and_unchanged_by_training(history):
         assert torch.equal(value, original[key]), key
 
 
-def test_train_backbone_makes_backbone_trainable_and_saves_it(tmp_path, history):
+def test_train_backbone_makes_backbone_trainable_and_saves_it(tmp_path, batch):
     backbone = TinyForecaster()
     model = get_peft_model(backbone, config(train_backbone=True))
     assert model.base_model.model.fc1.weight.requires_grad
     with torch.no_grad():
         model.base_model.model.fc2.bias.add_(1.0)
     perturb(model)
-    expected = model(x=history)
+    expected = model(**batch)
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(TinyForecaster(), tmp_path, is_trainable=True)
-    assert torch.equal(reloaded(x=history), expected)
+    assert torch.equal(reloaded(**batch).prediction_outputs, expected.prediction_outputs)
 
 
 def test_print_trainable_parameters_counts_hand_computed(capsys):
     cfg = config(r=2, hidden_dim=8, node_embedding_dim=3, num_nall_layers=4, num_blocks=1)
     model = get_peft_model(TinyForecaster(), cfg)
-    # node embedding 5*3; input 24->8; 4 NALLs of (8*8+8) + 8*2 + 2*8 + 3*2; output 8->12; gate 13->12
-    predictor = 5 * 3 + (24 * 8 + 8) + 4 * (72 + 16 + 16 + 6) + (8 * 12 + 12) + (13 * 12 + 12)
+    # node embedding 207*3; input 24->8; 4 NALLs of (8*8+8) + 8*2 + 2*8 + 3*2; output 8->12; gate 13->12
+    predictor = NODES * 3 + (24 * 8 + 8) + 4 * (72 + 16 + 16 + 6) + (8 * 12 + 12) + (13 * 12 + 12)
     backbone = 12 * 16 + 16 + 16 * 12 + 12
     trainable, total = model.get_nb_trainable_parameters()
     assert (trainable, total) == (predictor, predictor + backbone)
@@ -188,67 +485,72 @@ def test_print_trainable_parameters_counts_hand_computed(capsys):
     assert f"trainable params: {predictor:,}" in capsys.readouterr().out
 
 
-def test_save_and_load_reproduce_outputs_exactly(tmp_path, history):
+def test_save_and_load_reproduce_outputs_exactly(tmp_path, batch):
     backbone = TinyForecaster()
     fresh, fresh_frozen = copy.deepcopy(backbone), copy.deepcopy(backbone)
     model = get_peft_model(backbone, config(target_modules=["fc1"], num_blocks=2))
     perturb(model)
     model.eval()
-    expected = model(x=history)
+    expected = model(**batch)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "STLORA" and saved["num_nodes"] == NODES
     # is_trainable: the adapter's weights require grad, as in the saved model (see frozen_output)
-    reloaded = PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True)
-    assert torch.equal(reloaded(x=history), expected)
-    reloaded = PeftModel.from_pretrained(fresh_frozen, tmp_path)
-    torch.testing.assert_close(reloaded(x=history), expected, rtol=0, atol=1e-6)
+    output = PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True)(**batch)
+    assert torch.equal(output.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(output.loss, expected.loss)
+    output = PeftModel.from_pretrained(fresh_frozen, tmp_path)(**batch)
+    torch.testing.assert_close(output.prediction_outputs, expected.prediction_outputs, rtol=1e-5, atol=1e-5)
 
 
-def test_named_adapters_each_own_predictor(tmp_path, history):
+def test_named_adapters_each_own_predictor(tmp_path, batch):
     backbone = TinyForecaster()
-    expected = frozen_output(backbone, x=history)
+    expected = frozen_output(backbone, **batch)
     fresh = copy.deepcopy(backbone)
     model = get_peft_model(backbone, config(), adapter_name="city_a")
+
+    def predict(peft_model):
+        return peft_model(**batch).prediction_outputs
+
     perturb(model, seed=1)
-    out_a = model(x=history)
+    out_a = predict(model)
     model.add_adapter("city_b", config(target_modules=["fc2"]))
-    assert torch.equal(model(x=history), out_a)  # adding does not activate
+    assert torch.equal(predict(model), out_a)  # adding does not activate
     model.set_adapter("city_b")
-    assert torch.equal(model(x=history), expected)  # a new adapter starts at the backbone
+    assert torch.equal(predict(model), expected)  # a new adapter starts at the backbone
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("city_b" in name for name in trainable)
     perturb(model, seed=2)
-    out_b = model(x=history)
+    out_b = predict(model)
     assert not torch.allclose(out_a, out_b)
     with model.disable_adapter():
-        assert torch.equal(model(x=history), expected)
+        assert torch.equal(model(**batch), expected)
     model.save_pretrained(tmp_path)
 
     # PEFT saves adapters not named "default" in sub-folders named after them
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "city_a", adapter_name="city_a", is_trainable=True)
     reloaded.load_adapter(tmp_path / "city_b", adapter_name="city_b", is_trainable=True)
-    assert torch.equal(reloaded(x=history), out_a)
+    assert torch.equal(predict(reloaded), out_a)
     reloaded.set_adapter("city_b")
-    assert torch.equal(reloaded(x=history), out_b)
+    assert torch.equal(predict(reloaded), out_b)
 
     model.set_adapter("city_a")
     model.delete_adapter("city_b")
     assert list(model.peft_config) == ["city_a"]
     assert not any("city_b" in name for name, _ in model.named_parameters())
-    assert torch.equal(model(x=history), out_a)
+    assert torch.equal(predict(model), out_a)
 
 
-def test_unload_returns_the_untouched_backbone(history):
+def test_unload_returns_the_untouched_backbone(batch):
     backbone = TinyForecaster()
-    expected = frozen_output(backbone, x=history)
+    expected = frozen_output(backbone, **batch)
     model = get_peft_model(backbone, config(target_modules=["fc1"]))
     perturb(model)
     unloaded = model.unload()
     assert type(unloaded.fc1) is nn.Linear
     assert not hasattr(unloaded, "st_lora_predictor")
     assert not unloaded._forward_hooks and not unloaded._forward_pre_hooks
-    assert torch.equal(unloaded(x=history), expected)
+    assert torch.equal(unloaded(**batch), expected)
 
 
 def test_merge_is_refused_with_reason():
@@ -257,69 +559,25 @@ def test_merge_is_refused_with_reason():
         model.merge_and_unload()
 
 
-def test_scaling_penalty_is_returned_as_aux_loss(history):
-    backbone = TinyForecaster()
-    expected = frozen_output(backbone, x=history)
-    model = get_peft_model(backbone, config(target_modules=["fc1"], scaling_l2=0.5))
-    output = model(x=history)
-    assert isinstance(output, ForecastOutput)
-    assert torch.equal(output.prediction, expected) and output.aux_loss.item() == 0.0
-    perturb(model)
-    penalty = model(x=history).aux_loss
-    layer = model.base_model.model.fc1
-    head = model.base_model.model.st_lora_predictor.stlora_heads["default"]
-    by_hand = (layer.stlora_node_scale["default"] - 1).pow(2).sum()
-    for nall in head.blocks[0].layers:
-        by_hand = by_hand + (head.node_embedding @ nall.generator).pow(2).sum()
-    torch.testing.assert_close(penalty, 0.5 * by_hand)
+# bad input ------------------------------------------------------------------------------------------------
 
 
-class QuantileForecaster(TinyForecaster):
-    """A forecaster returning a ``ForecastOutput`` with quantiles ``(B, H, N, 1, 3)`` and its own loss."""
-
-    def forward(self, x: torch.Tensor, **kwargs) -> ForecastOutput:
-        median = super().forward(x)
-        spread = torch.tensor([-1.0, 0.0, 1.0])
-        return ForecastOutput(prediction=median, quantiles=median.unsqueeze(-1) + spread, loss=median.sum())
-
-
-def test_forecast_output_prediction_and_quantiles_are_refined_together(history):
-    backbone = QuantileForecaster()
-    expected = frozen_output(backbone, x=history)
-    model = get_peft_model(backbone, config())
-    perturb(model)
-    output = model(x=history)
-    shift = output.prediction - expected.prediction
-    assert shift.abs().max() > 0
-    torch.testing.assert_close(output.quantiles, expected.quantiles + shift.unsqueeze(-1))
-    assert output.loss is None  # the forecaster's own loss described the unrefined prediction
-
-
-def test_node_index_selects_rows_of_the_node_factors(history):
-    model = get_peft_model(TinyForecaster(), config(target_modules=["fc1"]))
-    perturb(model)
-    index = torch.tensor([3, 1])
-    full = model(x=history)
-    subset = model(x=history[:, :, index], node_index=index)
-    torch.testing.assert_close(subset, full[:, :, index])
-
-
-def test_num_nodes_differs_from_data(history):
-    model = get_peft_model(TinyForecaster(num_nodes=NODES), config())
-    wrong = torch.randn(2, LENGTH, NODES + 1, 1)
-    with pytest.raises(ValueError, match=rf"num_nodes={NODES} but the batch has {NODES + 1} nodes"):
-        model(x=wrong)
+def test_num_nodes_differs_from_data(batch):
+    model = get_peft_model(TinyForecaster(), config())
+    wrong = torch.cat([batch["past_values"], batch["past_values"][:, :, :1]], dim=2)
+    with pytest.raises(ValueError, match=rf"built for num_nodes={NODES} but past_values has {NODES + 1} nodes"):
+        model(past_values=wrong)
 
 
 def test_num_nodes_differs_from_backbone():
-    with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster TinyForecaster has num_nodes=5"):
+    with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster TinyForecaster has num_nodes=207"):
         get_peft_model(TinyForecaster(), STLoraConfig(num_nodes=7))
 
 
 def test_num_nodes_differs_from_saved_adapter(tmp_path):
     get_peft_model(TinyForecaster(), config()).save_pretrained(tmp_path)
     other = STLoraConfig(num_nodes=6, input_len=LENGTH, horizon=HORIZON)
-    with pytest.raises(ValueError, match=r"trained on 5 nodes .* num_nodes=6"):
+    with pytest.raises(ValueError, match=rf"trained on {NODES} nodes .* num_nodes=6"):
         PeftModel.from_pretrained(TinyForecaster(num_nodes=6), tmp_path, config=other)
 
 
@@ -333,6 +591,9 @@ def test_layer_type_nall_cannot_wrap_is_named():
         get_peft_model(TinyForecaster(), config(target_modules=["act"]))
     with pytest.raises(TypeError, match="'conv'.*node_axis=1"):
         get_peft_model(ConvForecaster(), config(target_modules=["conv"], node_axis=1))
+
+
+# registration ---------------------------------------------------------------------------------------------
 
 
 LOAD_WITHOUT_IMPORT = """
@@ -379,36 +640,14 @@ def test_peft_type_mapping_is_the_one_peft_uses():
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.STLORA] is STLoraConfig
 
 
-@pytest.fixture(scope="module")
-def chickenpox():
-    splits = build_splits(load("chickenpox"), input_len=LENGTH, horizon=HORIZON)
-    batch = next(splits.iter_batches("val", batch_size=4))
-    return splits, batch
+# reference backbones and training -------------------------------------------------------------------------
 
 
-def make_backbone(name: str, splits) -> nn.Module:
-    from st_peft.backbones import BACKBONES
-
-    sizes = {
-        "num_nodes": splits.num_nodes,
-        "input_len": LENGTH,
-        "horizon": HORIZON,
-        "in_channels": splits.in_channels,
-        "out_channels": splits.out_channels,
-    }
-    if name == "stid":
-        return BACKBONES[name](**sizes, steps_per_day=splits.steps_per_day, embed_dim=8, node_dim=8, tod_dim=8, dow_dim=8)
-    if name == "gwnet":
-        return BACKBONES[name](**sizes, adjacency=splits.adjacency, residual_channels=8, dilation_channels=8,
-                               skip_channels=16, end_channels=16)
-    return BACKBONES[name](**sizes, adjacency=splits.adjacency, block_channels=(8, 4, 8))
-
-
-def train_two_steps(model: nn.Module, splits, batch: dict, inputs: dict) -> None:
-    """Two Adam steps of the trainable parameters on the masked MAE of one real batch."""
+def train_two_steps(model: nn.Module, batch: dict) -> None:
+    """Two Adam steps of the trainable parameters on the model's own loss of one real batch."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
-        loss = (splits.scaler.inverse_transform(model(**inputs)) - batch["y"]).abs()[batch["y_mask"]].mean()
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -418,44 +657,41 @@ def train_two_steps(model: nn.Module, splits, batch: dict, inputs: dict) -> None
     ("name", "targets", "node_axis"),
     [("stid", ["fc1"], -2), ("gwnet", ["filter_conv"], -2), ("stgcn", ["theta"], 1)],
 )
-def test_backbones_identity_training_and_round_trip(tmp_path, chickenpox, name, targets, node_axis):
+def test_backbones_train_and_round_trip(tmp_path, chickenpox, name, targets, node_axis):
     splits, batch = chickenpox
     torch.manual_seed(0)
     backbone = make_backbone(name, splits).eval()
     fresh = copy.deepcopy(backbone)
-    inputs = {key: batch[key] for key in ("x", "x_time", "y_time")}
-    expected = frozen_output(backbone, **inputs)
-    cfg = STLoraConfig(
-        num_nodes=splits.num_nodes, input_len=LENGTH, horizon=HORIZON, target_modules=targets, node_axis=node_axis
-    )
+    expected = frozen_output(backbone, **batch)
+    cfg = STLoraConfig(**splits.size_kwargs(), target_modules=targets, node_axis=node_axis)
     model = get_peft_model(backbone, cfg).eval()
-    assert torch.equal(model(**inputs), expected)
-    train_two_steps(model, splits, batch, inputs)
-    adapted = model(**inputs)
-    assert not torch.equal(adapted, expected)
+    train_two_steps(model, batch)
+    adapted = model(**batch)
+    assert not torch.equal(adapted.prediction_outputs, expected.prediction_outputs)
     model.save_pretrained(tmp_path)
-    assert torch.equal(PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True).eval()(**inputs), adapted)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True).eval()(**batch)
+    assert torch.equal(reloaded.prediction_outputs, adapted.prediction_outputs)
+    assert torch.equal(reloaded.loss, adapted.loss)
 
 
 def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpox):
     splits, batch = chickenpox
     torch.manual_seed(0)
     backbone = make_backbone("gwnet", splits)  # dropout and batch norm: both depend on the mode
-    inputs = {key: batch[key] for key in ("x", "x_time", "y_time")}
-    expected = frozen_output(copy.deepcopy(backbone).eval(), **inputs)
+    expected = frozen_output(copy.deepcopy(backbone).eval(), **batch)
     statistics = {key: value.clone() for key, value in backbone.state_dict().items() if "running" in key}
-    model = get_peft_model(backbone, STLoraConfig(num_nodes=splits.num_nodes, input_len=LENGTH, horizon=HORIZON,
-                                                  dropout=0.5))
+    model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs(), dropout=0.5))
     model.train()
-    assert torch.equal(model(**inputs), expected)  # the zero-initialised correction, on the eval-mode backbone
+    # the zero-initialised correction, on the eval-mode backbone
+    assert torch.equal(model(**batch).prediction_outputs, expected.prediction_outputs)
     heads = model.base_model.model.st_lora_predictor.stlora_heads["default"]
     assert all(module.training for module in heads.modules())
     assert not any(module.training for module in backbone.layers.modules())
-    train_two_steps(model, splits, batch, inputs)
+    train_two_steps(model, batch)
     for key, value in statistics.items():
         assert torch.equal(backbone.state_dict()[key], value), key
     with model.disable_adapter():
-        assert torch.equal(model(**inputs), expected)
+        assert torch.equal(model(**batch).prediction_outputs, expected.prediction_outputs)
     assert model.unload().training and all(module.training for module in backbone.modules())
 
 
@@ -475,12 +711,27 @@ def test_modules_to_save_copies_train_while_the_frozen_forecaster_stays_in_eval_
 
 def test_backbone_trained_along_is_in_training_mode(chickenpox):
     splits, _ = chickenpox
-    model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(
-        num_nodes=splits.num_nodes, input_len=LENGTH, horizon=HORIZON, train_backbone=True))
+    model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(**splits.size_kwargs(), train_backbone=True))
     model.train()
     assert all(module.training for module in model.base_model.model.modules())
     model.eval()
     assert not any(module.training for module in model.base_model.model.modules())
+
+
+def test_plain_transformers_trainer_trains_st_lora_wrapped_gwnet(tmp_path, los_loop):
+    splits, _ = los_loop
+    torch.manual_seed(0)
+    model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(**splits.size_kwargs()))
+    held_out = next(splits.iter_batches("val", batch_size=64))
+    with torch.no_grad():
+        before = model(**held_out).loss.item()
+    args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=16, learning_rate=1e-2,
+                             label_names=["future_values"], remove_unused_columns=False, report_to="none",
+                             use_cpu=True, save_strategy="no", logging_steps=5, disable_tqdm=True)
+    Trainer(model, args, train_dataset=splits.train, data_collator=splits.collator).train()
+    with torch.no_grad():
+        after = model(**held_out).loss.item()
+    assert after < 0.9 * before, (before, after)
 
 
 def test_trains_with_sttrainer(tmp_path, chickenpox):
@@ -489,11 +740,11 @@ def test_trains_with_sttrainer(tmp_path, chickenpox):
     splits, _ = chickenpox
     backbone = make_backbone("stid", splits)
     frozen = copy.deepcopy(backbone.state_dict())
-    model = get_peft_model(backbone, STLoraConfig(num_nodes=splits.num_nodes, input_len=LENGTH, horizon=HORIZON))
+    model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs()))
     args = st_training_args(str(tmp_path), epochs=1, batch_size=32, save_strategy="no", load_best_model_at_end=False,
                             disable_tqdm=True)
     trainer = STTrainer(model, args, train_dataset=splits.train, eval_dataset=splits.val,
-                        data_collator=splits.collator, scaler=splits.scaler)
+                        data_collator=splits.collator)
     trainer.train()
     metrics = trainer.evaluate_test(splits.test)
     assert np.isfinite(metrics["mae"])

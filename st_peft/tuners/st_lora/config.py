@@ -17,8 +17,9 @@ STLORA = extend_peft_type("STLORA")
 class STLoraConfig(PeftConfig):
     """Configuration of an ST-LoRA adapter.
 
-    ST-LoRA appends a node-specific predictor to a forecaster ``f(x, **kwargs) -> (B, H, N, C_out)``
-    and can also wrap the forecaster's own ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers
+    ST-LoRA appends a node-specific predictor to a forecaster
+    ``f(past_values, **kwargs) -> (B, H, N, C_out)`` (a tensor or a ``ForecastOutput``, in original
+    units) and can also wrap the forecaster's own ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers
     with node-adaptive low-rank layers (NALLs): ``W x + b + (alpha / r) * B A_i x`` where ``i`` is
     the node of the row, ``W, b`` are the frozen layer's and ``B`` starts at zero.
 
@@ -29,11 +30,16 @@ class STLoraConfig(PeftConfig):
     NALLs) and a zero-initialised ``G`` per NALL, so the per-node part costs
     ``N * node_embedding_dim`` parameters per adapter.
 
+    The config holds sizes only: build it as ``STLoraConfig(**splits.size_kwargs(), ...)``. The
+    scaling statistics belong to the forecaster; the predictor works in the forecaster's scaled
+    space when it has an ``STScaler``, else in its own per-window normalisation (see
+    ``st_peft.tuners.st_lora.space``).
+
     Args:
         num_nodes: nodes ``N`` of the graph the adapter is built for (required).
         input_len: history length ``L``.
         horizon: forecast length ``H``.
-        in_channels: channels ``C_in`` of the history ``x``.
+        in_channels: channels ``C_in`` of the history ``past_values``.
         out_channels: channels ``C_out`` of the prediction.
         r: rank of every NALL.
         alpha: the low-rank update is scaled by ``alpha / r``.
@@ -50,14 +56,20 @@ class STLoraConfig(PeftConfig):
         train_backbone: train the forecaster's own weights too (frozen by default); the adapter
             checkpoint then also holds the forecaster's weights so that loading reproduces it.
         scaling_l2: weight of the paper's L2 penalty on the adapter's per-node scaling, i.e. on
-            ``s_i - 1`` of every NALL; when positive the adapted model returns a
-            ``ForecastOutput`` whose ``aux_loss`` holds the penalty.
+            ``s_i - 1`` of every NALL; when positive the output's ``aux_loss`` holds the penalty
+            (and ``loss`` includes it).
+        output_history_channels: for each of the ``out_channels`` forecast channels, the index of
+            the history channel (in ``[0, in_channels)``) that holds the same variable. Only the
+            predictor's own normalisation (a forecaster without an ``STScaler``) uses it, to put a
+            forecast channel and its history in one space; None means channel ``j`` is history
+            channel ``j``, which needs ``in_channels == out_channels``. With splits:
+            ``[splits.input_channels.index(c) for c in splits.target_channels]``.
     """
 
     num_nodes: int | None = field(default=None, metadata={"help": "Nodes N of the graph (required)."})
     input_len: int = field(default=12, metadata={"help": "History length L."})
     horizon: int = field(default=12, metadata={"help": "Forecast length H."})
-    in_channels: int = field(default=1, metadata={"help": "Channels C_in of the history x."})
+    in_channels: int = field(default=1, metadata={"help": "Channels C_in of the history past_values."})
     out_channels: int = field(default=1, metadata={"help": "Channels C_out of the prediction."})
     r: int = field(default=4, metadata={"help": "Rank of every node-adaptive low-rank layer."})
     alpha: float = field(default=4.0, metadata={"help": "The low-rank update is scaled by alpha / r."})
@@ -75,6 +87,10 @@ class STLoraConfig(PeftConfig):
     )
     train_backbone: bool = field(default=False, metadata={"help": "Train the forecaster's own weights too."})
     scaling_l2: float = field(default=0.0, metadata={"help": "Weight of the L2 penalty on the per-node scaling."})
+    output_history_channels: list[int] | None = field(
+        default=None,
+        metadata={"help": "History channel of each forecast channel, for the predictor's own normalisation."},
+    )
     # peft's injection reads this attribute on every config; ST-LoRA targets modules, not parameters.
     target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused by ST-LoRA."})
 
@@ -111,3 +127,14 @@ class STLoraConfig(PeftConfig):
             raise ValueError(f"STLoraConfig.dropout must be in [0, 1); got {self.dropout}")
         if self.scaling_l2 < 0:
             raise ValueError(f"STLoraConfig.scaling_l2 must be >= 0; got {self.scaling_l2}")
+        channels = self.output_history_channels
+        if channels is not None:
+            if isinstance(channels, tuple):
+                channels = self.output_history_channels = list(channels)
+            if (not isinstance(channels, list) or len(channels) != self.out_channels
+                    or not all(isinstance(c, int) and 0 <= c < self.in_channels for c in channels)):
+                raise ValueError(
+                    f"STLoraConfig.output_history_channels must list, for each of the out_channels="
+                    f"{self.out_channels} forecast channels, a history channel in [0, in_channels={self.in_channels}); "
+                    f"got {channels!r}"
+                )

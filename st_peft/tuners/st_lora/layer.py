@@ -8,14 +8,25 @@ is the node's own factor, so ``A_i = diag(s_i) A`` is a per-node low-rank factor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from st_peft.outputs import ForecastOutput, prediction_of
+from st_peft.checks import check_future_values, check_observed_mask, check_past_values
+from st_peft.forecasting import forecast_loss, inputs_for
+from st_peft.losses import get_loss
+from st_peft.outputs import ForecastOutput, prediction_of, reject_renamed_inputs
 from st_peft.tuners.st_lora.config import STLoraConfig
+from st_peft.tuners.st_lora.space import (
+    PredictorSpace,
+    forecaster_scaler,
+    history_channels_of,
+    scaler_space,
+    window_space,
+)
 
 
 class NodeSelection:
@@ -247,13 +258,15 @@ class NodeAdaptiveLinear(nn.Module):
         return torch.addmm(out, self.lora_B.weight, low, alpha=self.scaling)
 
 
-class PredictorBlock(nn.Module):
-    """One block of the node-specific predictor.
 
-    From each node's history and current prediction, residual NALL layers
+class PredictorBlock(nn.Module):
+    """One block of the node-specific predictor, in the predictor's normalised space.
+
+    From each node's history ``x`` and current prediction ``y``, residual NALL layers
     ``H_l = H_(l-1) + NALL_l(relu(H_(l-1)))`` compute a correction ``c``; the candidate is
-    ``Z = y + c`` and a gate ``R = sigmoid(F([x, mean_h Z]))`` blends ``R * y + (1 - R) * Z``.
-    The correction's output layer starts at zero, so a new block returns ``y`` exactly.
+    ``Z = y + c`` and a gate ``R = sigmoid(F([x, mean_h Z]))`` blends ``R * y + (1 - R) * Z``. The
+    block returns the step from ``y`` to that blend, ``(1 - R) * c``: the correction's output layer
+    starts at zero, so a new block's step is exactly zero.
     Like ``NodeAdaptiveLinear`` it works on features-first tensors ``(features, B * n)``.
     """
 
@@ -271,15 +284,15 @@ class PredictorBlock(nn.Module):
         self.gate = nn.Linear(history + config.out_channels, future)
 
     def forward(self, history: torch.Tensor, prediction: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """Refine ``prediction``.
+        """The step that refines ``prediction``.
 
         Args:
-            history: each node's history ``(L * C_in, B * n)``, time-major features.
-            prediction: current prediction ``(H * C_out, B * n)``, time-major features.
+            history: each node's normalised history ``(L * C_in, B * n)``, time-major features.
+            prediction: current normalised prediction ``(H * C_out, B * n)``, time-major features.
             embedding: node embeddings ``(n, d_e)``.
 
         Returns:
-            The refined prediction ``(H * C_out, B * n)``.
+            ``(1 - R) * c`` ``(H * C_out, B * n)``: the refined prediction is ``prediction`` plus it.
         """
         # Two products on the weight's column blocks instead of one on a concatenation: the history is
         # a strided view of the batch, and concatenating it would copy it element by element.
@@ -292,13 +305,16 @@ class PredictorBlock(nn.Module):
         candidate_mean = (prediction + correction).view(self.horizon, self.out_channels, -1).mean(dim=0)
         gate = torch.addmm(self.gate.bias[:, None], self.gate.weight[:, :width], history)
         gate = torch.sigmoid(torch.addmm(gate, self.gate.weight[:, width:], candidate_mean))
-        # R * y + (1 - R) * Z written as y + (1 - R) * (Z - y): equal in exact arithmetic, and in floating
-        # point it returns y bit for bit while the correction is zero.
-        return prediction + (1 - gate) * correction
+        # R * y + (1 - R) * Z - y written as (1 - R) * (Z - y): equal in exact arithmetic, and exactly
+        # zero while the correction is zero.
+        return (1 - gate) * correction
 
 
 class NodeSpecificPredictor(nn.Module):
     """The node-specific predictor of one adapter: a node embedding and stacked ``PredictorBlock``s.
+
+    It works in a normalised space (see :mod:`st_peft.tuners.st_lora.space`) and returns a
+    correction in that space, zero at initialisation.
 
     Args:
         config: the adapter's configuration (``num_nodes``, sizes, ``num_blocks``...).
@@ -308,29 +324,39 @@ class NodeSpecificPredictor(nn.Module):
         super().__init__()
         self.input_len, self.in_channels = config.input_len, config.in_channels
         self.horizon, self.out_channels = config.horizon, config.out_channels
+        self.output_history_channels = config.output_history_channels
         self.node_embedding = nn.Parameter(torch.randn(config.num_nodes, config.node_embedding_dim))
         self.blocks = nn.ModuleList(PredictorBlock(config) for _ in range(config.num_blocks))
 
-    def forward(self, x: torch.Tensor, prediction: torch.Tensor, selection: NodeSelection) -> torch.Tensor:
-        """Refine the forecaster's ``prediction`` ``(B, H, n, C_out)`` from the history ``x`` ``(B, L, n, C_in)``."""
-        if x.dim() != 4 or x.shape[1] != self.input_len or x.shape[3] != self.in_channels:
+    def forward(self, history: torch.Tensor, prediction: torch.Tensor, selection: NodeSelection) -> torch.Tensor:
+        """The correction ``(B, H, n, C_out)`` of the normalised ``prediction`` ``(B, H, n, C_out)``.
+
+        Args:
+            history: the normalised history ``(B, L, n, C_in)``.
+            prediction: the forecaster's prediction, normalised.
+            selection: the batch's node selection.
+        """
+        if history.dim() != 4 or history.shape[1] != self.input_len or history.shape[3] != self.in_channels:
             raise ValueError(
-                f"The ST-LoRA predictor was built for x of shape (batch, input_len={self.input_len}, nodes, "
-                f"in_channels={self.in_channels}); got x.shape={tuple(x.shape)}"
+                f"The ST-LoRA predictor was built for past_values of shape (batch, input_len={self.input_len}, "
+                f"nodes, in_channels={self.in_channels}); got past_values.shape={tuple(history.shape)}"
             )
-        expected = (x.shape[0], self.horizon, x.shape[2], self.out_channels)
+        expected = (history.shape[0], self.horizon, history.shape[2], self.out_channels)
         if tuple(prediction.shape) != expected:
             raise ValueError(
                 f"The ST-LoRA predictor expects the forecaster's prediction of shape (batch, horizon, nodes, "
                 f"out_channels)={expected}; got {tuple(prediction.shape)}"
             )
-        batch, _, nodes, _ = x.shape
+        batch, _, nodes, _ = history.shape
         embedding = node_rows(self.node_embedding, nodes, selection, "The ST-LoRA predictor")
-        history = features_first(x)
-        refined = features_first(prediction).contiguous()
+        history = features_first(history)
+        current = features_first(prediction).contiguous()
+        correction = None
         for block in self.blocks:
-            refined = block(history, refined, embedding)
-        return refined.view(self.horizon, self.out_channels, batch, nodes).permute(2, 0, 3, 1)
+            step = block(history, current, embedding)
+            current = current + step
+            correction = step if correction is None else correction + step
+        return correction.view(self.horizon, self.out_channels, batch, nodes).permute(2, 0, 3, 1)
 
     def scaling_penalty(self) -> torch.Tensor:
         """``sum_l sum_i ||s_i^(l) - 1||^2`` over every NALL of the predictor (a scalar)."""
@@ -341,37 +367,67 @@ class NodeSpecificPredictor(nn.Module):
         return penalty
 
 
-class STLoraPredictorLayer(nn.Module, STLoraLayer):
-    """Holds the node-specific predictors of all adapters and applies the active one to the forecaster.
+@dataclass
+class CallInputs:
+    """What the pre-hook keeps of one forward call for the forward hook.
 
-    It is installed as a child of the forecaster's root module and hooks the root's forward: a
-    pre-hook records ``node_index`` and checks the batch's node count, a forward hook replaces the
-    forecaster's prediction ``(B, H, N, C_out)`` by the active adapter's refined prediction (and
-    adds the scaling penalty as ``aux_loss`` when configured). With adapters disabled, or with no
-    adapter active, the forecaster's output is returned untouched.
+    Attributes:
+        past_values: history ``(B, L, n, C_in)`` in original units.
+        past_observed_mask: bool like ``past_values``.
+        node_index: int64 ``(n,)`` or None.
+        future_values: targets ``(B, H, n, C_out)`` or None; the forecaster does not see them.
+        future_observed_mask: bool like ``future_values``, or None.
+    """
+
+    past_values: torch.Tensor
+    past_observed_mask: torch.Tensor
+    node_index: torch.Tensor | None
+    future_values: torch.Tensor | None
+    future_observed_mask: torch.Tensor | None
+
+
+class STLoraPredictorLayer(nn.Module, STLoraLayer):
+    """Holds the node-specific predictors of all adapters and applies the active ones to the forecaster.
+
+    It is installed as a child of the forecaster's root module and hooks the root's forward:
+
+    - the pre-hook refuses the argument names of st-peft 0.0, checks ``past_values`` (keyword or
+      first positional) against the adapters, keeps ``past_observed_mask``, ``node_index`` and
+      the targets ``future_values`` / ``future_observed_mask`` (taken out of the call), and passes
+      the forecaster only the keys its forward accepts (``st_peft.forecasting.inputs_for``);
+    - the forward hook refines the forecaster's prediction ``(B, H, n, C_out)`` (original units)
+      in the space of :mod:`st_peft.tuners.st_lora.space`, ``prediction + scale * correction``,
+      and returns a ``ForecastOutput``: the refined prediction, quantiles shifted by the same
+      amount, the space's ``loc`` / ``scale``, ``aux_loss`` (the forecaster's plus the scaling
+      penalty) and, given targets, ``loss``: the forecaster's ``loss_fn`` (masked MAE when it has
+      none) of the refined prediction, plus ``aux_loss``.
+
+    With adapters disabled, or with no adapter active, the forecaster runs on the keys it accepts
+    (targets included) and its output is returned untouched.
 
     Args:
         num_nodes: nodes ``N`` of the graph.
     """
 
     adapter_layer_names = ("stlora_heads",)
-    other_param_names = ("stlora_scaling_l2",)
+    other_param_names = ("stlora_config",)
 
     def __init__(self, num_nodes: int) -> None:
         super().__init__()
         self.num_nodes = num_nodes
         self.selection = NodeSelection()
         self.stlora_heads = nn.ModuleDict()
-        self.stlora_scaling_l2: dict[str, float] = {}
+        self.stlora_config: dict[str, STLoraConfig] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._hook_handles: list[Any] = []
+        self._call: CallInputs | None = None
 
     def update_layer(self, adapter_name: str, config: STLoraConfig, device: torch.device | None = None) -> None:
-        """Add the adapter ``adapter_name``: its predictor (when ``num_blocks > 0``) and penalty weight."""
+        """Add the adapter ``adapter_name``: its predictor (when ``num_blocks > 0``) and its config."""
         if config.num_blocks > 0:
             self.stlora_heads[adapter_name] = NodeSpecificPredictor(config).to(device)
-        self.stlora_scaling_l2[adapter_name] = config.scaling_l2
+        self.stlora_config[adapter_name] = config
         self.set_adapter(self.active_adapters)
 
     def attach(self, model: nn.Module) -> None:
@@ -390,55 +446,90 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
     def _active(self) -> list[str]:
         if self.disable_adapters:
             return []
-        return [name for name in self.active_adapters if name in self.stlora_scaling_l2]
+        return [name for name in self.active_adapters if name in self.stlora_config]
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        index = kwargs.get("node_index")
-        self.selection.index = index
-        if not self._active():
-            return
-        x = kwargs["x"] if "x" in kwargs else args[0]
-        nodes = x.shape[2]
-        if index is None and nodes != self.num_nodes:
-            raise ValueError(
-                f"The ST-LoRA adapter was built for num_nodes={self.num_nodes} but the batch has {nodes} nodes "
-                f"(x.shape={tuple(x.shape)})"
-            )
-        if index is not None and (len(index) != nodes or int(index.max()) >= self.num_nodes):
-            raise ValueError(
-                f"node_index has {len(index)} entries (largest {int(index.max())}) but x has {nodes} nodes and "
-                f"the ST-LoRA adapter was built for num_nodes={self.num_nodes}"
-            )
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        model = type(module).__name__
+        reject_renamed_inputs(kwargs, model)
+        self.selection.index = kwargs.get("node_index")
+        self._call = None
+        batch = dict(kwargs)
+        active = self._active()
+        if active:
+            past_values = args[0] if args else kwargs.get("past_values")
+            if past_values is None:
+                raise TypeError(
+                    f"{model} with an ST-LoRA adapter needs the history past_values (B, L, N, C_in); got the "
+                    f"arguments {sorted(kwargs)}"
+                )
+            for name in active:
+                config = self.stlora_config[name]
+                check_past_values(past_values, model=f"The ST-LoRA adapter {name!r}", num_nodes=self.num_nodes,
+                                  input_len=config.input_len, in_channels=config.in_channels,
+                                  node_index=self.selection.index)
+            mask = check_observed_mask(kwargs.get("past_observed_mask"), past_values, model=model,
+                                       name="past_observed_mask", values_name="past_values")
+            # the targets are for the loss of the refined forecast; the forecaster's own would be wasted
+            self._call = CallInputs(past_values=past_values, past_observed_mask=mask,
+                                    node_index=self.selection.index,
+                                    future_values=batch.pop("future_values", None),
+                                    future_observed_mask=batch.pop("future_observed_mask", None))
+        return args, inputs_for(module, batch)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call, self._call = self._call, None
         active = self._active()
         if not active:
             return output
+        model = type(module).__name__
         if not isinstance(output, (torch.Tensor, ForecastOutput)):
             raise TypeError(
                 f"ST-LoRA needs the forecaster to return a tensor (B, H, N, C_out) or a ForecastOutput; "
-                f"{type(module).__name__} returned {type(output).__name__}"
+                f"{model} returned {type(output).__name__}"
             )
-        x = kwargs["x"] if "x" in kwargs else args[0]
         prediction = prediction_of(output)
-        refined = prediction
-        penalty = None
+        loc, scale = (None, None) if isinstance(output, torch.Tensor) else (output.loc, output.scale)
+        shift = penalty = None
         for name in active:
             if name in self.stlora_heads:
-                refined = self.stlora_heads[name](x, refined, self.selection)
-            if self.stlora_scaling_l2[name] > 0:
-                term = self.stlora_scaling_l2[name] * self._scaling_penalty(module, name)
+                refined = prediction if shift is None else prediction + shift
+                space = self._space(module, call, refined, self.stlora_heads[name])
+                correction = self.stlora_heads[name](space.history, space.normalise(refined), self.selection)
+                step = (space.scale * correction).to(prediction.dtype)
+                shift = step if shift is None else shift + step
+                loc, scale = space.loc, space.scale
+            if self.stlora_config[name].scaling_l2 > 0:
+                term = self.stlora_config[name].scaling_l2 * self._scaling_penalty(module, name)
                 penalty = term if penalty is None else penalty + term
-        if isinstance(output, torch.Tensor):
-            return refined if penalty is None else ForecastOutput(prediction=refined, aux_loss=penalty)
-        quantiles = output.quantiles
-        if quantiles is not None:
-            quantiles = quantiles + (refined - prediction).unsqueeze(-1)
-        aux_loss = output.aux_loss
+        refined = prediction if shift is None else prediction + shift
+        quantiles = aux_loss = None
+        if isinstance(output, ForecastOutput):
+            quantiles, aux_loss = output.quantile_outputs, output.aux_loss
+        if quantiles is not None and shift is not None:
+            quantiles = quantiles + shift.unsqueeze(-1)
         if penalty is not None:
             aux_loss = penalty if aux_loss is None else aux_loss + penalty
-        # The forecaster's own loss, if any, describes the unrefined prediction, so it is not passed on.
-        return ForecastOutput(prediction=refined, quantiles=quantiles, aux_loss=aux_loss)
+        loss = None
+        if call.future_values is not None:
+            batch, horizon, nodes, channels = refined.shape
+            check_future_values(call.future_values, model=model, batch_size=batch, horizon=horizon, nodes=nodes,
+                                out_channels=channels)
+            loss_fn = getattr(module, "loss_fn", None)
+            loss = forecast_loss(refined, call.future_values, call.future_observed_mask,
+                                 loss_fn if callable(loss_fn) else get_loss("mae"), model=model, aux_loss=aux_loss)
+        return ForecastOutput(loss=loss, prediction_outputs=refined, quantile_outputs=quantiles, loc=loc,
+                              scale=scale, aux_loss=aux_loss)
+
+    @staticmethod
+    def _space(module: nn.Module, call: CallInputs, prediction: torch.Tensor,
+               head: NodeSpecificPredictor) -> PredictorSpace:
+        """The space the predictor ``head`` refines ``prediction`` in: the forecaster's, else per window."""
+        scaler = forecaster_scaler(module)
+        if scaler is not None:
+            return scaler_space(scaler, call.past_values, call.past_observed_mask, call.node_index,
+                                dtype=prediction.dtype)
+        channels = history_channels_of(head.in_channels, head.out_channels, head.output_history_channels)
+        return window_space(call.past_values, call.past_observed_mask, prediction, channels)
 
     def _scaling_penalty(self, model: nn.Module, adapter_name: str) -> torch.Tensor:
         """The adapter's scaling penalty summed over its predictor and its NALL-wrapped layers."""

@@ -7,7 +7,8 @@ forecaster itself, not the tuner, so the predictor is made a sub-module target o
 
 1. ``_prepare_model`` (run by ``inject_adapter`` for every new adapter) installs, once, an
    ``STLoraPredictorLayer`` as the child ``st_lora_predictor`` of the forecaster's root module;
-   it hooks the root's forward and replaces its prediction by the refined one.
+   it hooks the root's forward: the forecaster gets the batch keys its forward accepts, and its
+   prediction is replaced by the refined one, with ``loss`` computed on the refined forecast.
 2. ``_check_target_module_exists`` matches that child for every adapter (plus the optional
    ``target_modules``), so ``_create_and_replace`` adds each adapter's own predictor to it.
 
@@ -36,6 +37,7 @@ from st_peft.tuners.st_lora.layer import (
     STLoraPredictorLayer,
     check_wrappable,
 )
+from st_peft.tuners.st_lora.space import forecaster_scaler, history_channels_of
 
 PREDICTOR_NAME = "st_lora_predictor"
 """Name of the predictor container under the forecaster's root. It must not contain the method
@@ -47,9 +49,12 @@ HEADS_NAME = "stlora_heads"
 class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
     """ST-LoRA tuner (PEFT type ``STLORA``) around a spatio-temporal forecaster.
 
-    The forecaster is any ``nn.Module`` called as ``model(x=(B, L, N, C_in), **kwargs)`` that
-    returns ``(B, H, N, C_out)`` or a ``ForecastOutput``. Build it with
-    ``peft.get_peft_model(forecaster, STLoraConfig(num_nodes=N, ...))``.
+    The forecaster is any ``nn.Module`` whose forward takes ``past_values`` ``(B, L, N, C_in)``
+    (and any other batch keys it names, or ``**kwargs``) and returns ``(B, H, N, C_out)`` or a
+    ``ForecastOutput`` in original units. Build it with
+    ``peft.get_peft_model(forecaster, STLoraConfig(**splits.size_kwargs()))``; the adapted model
+    is called as ``model(**batch)`` and returns a ``ForecastOutput`` with ``loss`` when
+    ``future_values`` is given.
 
     Args:
         model: the forecaster.
@@ -124,13 +129,16 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         return self
 
     def _check_forecaster(self, config: STLoraConfig, model: nn.Module) -> None:
-        """Refuse a forecaster of another size, unknown target names and layers a NALL cannot wrap."""
+        """Refuse a forecaster of another size, a space the predictor cannot build, unknown target
+        names and layers a NALL cannot wrap."""
         nodes = getattr(model, "num_nodes", None)
         if isinstance(nodes, int) and nodes != config.num_nodes:
             raise ValueError(
                 f"STLoraConfig.num_nodes={config.num_nodes} but the forecaster {type(model).__name__} has "
                 f"num_nodes={nodes}"
             )
+        if config.num_blocks > 0 and forecaster_scaler(model) is None:
+            history_channels_of(config.in_channels, config.out_channels, config.output_history_channels)
         if not config.target_modules:
             return
         wrapped = [key for key, module in model.named_modules() if isinstance(module, NodeAdaptiveLayer)]
@@ -239,7 +247,8 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
 def st_lora_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) -> nn.Module:
     """``st-peft train --adapter st_lora``: ST-LoRA around the command line's backbone.
 
-    The sizes (``num_nodes``, ``input_len``, ``horizon``, channels) come from the data;
+    The sizes (``num_nodes``, ``input_len``, ``horizon``, channels) come from the data
+    (``splits.size_kwargs()``; the scaling statistics are the backbone's);
     ``--adapter-args`` may set any other ``STLoraConfig`` field, e.g.
     ``'{r: 8, target_modules: [fc1], train_backbone: true}'``.
 
@@ -253,4 +262,4 @@ def st_lora_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Name
     """
     from peft import get_peft_model
 
-    return get_peft_model(backbone, STLoraConfig(**{**splits.model_kwargs(), **dict(options.adapter_args)}))
+    return get_peft_model(backbone, STLoraConfig(**{**splits.size_kwargs(), **dict(options.adapter_args)}))
