@@ -12,7 +12,10 @@ Which entries count:
     * non-finite targets never count, whatever the mask says: a NaN target means
       "missing" in every data set this project reads.
 
-A slice with no counted entry gives 0, never NaN. MAPE and WAPE are in percent, the way
+Two conventions for a slice with no counted entry: the point metrics give 0, never NaN, so
+that as training losses an all-masked batch adds nothing and stays finite;
+:func:`horizon_metrics`, the evaluation report, gives NaN with a warning, since 0 would read
+as a perfect score. MAPE and WAPE are in percent, the way
 BasicTS and the papers report them (``9.32`` means 9.32 %). MAPE also skips entries
 whose target is within ``MAPE_ZERO_TOLERANCE`` (5e-5, the BasicTS tolerance) of 0: the
 relative error is undefined there, and real files store some zeros as 1e-17 residues.
@@ -21,6 +24,7 @@ relative error is undefined there, and real files store some zeros as 1e-17 resi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,28 +92,74 @@ def _prepare(
     return pred_t, target_t, valid, numpy_in
 
 
+def _absolute_error(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _masked_mean((pred - target).abs(), valid), valid.any()
+
+
+def _squared_error(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _masked_mean((pred - target) ** 2, valid), valid.any()
+
+
+def _root_squared_error(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, counted = _squared_error(pred, target, valid)
+    return mean.sqrt(), counted
+
+
+def _percentage_error(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = valid & (target.abs() > MAPE_ZERO_TOLERANCE)
+    safe_target = torch.where(valid, target, torch.ones((), dtype=target.dtype, device=target.device))
+    return 100.0 * _masked_mean(((pred - target) / safe_target).abs(), valid), valid.any()
+
+
+def _weighted_percentage_error(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    error = torch.where(valid, (pred - target).abs(), zero).sum()
+    scale = target.abs().sum()
+    wape = torch.where(scale > 0, 100.0 * error / scale.clamp(min=torch.finfo(scale.dtype).tiny), zero)
+    return wape, scale > 0
+
+
+# Each takes ``pred``, ``target`` (0 where not counted) and ``valid`` and returns the value
+# (0 when nothing counts) and whether anything counted.
+_SCORES = {
+    "mae": _absolute_error,
+    "rmse": _root_squared_error,
+    "mape": _percentage_error,
+    "wape": _weighted_percentage_error,
+}
+
+
+def _point_metric(score, pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None, null_value: float):
+    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
+    value, _ = score(pred_t, target_t, valid)
+    return _output(value, numpy_in)
+
+
 def masked_mae(
     pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
 ) -> torch.Tensor | float:
     """Mean absolute error over observed entries of ``(B, H, N, C)`` inputs (0 when none is observed)."""
-    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
-    return _output(_masked_mean((pred_t - target_t).abs(), valid), numpy_in)
+    return _point_metric(_absolute_error, pred, target, mask, null_value)
 
 
 def masked_mse(
     pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
 ) -> torch.Tensor | float:
     """Mean squared error over observed entries of ``(B, H, N, C)`` inputs (0 when none is observed)."""
-    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
-    return _output(_masked_mean((pred_t - target_t) ** 2, valid), numpy_in)
+    return _point_metric(_squared_error, pred, target, mask, null_value)
 
 
 def masked_rmse(
     pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, null_value: float = 0.0
 ) -> torch.Tensor | float:
     """Root mean squared error over observed entries of ``(B, H, N, C)`` inputs (0 when none is observed)."""
-    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
-    return _output(_masked_mean((pred_t - target_t) ** 2, valid).sqrt(), numpy_in)
+    return _point_metric(_root_squared_error, pred, target, mask, null_value)
 
 
 def masked_mape(
@@ -117,12 +167,9 @@ def masked_mape(
 ) -> torch.Tensor | float:
     """Mean absolute percentage error in percent over observed targets of ``(B, H, N, C)`` inputs.
 
-    Targets within ``MAPE_ZERO_TOLERANCE`` of 0 are skipped.
+    Targets within ``MAPE_ZERO_TOLERANCE`` of 0 are skipped (0 when none is left).
     """
-    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
-    valid = valid & (target_t.abs() > MAPE_ZERO_TOLERANCE)
-    safe_target = torch.where(valid, target_t, torch.ones((), dtype=target_t.dtype, device=target_t.device))
-    return _output(100.0 * _masked_mean(((pred_t - target_t) / safe_target).abs(), valid), numpy_in)
+    return _point_metric(_percentage_error, pred, target, mask, null_value)
 
 
 def masked_wape(
@@ -133,12 +180,7 @@ def masked_wape(
     Inputs are ``(B, H, N, C)``. Gives 0 when the observed targets sum to 0 in absolute value
     (in particular when nothing is observed).
     """
-    pred_t, target_t, valid, numpy_in = _prepare(pred, target, mask, null_value)
-    zero = torch.zeros((), dtype=pred_t.dtype, device=pred_t.device)
-    error = torch.where(valid, (pred_t - target_t).abs(), zero).sum()
-    scale = target_t.abs().sum()
-    wape = torch.where(scale > 0, 100.0 * error / scale.clamp(min=torch.finfo(scale.dtype).tiny), zero)
-    return _output(wape, numpy_in)
+    return _point_metric(_weighted_percentage_error, pred, target, mask, null_value)
 
 
 POINT_METRICS = {"mae": masked_mae, "rmse": masked_rmse, "mape": masked_mape, "wape": masked_wape}
@@ -151,7 +193,11 @@ def horizon_metrics(
     horizons: Sequence[int] = (3, 6, 12),
     null_value: float = 0.0,
 ) -> dict[str, float]:
-    """MAE, RMSE, MAPE and WAPE at chosen horizon steps and over all of them.
+    """MAE, RMSE, MAPE and WAPE at chosen horizon steps and over all of them: the evaluation report.
+
+    A metric with nothing to score (no observed target in its slice; for MAPE none away from
+    0; for WAPE observed targets that all are 0) is NaN, with one ``RuntimeWarning`` naming
+    every such key: a 0.0 would read as a perfect score.
 
     Args:
         pred: forecast in original units ``(B, H, N, C)``.
@@ -165,22 +211,31 @@ def horizon_metrics(
         "mape": ..., "wape": ...}`` as floats. The keys without ``@`` pool every observed entry of
         every step, as BasicTS does, so an all-masked step simply adds nothing to them.
     """
-    pred_t, target_t, mask_t = _as_tensor(pred), _as_tensor(target), _as_tensor(mask)
-    _check_shapes(pred_t, target_t, mask_t)
+    pred_t, target_t, valid, _ = _prepare(pred, target, mask, null_value)
     if pred_t.dim() < 2:
         raise ValueError(f"horizon_metrics needs inputs shaped (B, H, ...), got shape {tuple(pred_t.shape)}")
     steps = pred_t.shape[1]
     bad = [h for h in horizons if not 1 <= h <= steps]
     if bad:
         raise ValueError(f"horizons {bad} are outside [1, {steps}]: the forecast has {steps} steps")
+    slices = {f"@{h}": (pred_t[:, h - 1], target_t[:, h - 1], valid[:, h - 1]) for h in horizons}
+    slices[""] = (pred_t, target_t, valid)
+    results: dict[str, float] = {}
+    unscored = []
     with torch.no_grad():
-        results: dict[str, float] = {}
-        for h in horizons:
-            step_mask = None if mask_t is None else mask_t[:, h - 1]
-            for name, fn in POINT_METRICS.items():
-                results[f"{name}@{h}"] = float(fn(pred_t[:, h - 1], target_t[:, h - 1], step_mask, null_value))
-        for name, fn in POINT_METRICS.items():
-            results[name] = float(fn(pred_t, target_t, mask_t, null_value))
+        for suffix, tensors in slices.items():
+            for name, score in _SCORES.items():
+                value, counted = score(*tensors)
+                results[name + suffix] = float(value) if counted else math.nan
+                if not counted:
+                    unscored.append(name + suffix)
+    if unscored:
+        warnings.warn(
+            f"no observed target to score {', '.join(unscored)}: reported as NaN (MAPE skips targets "
+            f"within {MAPE_ZERO_TOLERANCE} of 0; WAPE needs observed targets that are not all 0)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return results
 
 
