@@ -3,7 +3,8 @@
 Protocol (defaults; every number is a flag):
 
 - data: ``los-loop``, ``sz-taxi`` and ``nyc-bike`` (not in the shipped backbone's pretraining corpus),
-  12 steps in, 12 out, chronological 7:1:2 splits, scaler fitted on the training span;
+  12 steps in, 12 out, chronological 7:1:2 splits (STID and GWNet scale with the training
+  span's statistics, FactoST normalises every window itself);
   few-shot keeps the latest 10% of the training windows (``build_splits(..., few_shot=0.1)``);
   seeds change initialisation and batch order;
 - evaluation: every ``--eval-stride``-th window of the test split (12 = non-overlapping
@@ -15,7 +16,8 @@ Protocol (defaults; every number is a flag):
   backbone + FACTOST adapter trained on 10% and 100% of the training windows; STID and a
   narrow Graph WaveNet trained from scratch on the same windows; three seeds for every
   trained method;
-- training (all trained methods alike): Adam, masked MAE in original units, batches of
+- training (all trained methods alike): Adam, the models' own loss (masked MAE in original
+  units; FactoST's ``config.loss`` is ``"mae"``), batches of
   ``--batch-size`` windows, at most ``--few-steps`` / ``--full-steps`` optimiser steps,
   validation every ``--eval-every`` steps, the best validation state kept, stop after
   ``--patience`` evaluations without improvement. FactoST batches cover ``--train-nodes``
@@ -49,9 +51,9 @@ import st_peft
 from st_peft.backbones import STID, GWNet
 from st_peft.baselines import last_value_forecast, seasonal_naive_forecast
 from st_peft.data import build_splits, load
-from st_peft.metrics import horizon_metrics, masked_mae
+from st_peft.metrics import horizon_metrics
 from st_peft.models.factost import FactoSTModel
-from st_peft.outputs import prediction_of
+from st_peft.outputs import TARGET_NAMES, prediction_of
 from st_peft.tuners.factost import FactoSTAdapterConfig
 
 SHIPPED = Path(st_peft.__file__).parent / "checkpoints" / "factost-cpu"
@@ -70,6 +72,11 @@ def strided_starts(splits, split: str, stride: int) -> np.ndarray:
     return np.asarray(splits.split(split)["start"], dtype=np.int64)[::stride]
 
 
+def without_targets(batch: dict) -> dict:
+    """The batch's inputs: a model given no targets computes no loss."""
+    return {k: v for k, v in batch.items() if k not in TARGET_NAMES}
+
+
 def predict(model: nn.Module, splits, starts: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
     """Forecasts in original units, targets and masks ``(W, H, N, C)`` for the windows ``starts``."""
     model.eval()
@@ -77,10 +84,9 @@ def predict(model: nn.Module, splits, starts: np.ndarray, batch_size: int) -> tu
     with torch.no_grad():
         for begin in range(0, len(starts), batch_size):
             batch = splits.collator.gather(starts[begin : begin + batch_size])
-            inputs = {k: v for k, v in batch.items() if k not in ("y", "y_mask")}
-            predictions.append(splits.scaler.inverse_transform(prediction_of(model(**inputs))).numpy())
-            targets.append(batch["y"].numpy())
-            masks.append(batch["y_mask"].numpy())
+            predictions.append(prediction_of(model(**without_targets(batch))).numpy())
+            targets.append(batch["future_values"].numpy())
+            masks.append(batch["future_observed_mask"].numpy())
     return np.concatenate(predictions), np.concatenate(targets), np.concatenate(masks)
 
 
@@ -91,11 +97,12 @@ def score(model: nn.Module, splits, starts: np.ndarray, batch_size: int) -> dict
 
 def node_subset(batch: dict, nodes: int, rng: np.random.Generator) -> dict:
     """The batch restricted to ``nodes`` random nodes, with their ``node_index``."""
-    total = batch["x"].shape[2]
+    total = batch["past_values"].shape[2]
     if nodes >= total:
         return batch
     index = torch.from_numpy(np.sort(rng.choice(total, size=nodes, replace=False)))
-    subset = {key: batch[key][:, :, index] for key in ("x", "x_mask", "y", "y_mask") if key in batch}
+    per_node = ("past_values", "past_observed_mask", "future_values", "future_observed_mask")
+    subset = {key: batch[key][:, :, index] for key in per_node if key in batch}
     return {**batch, **subset, "node_index": index}
 
 
@@ -146,9 +153,8 @@ def fit(
         batch = splits.collator.gather(next(stream))
         if train_nodes is not None:
             batch = node_subset(batch, train_nodes, rng)
-        inputs = {k: v for k, v in batch.items() if k not in ("y", "y_mask")}
-        prediction = splits.scaler.inverse_transform(prediction_of(model(**inputs)))
-        loss = masked_mae(prediction, batch["y"], batch["y_mask"])
+        # every model's own loss: masked MAE in original units by default
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 5.0)
@@ -167,7 +173,7 @@ def fit(
 
 
 def factost_model(backbone: FactoSTModel, splits, **switches) -> nn.Module:
-    config = FactoSTAdapterConfig(num_nodes=splits.num_nodes, steps_per_day=splits.steps_per_day, **switches)
+    config = FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day, **switches)
     return get_peft_model(copy.deepcopy(backbone), config)
 
 
@@ -207,7 +213,7 @@ def baselines(splits, stride: int) -> dict[str, dict[str, float]]:
 
 def forward_seconds(model: nn.Module, batch: dict, repeats: int) -> float:
     """Median forward time of ``model`` on ``batch`` (no gradients), after one warm-up call."""
-    inputs = {k: v for k, v in batch.items() if k not in ("y", "y_mask")}
+    inputs = without_targets(batch)
     model.eval()
     times = []
     with torch.no_grad():
@@ -281,7 +287,7 @@ def cost(backbone: FactoSTModel, splits, test: np.ndarray, args: argparse.Namesp
         "total_parameters": total,
         "adapter_share": trainable / total,
         "forward_seconds": seconds,
-        "forward_batch_windows": int(len(batch["x"])),
+        "forward_batch_windows": int(len(batch["past_values"])),
         "expert_parameters": {
             label: sum(p.numel() for p in model.parameters()) for label, model in models.items() if label != "FactoST + adapter"
         },

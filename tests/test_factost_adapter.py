@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
+from transformers import AutoModelForTimeSeriesPrediction, Trainer, TrainingArguments
 
 import st_peft  # noqa: F401  (registers FACTOST)
 from st_peft.data import build_splits, load
@@ -22,6 +23,7 @@ from st_peft.tuners.factost import (
     InteractionFilter,
     MetadataFusion,
 )
+from st_peft.tuners.factost.model import SHIPPED_BACKBONE
 
 NODES = 5
 STEPS_PER_DAY = 96
@@ -47,9 +49,9 @@ def batch(batch_size: int = 2, nodes: int = NODES) -> dict[str, torch.Tensor]:
     steps = torch.randint(0, STEPS_PER_DAY - 24, (batch_size, 1), generator=generator) + torch.arange(24)
     calendar = torch.stack((steps, torch.full_like(steps, 3)), dim=-1)
     return {
-        "x": torch.randn(batch_size, 12, nodes, 1, generator=generator),
-        "x_time": calendar[:, :12],
-        "y_time": calendar[:, 12:],
+        "past_values": torch.randn(batch_size, 12, nodes, 1, generator=generator),
+        "past_time_features": calendar[:, :12],
+        "future_time_features": calendar[:, 12:],
     }
 
 
@@ -80,21 +82,21 @@ def test_peft_type_and_trainable_parameters():
 def test_disabled_adapter_gives_exactly_the_backbone_output():
     base = backbone()
     inputs = batch()
-    reference = base(**inputs).quantiles
+    reference = base(**inputs).quantile_outputs
     model = get_peft_model(base, adapter_config())
     perturb_adapter(model)
-    assert not torch.allclose(model(**inputs).quantiles, reference)
+    assert not torch.allclose(model(**inputs).quantile_outputs, reference)
     with model.disable_adapter():
-        assert torch.equal(model(**inputs).quantiles, reference)
-    assert not torch.allclose(model(**inputs).quantiles, reference)
+        assert torch.equal(model(**inputs).quantile_outputs, reference)
+    assert not torch.allclose(model(**inputs).quantile_outputs, reference)
 
 
 def test_new_adapter_without_prompts_starts_as_the_backbone():
     base = backbone()
     inputs = batch()
-    reference = base(**inputs).prediction
+    reference = base(**inputs).prediction_outputs
     model = get_peft_model(base, adapter_config(use_prompts=False))
-    torch.testing.assert_close(model(**inputs).prediction, reference)
+    torch.testing.assert_close(model(**inputs).prediction_outputs, reference)
 
 
 def test_training_moves_only_the_adapter():
@@ -104,7 +106,7 @@ def test_training_moves_only_the_adapter():
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):
-        loss = model(**batch()).prediction.abs().mean()
+        loss = model(**batch(), future_values=torch.randn(2, 12, NODES, 1)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -119,13 +121,13 @@ def test_save_and_load_round_trip_is_exact(tmp_path):
     model = get_peft_model(base, adapter_config()).eval()
     perturb_adapter(model)
     inputs = batch()
-    expected = model(**inputs).quantiles
+    expected = model(**inputs).quantile_outputs
     model.save_pretrained(tmp_path)
     fresh = backbone()
     fresh.load_state_dict(clean_state)
     loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
     assert isinstance(loaded.peft_config["default"], FactoSTAdapterConfig)
-    assert torch.equal(loaded(**inputs).quantiles, expected)
+    assert torch.equal(loaded(**inputs).quantile_outputs, expected)
 
 
 def test_loading_an_adapter_for_another_graph_is_refused(tmp_path):
@@ -138,17 +140,17 @@ def test_loading_an_adapter_for_another_graph_is_refused(tmp_path):
 def test_several_adapters_switch_and_delete():
     base = backbone()
     inputs = batch()
-    reference = base(**inputs).prediction
+    reference = base(**inputs).prediction_outputs
     model = get_peft_model(base, adapter_config())
     perturb_adapter(model)
-    first = model(**inputs).prediction
+    first = model(**inputs).prediction_outputs
     model.add_adapter("second", adapter_config(use_prompts=False))
     model.set_adapter("second")
-    torch.testing.assert_close(model(**inputs).prediction, reference)
+    torch.testing.assert_close(model(**inputs).prediction_outputs, reference)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".second." in name for name in trainable)
     model.set_adapter("default")
-    assert torch.equal(model(**inputs).prediction, first)
+    assert torch.equal(model(**inputs).prediction_outputs, first)
     model.delete_adapter("second")
     assert list(model.peft_config) == ["default"]
     assert not any(".second." in name for name, _ in model.named_parameters())
@@ -157,13 +159,13 @@ def test_several_adapters_switch_and_delete():
 def test_merge_is_refused_and_unload_returns_the_backbone():
     base = backbone()
     inputs = batch()
-    reference = base(**inputs).prediction
+    reference = base(**inputs).prediction_outputs
     model = get_peft_model(base, adapter_config())
     with pytest.raises(ValueError, match="no weights to merge them into"):
         model.merge_and_unload()
     unloaded = model.unload()
     assert not any(isinstance(m, FactoSTAdapterLayer) for m in unloaded.modules())
-    assert torch.equal(unloaded(**inputs).prediction, reference)
+    assert torch.equal(unloaded(**inputs).prediction_outputs, reference)
 
 
 @pytest.mark.parametrize(
@@ -174,7 +176,7 @@ def test_each_part_can_be_switched_off(switch, part):
     model = get_peft_model(backbone(), adapter_config(**{switch: False}))
     layer = model.base_model.model.token_hook
     assert "default" not in getattr(layer, part)
-    assert model(**batch()).prediction.shape == (2, 12, NODES, 1)
+    assert model(**batch()).prediction_outputs.shape == (2, 12, NODES, 1)
 
 
 def test_adapter_without_parts_is_refused():
@@ -187,22 +189,28 @@ def test_adapter_without_parts_is_refused():
 def test_missing_calendar_is_refused_when_metadata_fusion_needs_it():
     model = get_peft_model(backbone(), adapter_config())
     inputs = batch()
-    with pytest.raises(ValueError, match="metadata fusion needs calendar features: pass x_time"):
-        model(x=inputs["x"], horizon=12)
+    with pytest.raises(ValueError, match="metadata fusion needs calendar features: pass past_time_features"):
+        model(past_values=inputs["past_values"], horizon=12)
     without_metadata = get_peft_model(backbone(), adapter_config(use_metadata=False))
-    assert without_metadata(x=inputs["x"], horizon=12).prediction.shape == (2, 12, NODES, 1)
+    assert without_metadata(past_values=inputs["past_values"], horizon=12).prediction_outputs.shape == (2, 12, NODES, 1)
 
 
 def test_calendar_out_of_range_and_wrong_node_count_are_refused():
     model = get_peft_model(backbone(), adapter_config())
     inputs = batch()
-    inputs["x_time"] = inputs["x_time"] + STEPS_PER_DAY
-    with pytest.raises(ValueError, match=r"calendar column 0 holds values in \[\d+, \d+\] but the adapter allows 0 .. 95"):
+    inputs["past_time_features"] = inputs["past_time_features"] + STEPS_PER_DAY
+    with pytest.raises(ValueError, match=r"past_time_features column 0 holds values from \d+ to \d+ but the FACTOST "
+                       r"adapter allows 0 .. 95"):
         model(**inputs)
-    with pytest.raises(ValueError, match="the batch has 3 nodes but the FACTOST adapter was built for num_nodes=5"):
+    inputs = batch()
+    inputs["future_time_features"][..., 1] = 7
+    with pytest.raises(ValueError, match=r"future_time_features column 1 holds values from 7 to 7 but the FACTOST "
+                       r"adapter allows 0 .. 6"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="past_values has 3 nodes but the FACTOST adapter was built for num_nodes=5"):
         model(**batch(nodes=3))
     subset = batch(nodes=3)
-    assert model(**subset, node_index=torch.tensor([0, 2, 4])).prediction.shape == (2, 12, 3, 1)
+    assert model(**subset, node_index=torch.tensor([0, 2, 4])).prediction_outputs.shape == (2, 12, 3, 1)
 
 
 def test_prompts_keep_the_context_positions():
@@ -268,16 +276,66 @@ def test_memory_replay_sampler_follows_the_config():
     assert adapter_config(use_memory_replay=False).replay_sampler(list(range(100)), batch_size=10) is None
 
 
-def test_adapter_on_a_real_few_shot_split():
-    data = load("sz-taxi")
-    splits = build_splits(data, input_len=12, horizon=12, few_shot=0.1)
-    rows = [splits.train[i] for i in range(4)]
-    inputs = {k: v for k, v in splits.collator(rows).items() if k in ("x", "x_time", "y_time")}
-    config = FactoSTAdapterConfig(num_nodes=splits.num_nodes, steps_per_day=splits.steps_per_day)
+def test_adapter_on_a_real_few_shot_split_returns_the_loss_of_its_forecast():
+    splits = build_splits(load("sz-taxi"), input_len=12, horizon=12, few_shot=0.1)
+    inputs = splits.collator([splits.train[i] for i in range(4)])
+    config = FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day)
+    assert (config.input_len, config.horizon, config.in_channels) == (12, 12, 1)
     model = get_peft_model(backbone(), config)
+    perturb_adapter(model)
     output = model(**inputs)
-    assert output.prediction.shape == (4, 12, splits.num_nodes, 1)
-    assert torch.isfinite(output.quantiles).all()
+    assert output.prediction_outputs.shape == (4, 12, splits.num_nodes, 1)
+    assert torch.isfinite(output.quantile_outputs).all()
+    # the loss is the masked MAE, in original units, of the adapted forecast
+    target, mask = inputs["future_values"], inputs["future_observed_mask"]
+    by_hand = (output.prediction_outputs - target).abs()[mask].mean()
+    torch.testing.assert_close(output.loss, by_hand)
+    with model.disable_adapter():
+        assert not torch.allclose(model(**inputs).loss, output.loss)
+
+
+def test_plain_transformers_trainer_trains_the_adapter_on_real_data(tmp_path):
+    splits = build_splits(load("chickenpox"), input_len=12, horizon=12, few_shot=0.5)
+    train = splits.train.select(range(0, 16 * 2, 2))
+    model = get_peft_model(
+        AutoModelForTimeSeriesPrediction.from_pretrained(SHIPPED_BACKBONE),
+        FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day),
+    )
+    windows = splits.collator(list(train))
+
+    def training_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(model(**windows).loss)
+
+    before = training_loss()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), label_names=["future_values"], remove_unused_columns=False, use_cpu=True,
+        report_to="none", per_device_train_batch_size=8, max_steps=10, learning_rate=1e-2, logging_steps=1,
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model, args, train_dataset=train, data_collator=splits.collator)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 10 and np.isfinite(logged).all()
+    # 0.698 -> 0.663 on these windows
+    assert training_loss() < 0.97 * before
+
+
+def test_sizes_of_the_splits_are_accepted_and_checked():
+    with pytest.raises(ValueError, match="in_channels=2 but out_channels=1"):
+        FactoSTAdapterConfig(num_nodes=NODES, in_channels=2, out_channels=1)
+    with pytest.raises(ValueError, match="horizon must be a positive integer; got 0"):
+        FactoSTAdapterConfig(num_nodes=NODES, horizon=0)
+
+
+def test_old_argument_names_are_refused_through_the_peft_model():
+    model = get_peft_model(backbone(), adapter_config())
+    inputs = batch()
+    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
+        model(x=inputs["past_values"])
+    with pytest.raises(TypeError, match="'x_time' is now 'past_time_features'"):
+        model(past_values=inputs["past_values"], x_time=inputs["past_time_features"])
 
 
 def test_non_factost_backbone_is_refused():

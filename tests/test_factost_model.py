@@ -1,4 +1,4 @@
-"""FactoST backbone: shapes, normalisation, rollout, positions, save/load, pretraining, bad input."""
+"""FactoST backbone: raw values in, original units and loss out; rollout, save/load, pretraining, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, GPT2Config
+from transformers import AutoConfig, AutoModel, AutoModelForTimeSeriesPrediction, GPT2Config
 
 import st_peft  # noqa: F401  (registers the Auto classes)
 from st_peft.models.factost import (
@@ -30,6 +30,7 @@ from st_peft.models.factost.pretraining import (
     pretrain,
     run_pretrain,
 )
+from st_peft.outputs import ForecastOutput
 
 CHECKPOINT = Path(st_peft.__file__).parent / "checkpoints" / "factost-cpu"
 
@@ -56,26 +57,32 @@ def model() -> FactoSTModel:
 
 
 def test_shapes_and_median_is_the_point_forecast(model):
-    x = torch.randn(3, 12, 5, 2)
-    output = model(x, horizon=6)
-    assert output.prediction.shape == (3, 6, 5, 2)
-    assert output.quantiles.shape == (3, 6, 5, 2, 9)
-    assert torch.equal(output.prediction, output.quantiles[..., model.config.median_index])
-    assert (output.quantiles.diff(dim=-1) >= 0).all()
+    past_values = torch.randn(3, 12, 5, 2)
+    output = model(past_values=past_values, horizon=6)
+    assert isinstance(output, ForecastOutput)
+    assert output.prediction_outputs.shape == (3, 6, 5, 2)
+    assert output.quantile_outputs.shape == (3, 6, 5, 2, 9)
+    assert output.loc.shape == output.scale.shape == (3, 1, 5, 2)
+    assert output.loss is None and "loss" not in output
+    assert torch.equal(output.prediction_outputs, output.quantile_outputs[..., model.config.median_index])
+    assert (output.quantile_outputs.diff(dim=-1) >= 0).all()
 
 
-def test_horizon_defaults_to_y_time(model):
-    x = torch.randn(2, 12, 3, 1)
-    y_time = torch.zeros(2, 7, 2, dtype=torch.long)
-    assert model(x, y_time=y_time).prediction.shape == (2, 7, 3, 1)
+def test_horizon_defaults_to_the_future_time_features_then_the_future_values(model):
+    past_values = torch.randn(2, 12, 3, 1)
+    future_time_features = torch.zeros(2, 7, 2, dtype=torch.long)
+    assert model(past_values, future_time_features=future_time_features).prediction_outputs.shape == (2, 7, 3, 1)
+    assert model(past_values, future_values=torch.randn(2, 5, 3, 1)).prediction_outputs.shape == (2, 5, 3, 1)
+    assert model(past_values).prediction_outputs.shape == (2, model.config.max_horizon, 3, 1)
 
 
 def test_every_series_is_forecast_on_its_own(model):
-    x = torch.randn(2, 12, 4, 2)
-    changed = x.clone()
+    past_values = torch.randn(2, 12, 4, 2)
+    changed = past_values.clone()
     changed[:, :, 1:] = torch.randn_like(changed[:, :, 1:])
     changed[:, :, 0, 1] += 3.0
-    before, after = model(x, horizon=4).prediction, model(changed, horizon=4).prediction
+    before = model(past_values, horizon=4).prediction_outputs
+    after = model(changed, horizon=4).prediction_outputs
     torch.testing.assert_close(before[:, :, 0, 0], after[:, :, 0, 0])
     assert not torch.allclose(before[:, :, 0, 1], after[:, :, 0, 1])
 
@@ -90,47 +97,118 @@ def test_masked_instance_norm_matches_hand_computation():
     torch.testing.assert_close(normalised, expected)
 
 
-def test_forecast_follows_affine_changes_of_the_input(model):
-    x = torch.randn(2, 12, 3, 1)
-    base = model(x, horizon=8).quantiles
-    moved = model(5.0 * x + 7.0, horizon=8).quantiles
-    torch.testing.assert_close(moved, 5.0 * base + 7.0, rtol=1e-4, atol=1e-3)
+def test_raw_values_in_original_units_out_with_the_instance_statistics(model):
+    past_values = torch.randn(2, 12, 3, 1)
+    base = model(past_values, horizon=8)
+    moved = model(5.0 * past_values + 70.0, horizon=8)
+    torch.testing.assert_close(moved.quantile_outputs, 5.0 * base.quantile_outputs + 70.0, rtol=1e-4, atol=1e-3)
+    # loc / scale are each series' mean and spread over the history; prediction = scaled * scale + loc
+    torch.testing.assert_close(moved.loc, (5.0 * past_values + 70.0).mean(dim=1, keepdim=True))
+    spread = (5.0 * past_values).var(dim=1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(moved.scale, torch.sqrt(spread + model.config.norm_eps))
 
 
 def test_missing_values_are_ignored(model):
-    x = torch.randn(2, 12, 3, 1)
+    past_values = torch.randn(2, 12, 3, 1)
     mask = torch.rand(2, 12, 3, 1) > 0.3
     mask[:, -1] = True
-    other = torch.where(mask, x, torch.randn_like(x) * 50)
-    first = model(x, x_mask=mask, horizon=4).prediction
-    second = model(other, x_mask=mask, horizon=4).prediction
+    other = torch.where(mask, past_values, torch.randn_like(past_values) * 50)
+    first = model(past_values, past_observed_mask=mask, horizon=4).prediction_outputs
+    second = model(other, past_observed_mask=mask, horizon=4).prediction_outputs
     torch.testing.assert_close(first, second)
-    with_nan = torch.where(mask, x, torch.full_like(x, float("nan")))
-    torch.testing.assert_close(model(with_nan, horizon=4).prediction, first)
-    with_zero = torch.where(mask, x, torch.zeros_like(x))
-    torch.testing.assert_close(model(with_zero, horizon=4).prediction, first)
+    with_nan = torch.where(mask, past_values, torch.full_like(past_values, float("nan")))
+    torch.testing.assert_close(model(with_nan, horizon=4).prediction_outputs, first)
+    # without a mask, entries equal to config.missing_value (0, as the built-in data sets hold) are missing
+    with_zero = torch.where(mask, past_values, torch.zeros_like(past_values))
+    torch.testing.assert_close(model(with_zero, horizon=4).prediction_outputs, first)
+
+
+def test_missing_value_none_counts_zeros_as_observed():
+    torch.manual_seed(0)
+    model = FactoSTModel(tiny_config(missing_value=None)).eval()
+    past_values = torch.randn(1, 12, 2, 1)
+    past_values[:, 3] = 0.0
+    observed = torch.ones_like(past_values, dtype=torch.bool)
+    torch.testing.assert_close(
+        model(past_values, horizon=4).prediction_outputs,
+        model(past_values, past_observed_mask=observed, horizon=4).prediction_outputs,
+    )
 
 
 def test_history_that_is_not_whole_patches_is_left_padded_as_missing(model):
-    x = torch.randn(1, 14, 2, 1)
-    padded = torch.cat((torch.zeros(1, 2, 2, 1), x), dim=1)
-    mask = torch.cat((torch.zeros(1, 2, 2, 1, dtype=torch.bool), torch.ones_like(x, dtype=torch.bool)), dim=1)
-    torch.testing.assert_close(model(x, horizon=4).prediction, model(padded, x_mask=mask, horizon=4).prediction)
+    past_values = torch.randn(1, 14, 2, 1)
+    padded = torch.cat((torch.zeros(1, 2, 2, 1), past_values), dim=1)
+    mask = torch.cat((torch.zeros(1, 2, 2, 1, dtype=torch.bool), torch.ones_like(past_values, dtype=torch.bool)), dim=1)
+    torch.testing.assert_close(
+        model(past_values, horizon=4).prediction_outputs,
+        model(padded, past_observed_mask=mask, horizon=4).prediction_outputs,
+    )
 
 
 def test_long_history_keeps_its_last_steps(model):
-    x = torch.randn(1, 40, 2, 1)
-    torch.testing.assert_close(model(x, horizon=4).prediction, model(x[:, -24:], horizon=4).prediction)
+    past_values = torch.randn(1, 40, 2, 1)
+    torch.testing.assert_close(
+        model(past_values, horizon=4).prediction_outputs, model(past_values[:, -24:], horizon=4).prediction_outputs
+    )
 
 
 def test_rollout_extends_the_horizon(model):
-    x = torch.randn(2, 12, 3, 1)
-    long = model(x, horizon=20, rollout=True)
-    assert long.prediction.shape == (2, 20, 3, 1)
-    first = model(x, horizon=8).prediction
-    torch.testing.assert_close(long.prediction[:, :8], first)
-    fed_back = torch.cat((x, first), dim=1)
-    torch.testing.assert_close(long.prediction[:, 8:16], model(fed_back, horizon=8).prediction)
+    past_values = torch.randn(2, 12, 3, 1)
+    long = model(past_values, horizon=20, rollout=True)
+    assert long.prediction_outputs.shape == (2, 20, 3, 1)
+    first = model(past_values, horizon=8)
+    torch.testing.assert_close(long.prediction_outputs[:, :8], first.prediction_outputs)
+    torch.testing.assert_close(long.loc, first.loc)
+    fed_back = torch.cat((past_values, first.prediction_outputs), dim=1)
+    torch.testing.assert_close(long.quantile_outputs[:, 8:16], model(fed_back, horizon=8).quantile_outputs)
+    assert torch.equal(long.prediction_outputs, long.quantile_outputs[..., model.config.median_index])
+
+
+def test_loss_is_the_masked_mae_of_the_point_forecast_in_original_units(model):
+    generator = torch.Generator().manual_seed(3)
+    past_values = 50.0 + 10.0 * torch.randn(2, 12, 3, 1, generator=generator)
+    future_values = 50.0 + 10.0 * torch.randn(2, 4, 3, 1, generator=generator)
+    future_observed_mask = torch.rand(2, 4, 3, 1, generator=generator) > 0.3
+    future_values[~future_observed_mask] = 1e6  # never counted
+    output = model(past_values, future_values=future_values, future_observed_mask=future_observed_mask)
+    error = (output.prediction_outputs - future_values).abs()[future_observed_mask]
+    torch.testing.assert_close(output.loss, error.mean())
+    assert output.aux_loss is None
+
+
+def test_pinball_loss_scores_every_quantile():
+    torch.manual_seed(0)
+    model = FactoSTModel(tiny_config(loss="pinball")).eval()
+    past_values = torch.randn(2, 12, 3, 1)
+    future_values = torch.randn(2, 4, 3, 1)
+    future_observed_mask = torch.ones_like(future_values, dtype=torch.bool)
+    future_observed_mask[0, 0] = False
+    output = model(past_values, future_values=future_values, future_observed_mask=future_observed_mask)
+    levels = torch.tensor(model.config.quantiles)
+    error = future_values[..., None] - output.quantile_outputs
+    by_hand = torch.maximum(levels * error, (levels - 1) * error).mean(dim=-1)[future_observed_mask].mean()
+    torch.testing.assert_close(output.loss, by_hand)
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(Exception, match=r"loss must be one of \['huber', 'mae', 'mse', 'pinball'\], got 'crps'"):
+        tiny_config(loss="crps")
+
+
+def test_old_argument_names_are_refused_with_the_new_ones(model):
+    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
+        model(x=torch.randn(1, 12, 2, 1))
+    with pytest.raises(TypeError, match="'y' is now 'future_values'.*'y_mask' is now 'future_observed_mask'"):
+        model(torch.randn(1, 12, 2, 1), y=torch.randn(1, 4, 2, 1), y_mask=torch.ones(1, 4, 2, 1, dtype=torch.bool))
+    with pytest.raises(AttributeError, match="ForecastOutput.prediction is now ForecastOutput.prediction_outputs"):
+        _ = model(torch.randn(1, 12, 2, 1), horizon=4).prediction
+
+
+def test_other_keyword_arguments_are_ignored(model):
+    past_values = torch.randn(1, 12, 2, 1)
+    plain = model(past_values, horizon=4).prediction_outputs
+    assert torch.equal(model(past_values, horizon=4, num_items_in_batch=7).prediction_outputs, plain)
+    assert FactoSTModel.accepts_loss_kwargs is False
 
 
 def test_rotary_scores_depend_only_on_relative_positions():
@@ -168,11 +246,11 @@ def attention_positions(model: FactoSTModel, **kwargs) -> list[float]:
 def test_prefix_and_prompt_tokens_keep_the_context_positions():
     torch.manual_seed(0)
     model = FactoSTModel(tiny_config()).eval()
-    x = torch.randn(1, 12, 2, 1)
-    plain = attention_positions(model, x=x, horizon=8)
+    past_values = torch.randn(1, 12, 2, 1)
+    plain = attention_positions(model, past_values=past_values, horizon=8)
     assert plain == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     model.token_hook = PrefixHook()
-    prompted = attention_positions(model, x=x, horizon=8, use_domain_prompts=True)
+    prompted = attention_positions(model, past_values=past_values, horizon=8, use_domain_prompts=True)
     # register, 2 hook prefixes and 3 matched prompts at 0; context and future unchanged
     assert prompted == [0.0] * 6 + [1.0, 2.0, 3.0, 4.0, 5.0]
 
@@ -184,12 +262,17 @@ def test_domain_prompts_are_the_closest_codebook_entries(model):
     torch.testing.assert_close(matched[:, 0], codebook[[5, 2]])
 
 
-def test_save_and_load_round_trip_is_exact(model, tmp_path):
+def test_save_and_load_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = FactoSTModel(tiny_config(loss="pinball")).eval()
     model.save_pretrained(tmp_path)
-    loaded = AutoModel.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, FactoSTModel)
-    x = torch.randn(2, 12, 3, 1)
-    assert torch.equal(model(x, horizon=8).quantiles, loaded(x, horizon=8).quantiles)
+    for auto_class in (AutoModel, AutoModelForTimeSeriesPrediction):
+        loaded = auto_class.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, FactoSTModel) and loaded.config.loss == "pinball"
+        past_values, future_values = torch.randn(2, 12, 3, 1), torch.randn(2, 8, 3, 1)
+        expected, got = model(past_values, future_values=future_values), loaded(past_values, future_values=future_values)
+        assert torch.equal(expected.quantile_outputs, got.quantile_outputs)
+        assert torch.equal(expected.loss, got.loss)
     assert isinstance(AutoConfig.for_model("factost"), FactoSTConfig)
 
 
@@ -202,7 +285,8 @@ def test_named_sizes():
 
 
 def test_series_shorter_than_one_patch_is_refused(model):
-    with pytest.raises(ValueError, match=r"history has 3 steps, shorter than one patch \(4 steps\)"):
+    with pytest.raises(ValueError, match=r"past_values has shape \(1, 3, 2, 1\): its history of 3 steps is shorter "
+                       r"than one patch \(4 steps\)"):
         model(torch.randn(1, 3, 2, 1), horizon=2)
 
 
@@ -211,13 +295,27 @@ def test_horizon_above_the_maximum_needs_rollout(model):
         model(torch.randn(1, 12, 2, 1), horizon=9)
 
 
-def test_bad_shapes_are_refused(model):
-    with pytest.raises(ValueError, match=r"expects x of shape \(B, L, N, C\)"):
+def test_bad_shapes_are_refused_naming_the_tensor_and_both_shapes(model):
+    past_values = torch.randn(1, 12, 2, 1)
+    with pytest.raises(ValueError, match=r"expects past_values of shape \(batch, time, nodes, channels\); got a 3-d"):
         model(torch.randn(12, 2, 1), horizon=2)
-    with pytest.raises(ValueError, match="y_time covers 3 steps but the horizon is 4"):
-        model(torch.randn(1, 12, 2, 1), y_time=torch.zeros(1, 3, 2, dtype=torch.long), horizon=4)
-    with pytest.raises(ValueError, match=r"x_mask has shape \(1, 12, 3, 1\) but x has shape \(1, 12, 2, 1\)"):
-        model(torch.randn(1, 12, 2, 1), x_mask=torch.ones(1, 12, 3, 1, dtype=torch.bool), horizon=2)
+    with pytest.raises(ValueError, match=r"past_observed_mask has shape \(1, 12, 3, 1\) but past_values has shape "
+                       r"\(1, 12, 2, 1\)"):
+        model(past_values, past_observed_mask=torch.ones(1, 12, 3, 1, dtype=torch.bool), horizon=2)
+    with pytest.raises(ValueError, match=r"future_values has shape \(1, 6, 2, 1\): its horizon is 6 steps, the "
+                       r"model forecasts horizon=4"):
+        model(past_values, future_values=torch.randn(1, 6, 2, 1), horizon=4)
+    with pytest.raises(ValueError, match=r"future_observed_mask has shape \(1, 4, 2\) but future_values has shape "
+                       r"\(1, 4, 2, 1\)"):
+        model(past_values, future_values=torch.randn(1, 4, 2, 1), future_observed_mask=torch.ones(1, 4, 2).bool())
+    with pytest.raises(ValueError, match=r"future_time_features has shape \(1, 3, 2\) but past_values has shape "
+                       r"\(1, 12, 2, 1\) and the horizon is 4, so it must be \(1, H >= 4, F\)"):
+        model(past_values, future_time_features=torch.zeros(1, 3, 2, dtype=torch.long), horizon=4)
+    with pytest.raises(ValueError, match=r"past_time_features has shape \(1, 10, 2\) but past_values has shape "
+                       r"\(1, 12, 2, 1\) and the horizon is 4, so it must be \(1, 12, F\)"):
+        model(past_values, past_time_features=torch.zeros(1, 10, 2, dtype=torch.long), horizon=4)
+    with pytest.raises(ValueError, match="expects integer past_time_features"):
+        model(past_values, past_time_features=torch.zeros(1, 12, 2), horizon=4)
 
 
 def test_checkpoint_of_another_model_type_is_refused(tmp_path):
@@ -291,30 +389,55 @@ def test_pretrain_command_line_on_builtin_data(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
-def test_shipped_checkpoint_loads_and_is_small():
+def test_shipped_checkpoint_loads_as_a_time_series_prediction_model_and_is_small():
     weights = CHECKPOINT / "model.safetensors"
     assert weights.stat().st_size <= 20 * 1024 * 1024
     assert json.loads((CHECKPOINT / "config.json").read_text())["model_type"] == "factost"
-    model = AutoModel.from_pretrained(CHECKPOINT).eval()
-    assert isinstance(model, FactoSTModel)
+    model = AutoModelForTimeSeriesPrediction.from_pretrained(CHECKPOINT).eval()
+    assert isinstance(model, FactoSTModel) and model.config.loss == "mae"
     output = model(torch.randn(2, 12, 3, 1), horizon=12)
-    assert torch.isfinite(output.quantiles).all()
+    assert torch.isfinite(output.quantile_outputs).all()
 
 
-def test_shipped_checkpoint_beats_seasonal_naive_zero_shot_on_held_out_sz_taxi():
-    from st_peft.baselines import seasonal_naive_forecast
+@pytest.fixture(scope="module")
+def sz_taxi_test_batch():
     from st_peft.data import build_splits, load
-    from st_peft.metrics import masked_mae
 
     splits = build_splits(load("sz-taxi"), input_len=12, horizon=12)
     starts = np.asarray(splits.test["start"])[::24]
-    batch = splits.collator.gather(starts)
-    model = AutoModel.from_pretrained(CHECKPOINT).eval()
+    return splits, starts, splits.collator.gather(starts)
+
+
+def test_shipped_checkpoint_beats_seasonal_naive_zero_shot_on_held_out_sz_taxi_from_raw_values(sz_taxi_test_batch):
+    from st_peft.baselines import seasonal_naive_forecast
+    from st_peft.metrics import masked_mae
+
+    splits, _, batch = sz_taxi_test_batch
+    model = AutoModelForTimeSeriesPrediction.from_pretrained(CHECKPOINT).eval()
     with torch.no_grad():
-        forecast = splits.scaler.inverse_transform(model(x=batch["x"], horizon=12).prediction)
-    zero_shot = float(masked_mae(forecast, batch["y"], batch["y_mask"]))
-    naive = float(masked_mae(torch.from_numpy(seasonal_naive_forecast(splits)[::24]), batch["y"], batch["y_mask"]))
+        output = model(**batch)
+    target, mask = batch["future_values"], batch["future_observed_mask"]
+    zero_shot = float(masked_mae(output.prediction_outputs, target, mask))
+    assert float(output.loss) == pytest.approx(zero_shot, rel=1e-6)
+    naive = float(masked_mae(torch.from_numpy(seasonal_naive_forecast(splits)[::24]), target, mask))
     assert zero_shot < 0.95 * naive
+    assert zero_shot == pytest.approx(3.608, abs=0.01)
+
+
+def test_shipped_checkpoint_forecasts_the_same_from_raw_and_from_standardised_values(sz_taxi_test_batch):
+    splits, _, batch = sz_taxi_test_batch
+    model = AutoModelForTimeSeriesPrediction.from_pretrained(CHECKPOINT).eval()
+    mean, std = float(splits.scaler.mean[0]), float(splits.scaler.std[0])
+    mask = batch["past_observed_mask"]
+    standardised = torch.where(mask, (batch["past_values"] - mean) / std, torch.zeros(()))
+    with torch.no_grad():
+        raw = model(past_values=batch["past_values"], past_observed_mask=mask, horizon=12).prediction_outputs
+        scaled = model(past_values=standardised, past_observed_mask=mask, horizon=12).prediction_outputs
+    # a history with no observed step has no statistics to map back; and the normalisation's epsilon
+    # (added to the variance) weighs differently in the two units on nearly constant histories
+    seen = mask.any(dim=1, keepdim=True).expand_as(raw)
+    difference = (raw - (scaled * std + mean))[seen].abs()
+    assert difference.max() < 0.05 and difference.mean() < 1e-3
 
 
 def test_pretraining_runs_on_two_processes_under_accelerate_launch(tmp_path):

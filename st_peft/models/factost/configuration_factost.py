@@ -8,6 +8,11 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from st_peft.losses import LOSSES
+
+QUANTILE_LOSS = "pinball"
+"""The name of the loss on every quantile forecast; the other names of ``loss`` score the median."""
+
 # Named sizes. "tiny" follows the paper's tiny model (about 4.4M parameters with its
 # patch length 16); "base" is the next step up; "cpu" is small enough to pretrain in
 # minutes on two CPU cores and uses patches of 4 steps so that the 12-step windows of
@@ -64,9 +69,14 @@ class FactoSTConfig(PreTrainedConfig):
         rope_theta: base of the rotary frequencies.
         norm_eps: epsilon of the layer norms and of the instance normalisation.
         initializer_range: standard deviation of the initial weights.
-        missing_value: when ``forward`` gets no ``x_mask``, entries of ``x`` equal to this value
-            count as missing (the project's batches hold 0 for missing steps after scaling);
-            ``None`` treats only NaN as missing.
+        missing_value: when ``forward`` gets no ``past_observed_mask``, entries of ``past_values``
+            equal to this value count as missing (the built-in data sets hold 0, in original units,
+            where a value is missing); ``None`` treats only NaN as missing.
+        loss: the training loss ``forward`` returns when given ``future_values``, masked and in
+            original units: ``"mae"`` (the default, the objective of the benchmark), ``"mse"`` or
+            ``"huber"`` score the point forecast (the 0.5 quantile); ``"pinball"`` scores every
+            quantile forecast. Pretraining does not use it: it minimises the pinball loss in units
+            of each window's spread.
     """
 
     model_type = "factost"
@@ -86,6 +96,7 @@ class FactoSTConfig(PreTrainedConfig):
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
     missing_value: float | None = 0.0
+    loss: str = "mae"
 
     def __post_init__(self, **kwargs):
         self.quantiles = [float(q) for q in self.quantiles]
@@ -112,6 +123,8 @@ class FactoSTConfig(PreTrainedConfig):
             )
         if 0.5 not in self.quantiles or list(self.quantiles) != sorted(set(self.quantiles)):
             raise ValueError(f"quantiles must be increasing and contain 0.5, got {list(self.quantiles)}.")
+        if self.loss not in (*LOSSES, QUANTILE_LOSS):
+            raise ValueError(f"loss must be one of {sorted((*LOSSES, QUANTILE_LOSS))}, got {self.loss!r}.")
         if not 1 <= self.prompt_top_k <= self.num_domain_prompts:
             raise ValueError(
                 f"prompt_top_k ({self.prompt_top_k}) must be between 1 and num_domain_prompts "
@@ -162,4 +175,4 @@ class FactoSTConfig(PreTrainedConfig):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
-__all__ = ["FACTOST_SIZES", "FactoSTConfig"]
+__all__ = ["FACTOST_SIZES", "QUANTILE_LOSS", "FactoSTConfig"]

@@ -1,9 +1,12 @@
 """FactoST: an encoder-only temporal backbone that forecasts every series on its own.
 
-The token pipeline of one forward pass, for a batch ``x`` of shape ``(B, L, N, C)``:
+The token pipeline of one forward pass, for ``past_values`` of shape ``(B, L, N, C)`` in
+original units:
 
 1. every (node, channel) series is cut to the last ``max_context_length`` steps and
-   normalised by its own mean and standard deviation over the observed steps;
+   normalised by its own mean and standard deviation over the observed steps (its
+   instance statistics, the output's ``loc`` / ``scale``: FactoST has no fixed graph, so
+   this is its scaling inside the model);
 2. it is left-padded (padding marked missing) to whole patches; each patch of values
    and its missing mask becomes a context token; one learned placeholder token per
    future patch follows;
@@ -13,13 +16,15 @@ The token pipeline of one forward pass, for a batch ``x`` of shape ``(B, L, N, C
    the context tokens (positions ``1 .. P_ctx``) and future tokens (``P_ctx + 1 ..``), so
    prompts never move the positions the context had in pretraining;
 5. rotary self-attention layers encode the sequence; a head maps each future token to
-   ``patch_length`` steps of quantiles, which are de-normalised.
+   ``patch_length`` steps of quantiles, which come back in original units with ``loss``
+   whenever ``future_values`` is given (``config.loss``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +32,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
-from st_peft.models.factost.configuration_factost import FactoSTConfig
-from st_peft.outputs import ForecastOutput
+from st_peft.checks import check_future_values, check_observed_mask
+from st_peft.forecasting import forecast_loss, forecast_output
+from st_peft.losses import get_loss
+from st_peft.metrics import pinball_loss
+from st_peft.models.factost.configuration_factost import QUANTILE_LOSS, FactoSTConfig
+from st_peft.outputs import ForecastOutput, reject_renamed_inputs
 
 
 @dataclass
@@ -38,7 +47,9 @@ class FactoSTTokenContext:
     Attributes:
         num_context_patches: ``P_ctx``; tokens ``[..., :P_ctx, :]`` are context, the rest future.
         patch_time: int64 ``(B, P, F)`` calendar features of the last step of every context and
-            future patch (``F`` columns as in ``x_time``), or ``None`` when no calendar was given.
+            future patch (``F`` columns as in ``past_time_features``; patches ``[:P_ctx]`` come from
+            the history's, the rest from ``future_time_features``), or ``None`` when the model was
+            not given both.
         node_index: int64 ``(N,)`` graph indices of the batch's nodes, or ``None`` for ``0 .. N-1``.
         codebook: ``(M, D)`` the backbone's domain prompts, for matching.
     """
@@ -184,7 +195,7 @@ class FactoSTPreTrainedModel(PreTrainedModel):
     config: FactoSTConfig
     config_class = FactoSTConfig
     base_model_prefix = "factost"
-    main_input_name = "x"
+    main_input_name = "past_values"
     _no_split_modules = ["FactoSTEncoderLayer"]
 
     @torch.no_grad()
@@ -201,9 +212,14 @@ class FactoSTPreTrainedModel(PreTrainedModel):
 class FactoSTModel(FactoSTPreTrainedModel):
     """FactoST backbone: ``(B, L, N, C)`` history in, ``(B, H, N, C)`` forecast and quantiles out.
 
-    Every (node, channel) series is forecast independently; the model knows nothing of the
-    graph. The FACTOST PEFT adapter adds the spatio-temporal parts through ``token_hook``.
+    Every (node, channel) series is forecast independently, in original units; the model knows
+    nothing of the graph and takes any number of nodes. The FACTOST PEFT adapter adds the
+    spatio-temporal parts through ``token_hook``.
     """
+
+    # transformers.Trainer passes num_items_in_batch to models that take **kwargs unless told
+    # not to; the loss here is a per-batch mean already
+    accepts_loss_kwargs = False
 
     def __init__(self, config: FactoSTConfig):
         super().__init__(config)
@@ -234,79 +250,137 @@ class FactoSTModel(FactoSTPreTrainedModel):
 
     def forward(
         self,
-        x: torch.Tensor,
-        x_time: torch.Tensor | None = None,
-        y_time: torch.Tensor | None = None,
-        horizon: int | None = None,
-        x_mask: torch.Tensor | None = None,
+        past_values: torch.Tensor | None = None,
+        past_observed_mask: torch.Tensor | None = None,
+        past_time_features: torch.Tensor | None = None,
+        future_time_features: torch.Tensor | None = None,
+        future_values: torch.Tensor | None = None,
+        future_observed_mask: torch.Tensor | None = None,
         node_index: torch.Tensor | None = None,
+        horizon: int | None = None,
         rollout: bool = False,
         use_domain_prompts: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> ForecastOutput:
-        """Forecast every series of ``x``.
+        """Forecast every series of ``past_values`` in its original units.
 
         Args:
-            x: ``(B, L, N, C)`` history (any affine scaling; each series is normalised on its own).
-                NaN entries count as missing, and so do entries equal to ``config.missing_value``
-                when no ``x_mask`` is given.
-            x_time: int64 ``(B, L, F)`` calendar features of the history, for the adapter.
-            y_time: int64 ``(B, H, F)`` calendar features of the horizon, for the adapter.
-            horizon: steps to forecast; defaults to ``y_time.shape[1]``, else ``config.max_horizon``.
-            x_mask: bool ``(B, L, N, C)``, True where observed.
+            past_values: ``(B, L, N, C)`` history in original units (any affine scaling works the
+                same: each series is normalised on its own). NaN entries count as missing, and so do
+                entries equal to ``config.missing_value`` when no ``past_observed_mask`` is given.
+            past_observed_mask: bool ``(B, L, N, C)``, True where observed.
+            past_time_features: int64 ``(B, L, F)`` calendar features of the history, for the adapter.
+            future_time_features: int64 ``(B, H', F)`` calendar features of the horizon (``H' >= H``),
+                for the adapter.
+            future_values: ``(B, H, N, C)`` targets in original units; when given the output holds
+                ``loss`` (``config.loss``, masked, over the observed targets).
+            future_observed_mask: bool ``(B, H, N, C)``, True where the target was observed; by
+                default every finite target.
             node_index: int64 ``(N,)`` graph indices of the batch's nodes, for the adapter.
+            horizon: steps ``H`` to forecast; by default ``future_time_features.shape[1]``, else
+                ``future_values.shape[1]``, else ``config.max_horizon``.
             rollout: allow horizons above ``config.max_horizon`` by feeding median forecasts back.
             use_domain_prompts: prepend the ``prompt_top_k`` codebook entries closest to each series.
-            **kwargs: other batch entries (``y``, ``y_mask``, ...), ignored.
+            **kwargs: other batch entries (``num_items_in_batch``), ignored; the argument names of
+                st-peft 0.0 (``x``, ``y``, ...) are refused with their new names.
 
         Returns:
-            ``ForecastOutput`` with ``prediction`` ``(B, H, N, C)`` (the median) and
-            ``quantiles`` ``(B, H, N, C, Q)``, in the units of ``x``.
+            :class:`~st_peft.outputs.ForecastOutput` with ``prediction_outputs`` ``(B, H, N, C)`` (the
+            0.5 quantile) and ``quantile_outputs`` ``(B, H, N, C, Q)`` in original units, ``loc`` /
+            ``scale`` ``(B, 1, N, C)`` (each series' instance statistics), and ``loss`` when
+            ``future_values`` is given.
         """
-        horizon = self._check_inputs(x, x_mask, x_time, y_time, horizon, rollout)
-        mask = torch.isfinite(x)
-        if x_mask is not None:
-            mask = mask & x_mask.to(torch.bool)
-        elif self.config.missing_value is not None:
-            mask = mask & (x != self.config.missing_value)
-        values = torch.where(mask, x, torch.zeros_like(x))
+        name = type(self).__name__
+        # checked before past_values, so a call of st-peft 0.0 (x=...) learns the new names
+        reject_renamed_inputs(kwargs, name)
+        if past_values is None:
+            raise TypeError(f"{name}.forward needs past_values, the history (B, L, N, C) in original units.")
+        horizon = self._check_inputs(
+            past_values, past_time_features, future_time_features, future_values, horizon, rollout
+        )
+        mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",
+                                   values_name="past_values") & torch.isfinite(past_values)
+        if past_observed_mask is None and self.config.missing_value is not None:
+            mask = mask & (past_values != self.config.missing_value)
+        values = torch.where(mask, past_values, torch.zeros_like(past_values))
+        history_time = past_time_features
         pieces = []
+        loc = scale = None
         done = 0
         while done < horizon:
             step = min(horizon - done, self.config.max_horizon)
-            step_time = None if y_time is None else y_time[:, done : done + step]
-            quantiles = self._forecast_once(values, mask, x_time, step_time, step, node_index, use_domain_prompts)
-            pieces.append(quantiles)
+            step_time = None if future_time_features is None else future_time_features[:, done : done + step]
+            normalised, pass_loc, pass_scale = self._forecast_once(
+                values, mask, history_time, step_time, step, node_index, use_domain_prompts
+            )
+            if loc is None:
+                loc, scale = pass_loc, pass_scale
+            else:
+                # a later pass normalised its longer history by that history's statistics
+                in_units = normalised * pass_scale[..., None] + pass_loc[..., None]
+                normalised = (in_units - loc[..., None]) / scale[..., None]
+            pieces.append(normalised)
             done += step
             if done < horizon:
-                median = quantiles[..., self.config.median_index]
+                median = normalised[..., self.config.median_index] * scale + loc
                 values = torch.cat((values, median), dim=1)
                 mask = torch.cat((mask, torch.ones_like(median, dtype=torch.bool)), dim=1)
-                x_time = None if x_time is None or step_time is None else torch.cat((x_time, step_time), dim=1)
-        quantiles = torch.cat(pieces, dim=1)
-        return ForecastOutput(prediction=quantiles[..., self.config.median_index], quantiles=quantiles)
+                history_time = None if history_time is None or step_time is None else torch.cat(
+                    (history_time, step_time), dim=1
+                )
+        scaled_quantiles = torch.cat(pieces, dim=1)
+        quantile_loss = self.config.loss == QUANTILE_LOSS
+        # forecast_output scores the point forecast; the pinball loss scores every quantile, below
+        output = forecast_output(
+            scaled_quantiles[..., self.config.median_index], loc, scale, model=name,
+            loss_fn=get_loss("mae" if quantile_loss else self.config.loss),
+            future_values=None if quantile_loss else future_values, future_observed_mask=future_observed_mask,
+            scaled_quantiles=scaled_quantiles,
+        )
+        if quantile_loss and future_values is not None:
+            output["loss"] = self._quantile_loss(output, future_values, future_observed_mask)
+        return output
+
+    def _quantile_loss(
+        self, output: ForecastOutput, future_values: torch.Tensor, future_observed_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Pinball loss of the quantile forecasts against ``future_values`` ``(B, H, N, C)``, masked, original units."""
+        name = type(self).__name__
+        batch, horizon, nodes, channels = output.prediction_outputs.shape
+        check_future_values(future_values, model=name, batch_size=batch, horizon=horizon, nodes=nodes,
+                            out_channels=channels)
+        levels = list(self.config.quantiles)
+        return forecast_loss(
+            output.quantile_outputs, future_values, future_observed_mask,
+            lambda quantiles, target, mask: pinball_loss(quantiles, target, levels, mask=mask), model=name,
+        )
 
     def _check_inputs(
         self,
-        x: torch.Tensor,
-        x_mask: torch.Tensor | None,
-        x_time: torch.Tensor | None,
-        y_time: torch.Tensor | None,
+        past_values: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        future_values: torch.Tensor | None,
         horizon: int | None,
         rollout: bool,
     ) -> int:
-        """Refuse inputs the model cannot forecast from; return the horizon to forecast."""
-        if x.dim() != 4:
-            raise ValueError(f"FactoSTModel expects x of shape (B, L, N, C), got {tuple(x.shape)}.")
-        if x.shape[1] < self.config.patch_length:
-            raise ValueError(
-                f"the history has {x.shape[1]} steps, shorter than one patch ({self.config.patch_length} steps); "
-                f"give at least {self.config.patch_length} steps or use a model with a shorter patch_length."
+        """Refuse inputs the model cannot forecast from, naming the tensors and shapes; return the horizon."""
+        name = type(self).__name__
+        if not isinstance(past_values, torch.Tensor) or past_values.dim() != 4:
+            got = (
+                f"a {past_values.dim()}-d tensor of shape {tuple(past_values.shape)}"
+                if isinstance(past_values, torch.Tensor) else type(past_values).__name__
             )
-        if x_mask is not None and x_mask.shape != x.shape:
-            raise ValueError(f"x_mask has shape {tuple(x_mask.shape)} but x has shape {tuple(x.shape)}; they must match.")
+            raise ValueError(f"{name} expects past_values of shape (batch, time, nodes, channels); got {got}.")
+        if past_values.shape[1] < self.config.patch_length:
+            raise ValueError(
+                f"past_values has shape {tuple(past_values.shape)}: its history of {past_values.shape[1]} steps is "
+                f"shorter than one patch ({self.config.patch_length} steps); give at least "
+                f"{self.config.patch_length} steps or use a model with a shorter patch_length."
+            )
         if horizon is None:
-            horizon = y_time.shape[1] if y_time is not None else self.config.max_horizon
+            given = [t for t in (future_time_features, future_values) if isinstance(t, torch.Tensor) and t.dim() > 1]
+            horizon = given[0].shape[1] if given else self.config.max_horizon
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}.")
         if horizon > self.config.max_horizon and not rollout:
@@ -314,28 +388,63 @@ class FactoSTModel(FactoSTPreTrainedModel):
                 f"horizon {horizon} exceeds the model's max_horizon ({self.config.max_horizon}); "
                 "pass rollout=True to forecast it in several passes."
             )
-        if x_time is not None and x_time.shape[:2] != x.shape[:2]:
-            raise ValueError(f"x_time has shape {tuple(x_time.shape)}, expected (B, L, F) = {tuple(x.shape[:2])} + (F,).")
-        if y_time is not None and y_time.shape[1] < horizon:
-            raise ValueError(f"y_time covers {y_time.shape[1]} steps but the horizon is {horizon}.")
+        self._check_time_features(past_values, past_time_features, future_time_features, horizon)
         return horizon
+
+    def _check_time_features(
+        self,
+        past_values: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        horizon: int,
+    ) -> None:
+        """Refuse calendar features of the wrong shape or dtype; their ranges are the adapter's to check."""
+        name = type(self).__name__
+        batch, length = past_values.shape[:2]
+        columns = {}
+        for label, features, expected in (
+            ("past_time_features", past_time_features, f"({batch}, {length}, F)"),
+            ("future_time_features", future_time_features, f"({batch}, H >= {horizon}, F)"),
+        ):
+            if features is None:
+                continue
+            steps_ok = features.shape[1] == length if label == "past_time_features" else features.shape[1] >= horizon
+            if features.dim() != 3 or features.shape[0] != batch or not steps_ok:
+                raise ValueError(
+                    f"{name}: {label} has shape {tuple(features.shape)} but past_values has shape "
+                    f"{tuple(past_values.shape)} and the horizon is {horizon}, so it must be {expected}."
+                )
+            if features.dtype.is_floating_point or features.dtype == torch.bool:
+                raise ValueError(f"{name} expects integer {label} (calendar slots); got dtype {features.dtype}.")
+            columns[label] = features.shape[-1]
+        if len(set(columns.values())) > 1:
+            raise ValueError(
+                f"{name}: past_time_features has shape {tuple(past_time_features.shape)} but future_time_features has "
+                f"shape {tuple(future_time_features.shape)}; they must have the same number of calendar columns F."
+            )
 
     def _forecast_once(
         self,
         values: torch.Tensor,
         mask: torch.Tensor,
-        x_time: torch.Tensor | None,
-        y_time: torch.Tensor | None,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
         horizon: int,
         node_index: torch.Tensor | None,
         use_domain_prompts: bool,
-    ) -> torch.Tensor:
-        """One encoder pass: ``(B, L, N, C)`` history to ``(B, horizon, N, C, Q)`` quantiles."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One encoder pass over a ``(B, L, N, C)`` history.
+
+        Returns:
+            ``(normalised quantiles (B, horizon, N, C, Q), loc (B, 1, N, C), scale (B, 1, N, C))``:
+            the quantiles in units of each series' instance statistics, ``quantile * scale + loc``
+            in original units.
+        """
         config = self.config
         values = values[:, -config.max_context_length :]
         mask = mask[:, -config.max_context_length :]
-        if x_time is not None:
-            x_time = x_time[:, -config.max_context_length :]
+        if past_time_features is not None:
+            past_time_features = past_time_features[:, -config.max_context_length :]
         batch, length, nodes, channels = values.shape
         series = values.permute(0, 2, 3, 1).reshape(-1, length)
         series_mask = mask.permute(0, 2, 3, 1).reshape(-1, length)
@@ -360,7 +469,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
 
         hook_context = FactoSTTokenContext(
             num_context_patches=num_context,
-            patch_time=self._patch_time(x_time, y_time, pad, num_context, num_future),
+            patch_time=self._patch_time(past_time_features, future_time_features, pad, num_context, num_future),
             node_index=node_index,
             codebook=self.domain_prompts,
         )
@@ -386,13 +495,14 @@ class FactoSTModel(FactoSTPreTrainedModel):
         quantiles = self.head(future).view(-1, num_future * config.patch_length, len(config.quantiles))
         # Sorting keeps the quantile levels from crossing; gradients flow through the sort.
         quantiles = quantiles[:, :horizon].sort(dim=-1).values
-        quantiles = quantiles * scale[:, :, None] + loc[:, :, None]
-        return quantiles.view(batch, nodes, channels, horizon, -1).permute(0, 3, 1, 2, 4)
+        quantiles = quantiles.view(batch, nodes, channels, horizon, -1).permute(0, 3, 1, 2, 4)
+        loc, scale = (statistic.view(batch, 1, nodes, channels) for statistic in (loc, scale))
+        return quantiles, loc, scale
 
     def _patch_time(
         self,
-        x_time: torch.Tensor | None,
-        y_time: torch.Tensor | None,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
         pad: int,
         num_context: int,
         num_future: int,
@@ -400,16 +510,16 @@ class FactoSTModel(FactoSTPreTrainedModel):
         """Calendar features ``(B, P_ctx + P_fut, F)`` of the last step of every patch, or ``None``.
 
         The first context patch may be padded on the left, but its last step is always real.
-        A future patch that reaches past ``y_time`` takes the last step ``y_time`` covers.
+        A future patch that reaches past ``future_time_features`` takes the last step it covers.
         """
-        if x_time is None or y_time is None:
+        if past_time_features is None or future_time_features is None:
             return None
         patch = self.config.patch_length
-        context_ends = torch.arange(1, num_context + 1, device=x_time.device) * patch - 1 - pad
-        future_ends = (torch.arange(1, num_future + 1, device=y_time.device) * patch - 1).clamp_max(
-            y_time.shape[1] - 1
+        context_ends = torch.arange(1, num_context + 1, device=past_time_features.device) * patch - 1 - pad
+        future_ends = (torch.arange(1, num_future + 1, device=future_time_features.device) * patch - 1).clamp_max(
+            future_time_features.shape[1] - 1
         )
-        return torch.cat((x_time[:, context_ends], y_time[:, future_ends]), dim=1)
+        return torch.cat((past_time_features[:, context_ends], future_time_features[:, future_ends]), dim=1)
 
 
 __all__ = [

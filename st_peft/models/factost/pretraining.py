@@ -175,12 +175,12 @@ class PretrainingObjective:
 
         normalised, loc, scale = masked_instance_norm(history, history_mask, config.norm_eps)
         output = model(
-            x=normalised[:, :, None, None],
-            x_mask=history_mask[:, :, None, None],
+            past_values=normalised[:, :, None, None],
+            past_observed_mask=history_mask[:, :, None, None],
             horizon=horizon,
             use_domain_prompts=bool(uniform(1) < self.prompt_probability),
         )
-        forecast = output.quantiles[:, :, 0, 0] * scale[:, :, None] + loc[:, :, None]
+        forecast = output.quantile_outputs[:, :, 0, 0] * scale[:, :, None] + loc[:, :, None]
         # The loss is measured in units of the whole window's spread, not the context's: a short,
         # nearly flat context would otherwise blow a small absolute error up into a huge loss.
         _, window_loc, window_scale = masked_instance_norm(

@@ -31,12 +31,24 @@ class FactoSTAdapterConfig(PeftConfig):
       ``replay_memory_fraction`` of the training windows into ``replay_batch_fraction`` of
       every batch (see ``replay_sampler``).
 
+    The adapter works on the backbone's tokens, in the units of each series' own instance
+    normalisation, so it needs no scaling statistics: ``FactoSTAdapterConfig(**splits.size_kwargs(),
+    steps_per_day=splits.steps_per_day)`` builds it for a data set's splits.
+
     Args:
         num_nodes: nodes ``N`` of the graph (required; the node embedding has one row per node).
+        input_len: history length ``L`` of the data's windows, or None. FactoST takes any history
+            of at least one patch; the value is recorded with the adapter (and on its model card).
+        horizon: forecast length ``H`` of the data's windows, or None; recorded like ``input_len``
+            (the model forecasts the horizon its ``future_time_features`` cover).
+        in_channels: channels ``C`` of ``past_values``, or None.
+        out_channels: channels of ``future_values``, or None; FactoST forecasts every input
+            series, so it must equal ``in_channels``.
         steps_per_day: time-of-day slots of the data; with ``calendar_sizes`` unset the calendar
             features are ``(time of day, day of week)`` of sizes ``(steps_per_day, 7)``.
-        calendar_sizes: number of values of every calendar column of ``x_time`` / ``y_time``,
-            when the data has more (or other) columns than time of day and day of week.
+        calendar_sizes: number of values of every calendar column of ``past_time_features`` /
+            ``future_time_features``, when the data has more (or other) columns than time of day and
+            day of week.
         node_embedding_dim: width of the node embedding.
         calendar_embedding_dim: width of each calendar embedding.
         filter_rank: width of the queries, keys and values of the interaction scores.
@@ -53,6 +65,10 @@ class FactoSTAdapterConfig(PeftConfig):
     """
 
     num_nodes: int | None = field(default=None, metadata={"help": "Nodes N of the graph (required)."})
+    input_len: int | None = field(default=None, metadata={"help": "History length L of the data's windows."})
+    horizon: int | None = field(default=None, metadata={"help": "Forecast length H of the data's windows."})
+    in_channels: int | None = field(default=None, metadata={"help": "Channels C of past_values."})
+    out_channels: int | None = field(default=None, metadata={"help": "Channels of future_values (= in_channels)."})
     steps_per_day: int = field(default=288, metadata={"help": "Time-of-day slots per day."})
     calendar_sizes: list[int] | None = field(
         default=None, metadata={"help": "Values of every calendar column; default (steps_per_day, 7)."}
@@ -95,9 +111,17 @@ class FactoSTAdapterConfig(PeftConfig):
             "num_prompt_tokens": self.num_prompt_tokens,
             "prompt_rank": self.prompt_rank,
         }
+        sizes = {"input_len": self.input_len, "horizon": self.horizon, "in_channels": self.in_channels,
+                 "out_channels": self.out_channels}
+        positive.update({name: value for name, value in sizes.items() if value is not None})
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"FactoSTAdapterConfig.{name} must be a positive integer; got {value!r}.")
+        if None not in (self.in_channels, self.out_channels) and self.in_channels != self.out_channels:
+            raise ValueError(
+                f"FactoSTAdapterConfig has in_channels={self.in_channels} but out_channels={self.out_channels}; "
+                "FactoST forecasts every series of past_values, so future_values must have as many channels."
+            )
         if any(size < 1 for size in self.calendar_sizes):
             raise ValueError(f"FactoSTAdapterConfig.calendar_sizes must be positive; got {self.calendar_sizes}.")
         if not 0.0 < self.replay_memory_fraction < 1.0 or not 0.0 <= self.replay_batch_fraction < 1.0:

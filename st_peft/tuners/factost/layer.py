@@ -51,7 +51,7 @@ class MetadataFusion(nn.Module):
     def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
         """Return ``tokens`` ``(B, N, C, P, D)`` plus node and calendar terms."""
         nodes = self._node_index(tokens.shape[1], context.node_index, tokens.device)
-        patch_time = self._check_calendar(context.patch_time)
+        patch_time = self._check_calendar(context)
         node_term = self.node_projection(self.node_embedding(nodes))
         calendar = torch.cat(
             [embedding(patch_time[..., column]) for column, embedding in enumerate(self.calendar_embeddings)], dim=-1
@@ -64,12 +64,15 @@ class MetadataFusion(nn.Module):
         if node_index is None:
             if nodes != known:
                 raise ValueError(
-                    f"the batch has {nodes} nodes but the FACTOST adapter was built for num_nodes={known}; "
+                    f"past_values has {nodes} nodes but the FACTOST adapter was built for num_nodes={known}; "
                     "pass node_index (N,) when a batch covers a subset of the graph."
                 )
             return torch.arange(nodes, device=device)
         if node_index.shape != (nodes,):
-            raise ValueError(f"node_index has shape {tuple(node_index.shape)}, expected ({nodes},).")
+            raise ValueError(
+                f"node_index has shape {tuple(node_index.shape)} but past_values has {nodes} nodes; "
+                f"it must be ({nodes},)."
+            )
         if int(node_index.min()) < 0 or int(node_index.max()) >= known:
             raise ValueError(
                 f"node_index holds values in [{int(node_index.min())}, {int(node_index.max())}] but the adapter "
@@ -77,24 +80,33 @@ class MetadataFusion(nn.Module):
             )
         return node_index.to(device)
 
-    def _check_calendar(self, patch_time: torch.Tensor | None) -> torch.Tensor:
+    def _check_calendar(self, context: FactoSTTokenContext) -> torch.Tensor:
+        """The patches' calendar features ``(B, P, F)``, refused when missing or outside ``calendar_sizes``."""
+        patch_time = context.patch_time
         if patch_time is None:
             raise ValueError(
-                "FACTOST metadata fusion needs calendar features: pass x_time (B, L, F) and y_time (B, H, F) "
-                "to the model, or build the adapter with use_metadata=False."
+                "FACTOST metadata fusion needs calendar features: pass past_time_features (B, L, F) and "
+                "future_time_features (B, H, F) to the model, or build the adapter with use_metadata=False."
             )
         if patch_time.shape[-1] != len(self.calendar_sizes):
             raise ValueError(
-                f"the calendar features have {patch_time.shape[-1]} columns but the adapter was built for "
+                f"the calendar features have {patch_time.shape[-1]} columns (past_time_features / "
+                f"future_time_features of shape (B, steps, {patch_time.shape[-1]})) but the adapter was built for "
                 f"{len(self.calendar_sizes)} (calendar_sizes={self.calendar_sizes})."
             )
-        for column, size in enumerate(self.calendar_sizes):
-            low, high = int(patch_time[..., column].min()), int(patch_time[..., column].max())
-            if low < 0 or high >= size:
-                raise ValueError(
-                    f"calendar column {column} holds values in [{low}, {high}] but the adapter allows 0 .. {size - 1} "
-                    "(check steps_per_day / calendar_sizes of the adapter config)."
-                )
+        split = context.num_context_patches
+        parts = {"past_time_features": patch_time[:, :split], "future_time_features": patch_time[:, split:]}
+        for name, part in parts.items():
+            if part.numel() == 0:
+                continue
+            for column, size in enumerate(self.calendar_sizes):
+                low, high = int(part[..., column].min()), int(part[..., column].max())
+                if low < 0 or high >= size:
+                    raise ValueError(
+                        f"{name} column {column} holds values from {low} to {high} but the FACTOST adapter allows "
+                        f"0 .. {size - 1} (calendar_sizes={self.calendar_sizes}; check steps_per_day of the adapter "
+                        "config)."
+                    )
         return patch_time
 
 

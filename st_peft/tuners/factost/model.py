@@ -27,9 +27,13 @@ from st_peft.tuners.factost.layer import MERGE_REFUSAL, FactoSTAdapterLayer
 class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     """FACTOST tuner (PEFT type ``FACTOST``) around a frozen ``FactoSTModel``.
 
-    Build it with ``peft.get_peft_model(backbone, FactoSTAdapterConfig(num_nodes=N, ...))``;
-    the adapted model is called like the backbone, ``model(x=(B, L, N, C), x_time=..., y_time=...)``,
-    and returns a ``ForecastOutput`` with ``prediction`` ``(B, H, N, C)``.
+    Build it with ``peft.get_peft_model(backbone, FactoSTAdapterConfig(**splits.size_kwargs(),
+    steps_per_day=...))``; the adapted model is called like the backbone, ``model(**batch)`` with
+    ``past_values`` ``(B, L, N, C)`` in original units, ``past_time_features``,
+    ``future_time_features`` and optionally ``future_values``, and returns the backbone's
+    ``ForecastOutput``: ``prediction_outputs`` ``(B, H, N, C)`` and ``quantile_outputs`` in original
+    units, and ``loss`` of the adapted forecast when ``future_values`` is given. The adapter edits
+    the backbone's tokens, which live in the units of each series' instance normalisation.
 
     Args:
         model: the ``FactoSTModel`` backbone.
@@ -106,8 +110,9 @@ def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Name
 
     FACTOST adapts FactoST backbones only, so the ``--model`` backbone the command line built
     is not used. ``--adapter-args`` may name the backbone folder (``backbone``, default: the
-    shipped ``factost-cpu`` checkpoint) and any ``FactoSTAdapterConfig`` field; ``num_nodes``
-    and ``steps_per_day`` come from the data.
+    shipped ``factost-cpu`` checkpoint) and any ``FactoSTAdapterConfig`` field; the sizes
+    (``splits.size_kwargs()``) and ``steps_per_day`` come from the data, and ``--loss`` sets the
+    backbone's training loss (``FactoSTConfig.loss``).
 
     Args:
         backbone: the command line's backbone (ignored, see above).
@@ -122,7 +127,8 @@ def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Name
     from st_peft.models.factost import FactoSTModel
 
     settings = dict(options.adapter_args)
-    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", SHIPPED_BACKBONE))
-    settings.setdefault("num_nodes", splits.num_nodes)
-    settings.setdefault("steps_per_day", splits.steps_per_day)
+    overrides = {"loss": options.loss} if getattr(options, "loss", None) else {}
+    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", SHIPPED_BACKBONE), **overrides)
+    for name, value in {**splits.size_kwargs(), "steps_per_day": splits.steps_per_day}.items():
+        settings.setdefault(name, value)
     return get_peft_model(pretrained, FactoSTAdapterConfig(**settings))
