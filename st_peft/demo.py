@@ -21,19 +21,10 @@ from st_peft.backbones import STID  # noqa: E402
 from st_peft.baselines import baseline_metrics, seasonal_naive_forecast, split_targets  # noqa: E402
 from st_peft.data import build_splits, load  # noqa: E402
 from st_peft.metrics import horizon_metrics  # noqa: E402
+from st_peft.progress import ProgressPrinter, format_table  # noqa: E402
 from st_peft.training import STTrainer, st_training_args  # noqa: E402
 
 HORIZONS = (3, 6, 12)
-
-
-def format_table(rows: dict[str, dict[str, float]], horizons: tuple[int, ...] = HORIZONS) -> str:
-    """A markdown table of MAE / RMSE / MAPE per horizon and averaged, one row per forecaster."""
-    columns = [f"{metric}@{h}" for h in horizons for metric in ("mae", "rmse", "mape")] + ["mae", "rmse", "mape"]
-    header = ["forecaster", *[c.replace("mape", "MAPE%").replace("mae", "MAE").replace("rmse", "RMSE") for c in columns]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, metrics in rows.items():
-        lines.append("| " + " | ".join([name, *[f"{metrics[c]:.3f}" for c in columns]]) + " |")
-    return "\n".join(lines)
 
 
 def plot_forecasts(
@@ -79,10 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
           f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test windows")
     model = STID(**splits.model_kwargs(), steps_per_day=splits.steps_per_day)
     args = st_training_args(str(output_dir / "checkpoints"), epochs=options.epochs, batch_size=64, lr=2e-3,
-                            seed=options.seed, disable_tqdm=True, logging_strategy="no")
+                            seed=options.seed, disable_tqdm=True)
     trainer = STTrainer(model, args, train_dataset=splits.train, eval_dataset=splits.val,
-                        data_collator=splits.collator, early_stopping_patience=5)
-    trainer.remove_callback(PrinterCallback)
+                        data_collator=splits.collator, early_stopping_patience=5, callbacks=[ProgressPrinter()])
+    trainer.remove_callback(PrinterCallback)  # ProgressPrinter prints one line per epoch instead
     print(f"training STID for at most {options.epochs} epochs (early stopping on validation MAE)...", flush=True)
     trainer.train()
 
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     truth, mask = split_targets(splits, "test")
     rows = {"STID": horizon_metrics(forecast, truth, mask, horizons=HORIZONS), **baseline_metrics(splits)}
     print(f"\nTest set of {data.name}, 12 steps in, 12 out (MAPE in %):")
-    print(format_table(rows))
+    print(format_table(rows, HORIZONS))
 
     plot_path = output_dir / "forecast.png"
     busiest = np.argsort(truth[..., 0].std(axis=(0, 1)))[-3:].tolist()

@@ -21,13 +21,12 @@ The endpoint, cache and offline mode are huggingface_hub's: ``HF_ENDPOINT``, ``H
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -44,19 +43,14 @@ from huggingface_hub import (
     hf_hub_download,
     snapshot_download,
 )
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    LocalTokenNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
+
+from st_peft.hub_http import HubError, hub_requests
 
 # st_peft/hub_cards links to the repository's hub_cards/, so a wheel ships the templates too
 CARD_TEMPLATE_DIR = Path(__file__).resolve().parent / "hub_cards"
@@ -105,10 +99,6 @@ REQUIRED_METADATA = {
 NUM_NODES_KEYS = ("num_nodes",)
 HORIZON_KEYS = ("horizon", "max_horizon")
 INPUT_LEN_KEYS = ("input_len", "max_context_length")
-
-
-class HubError(OSError):
-    """A repository could not be read from or written to the Hub; the message names the repository and why."""
 
 
 def model_kind(model: nn.Module) -> str:
@@ -201,6 +191,16 @@ def _check_repo_id(repo_id: str, what: str) -> None:
         ) from error
 
 
+def card_dataset(dataset: str | os.PathLike) -> str:
+    """How a card names a data set: a built-in name or a Hub dataset id as given, a local file or folder
+    by its file name only (a card never shows where a file lies on someone's disk)."""
+    text = str(dataset)
+    path = Path(text).expanduser()
+    if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        return path.name
+    return text
+
+
 def card_fields(
     model: nn.Module,
     repo_id: str,
@@ -221,7 +221,9 @@ def card_fields(
     Args:
         model: the ``PeftModel`` or backbone to describe.
         repo_id: ``"org/name"`` the card is for.
-        dataset: the data set the model was trained and tested on (e.g. ``"sz-taxi"``).
+        dataset: the data set the model was trained and tested on: a built-in name
+            (``"sz-taxi"``), a Hub dataset id, or a local file or folder, which the card names by
+            its file name only (see :func:`card_dataset`).
         metrics: test metrics by name, e.g. the output of ``STTrainer.evaluate_test``.
         num_nodes, input_len, horizon: the window the model was trained for.
         base_model: Hub id of the backbone an adapter belongs to (defaults to the adapter
@@ -235,6 +237,7 @@ def card_fields(
     Raises:
         ValueError: a required value is missing or a metric is not a finite number.
     """
+    dataset = card_dataset(dataset)
     described = describe_model(model)
     kind = described["kind"]
     given = {"num_nodes": num_nodes, "input_len": input_len, "horizon": horizon, "base_model": base_model}
@@ -436,34 +439,20 @@ def _push(
     private: bool | None,
     token: str | None,
     commit_message: str | None,
+    timeout: float | None,
     **save_kwargs: Any,
 ) -> str:
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="st-peft-push-") as workdir:
         folder = save_for_hub(model, Path(workdir) / "upload", repo_id=repo_id, **save_kwargs)
-        step = "create the repository"
-        try:
+        with hub_requests("create the repository", repo_id, timeout):
             api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
-            step = "upload to the repository"
+        with hub_requests("upload to the repository", repo_id, timeout):
             commit = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
                 commit_message=commit_message or f"Upload {model_kind(model)} with st-peft",
             )
-        except LocalTokenNotFoundError as error:
-            raise HubError(
-                f"pushing {repo_id!r} needs a Hugging Face token: run `hf auth login` or pass token=..."
-            ) from error
-        except HfHubHTTPError as error:
-            status = error.response.status_code if error.response is not None else "no response"
-            hint = {
-                401: "the token was refused",
-                403: "the token may not write to this repository",
-                405: "this server does not accept uploads (a read-only mirror?)",
-            }.get(status, "see the server's message below")
-            raise HubError(
-                f"could not {step} {repo_id!r} at {api.endpoint}: HTTP {status}, {hint}.\n{error}"
-            ) from error
     return str(commit)
 
 
@@ -476,6 +465,7 @@ def push_adapter(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    timeout: float | None = None,
     **card_kwargs: Any,
 ) -> str:
     """Push an adapter and its model card (``hub_cards/adapter.md``) to ``repo_id`` in one commit.
@@ -486,6 +476,8 @@ def push_adapter(
         dataset: data set it was trained and tested on.
         metrics: test metrics by name.
         private, token, commit_message: as in ``HfApi.upload_folder``.
+        timeout: seconds without an answer from the server after which the push gives up
+            (default ``ST_PEFT_HUB_TIMEOUT`` or 30).
         card_kwargs: ``base_model`` (the backbone's Hub id), ``num_nodes``, ``input_len``,
             ``horizon``, ``license``, ``tags``, ``template_dir``.
 
@@ -494,7 +486,9 @@ def push_adapter(
 
     Raises:
         TypeError: ``peft_model`` is not a ``PeftModel``.
-        HubError: no token, or the server refused (the status and the server's reason are named).
+        HubError: the push failed; the message names the cause: no token, the server cannot be
+            reached or did not answer in time, its HTTP status, or offline mode. Nothing is left
+            behind locally.
     """
     if not isinstance(peft_model, PeftModel):
         raise TypeError(
@@ -508,6 +502,7 @@ def push_adapter(
         private=private,
         token=token,
         commit_message=commit_message,
+        timeout=timeout,
         **card_kwargs,
     )
 
@@ -521,6 +516,7 @@ def push_backbone(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    timeout: float | None = None,
     **card_kwargs: Any,
 ) -> str:
     """Push a backbone (mixin backbone, ``FactoSTModel``, ``STLinkForForecasting``) and its card (``hub_cards/backbone.md``).
@@ -541,6 +537,7 @@ def push_backbone(
         private=private,
         token=token,
         commit_message=commit_message,
+        timeout=timeout,
         **card_kwargs,
     )
 
@@ -559,21 +556,30 @@ def _cache_restored_on_failure(repo_id: str, cache_dir: str | os.PathLike | None
         raise
 
 
+def local_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The local folder ``name_or_path`` names, or None when it is a Hub repo id.
+
+    Absolute and relative folders (``/data/stid``, ``./runs/stid/upload``, ``stid``) count when
+    they exist; a name written as a path (absolute, or starting with ``.`` or ``~``) that does
+    not exist is an error rather than a Hub id.
+
+    Raises:
+        FileNotFoundError: a path-like name whose folder does not exist.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"no folder {text} (a local model folder, or a Hub repo id such as org/name)")
+    return None
+
+
 def _fetch(repo_id: str, filename: str, what: str, **download_kwargs: Any) -> Path:
-    """Download one file of ``repo_id``, turning huggingface_hub's errors into one clear :class:`HubError`."""
-    local = Path(repo_id) / filename
-    if Path(repo_id).is_dir():
-        if not local.is_file():
-            raise HubError(f"{repo_id} has no {filename}; {what}")
-        return local
+    """Download one file of the Hub repository ``repo_id``; a missing one is a :class:`HubError` saying ``what``."""
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, **download_kwargs))
-    except LocalEntryNotFoundError as error:
-        raise HubError(
-            f"{filename} of {repo_id!r} is not in the cache and the Hub cannot be reached "
-            f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, endpoint {constants.ENDPOINT})"
-        ) from error
-    except (RepositoryNotFoundError, EntryNotFoundError) as error:
+    except (RepositoryNotFoundError, RemoteEntryNotFoundError) as error:
         # Mirrors answer a missing file like a missing repository, so one message covers both.
         raise HubError(
             f"no {filename} in {repo_id!r} at {constants.ENDPOINT}: the repository does not exist, is private, "
@@ -583,15 +589,40 @@ def _fetch(repo_id: str, filename: str, what: str, **download_kwargs: Any) -> Pa
         raise HubError(f"{repo_id!r} has no revision {download_kwargs.get('revision')!r}") from error
 
 
-def _snapshot(repo_id: str, patterns: list[str], **download_kwargs: Any) -> Path:
-    if Path(repo_id).is_dir():
-        return Path(repo_id)
-    return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, **download_kwargs))
+def _pull(
+    repo_id: str,
+    config_name: str,
+    what: str,
+    patterns: list[str],
+    check: Callable[[dict[str, Any], Path], None],
+    timeout: float | None,
+    **download_kwargs: Any,
+) -> Path:
+    """The folder of ``repo_id`` (a local folder, or a Hub repository downloaded as ``patterns``).
+
+    ``check(config, folder)`` sees ``config_name`` first (before anything else is downloaded)
+    and then the folder; it raises to refuse the repository, which leaves the cache as it was.
+    """
+    folder = local_folder(repo_id)
+    if folder is not None:
+        config_path = folder / config_name
+        if not config_path.is_file():
+            raise HubError(f"{folder} has no {config_name}; {what}")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        check(config, None)
+        check(config, folder)
+        return folder
+    with hub_requests("pull", repo_id, timeout), _cache_restored_on_failure(repo_id, download_kwargs["cache_dir"]):
+        config = json.loads(_fetch(repo_id, config_name, what, **download_kwargs).read_text(encoding="utf-8"))
+        check(config, None)
+        folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, **download_kwargs))
+        check(config, folder)
+        return folder
 
 
 def load_adapter(
     backbone: nn.Module,
-    repo_id: str,
+    repo_id: str | os.PathLike,
     *,
     peft_type: str | None = None,
     adapter_name: str = "default",
@@ -599,6 +630,7 @@ def load_adapter(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    timeout: float | None = None,
 ) -> PeftModel:
     """Pull an st-peft adapter from the Hub (or a local folder) onto ``backbone``.
 
@@ -609,42 +641,39 @@ def load_adapter(
 
     Args:
         backbone: the forecaster the adapter was trained on, with its weights loaded.
-        repo_id: ``"org/name"`` on the Hub, or a local folder.
+        repo_id: ``"org/name"`` on the Hub, or a local folder (absolute or relative).
         peft_type: the expected type (``"STLORA"``, ``"FACTOST"``); by default any st-peft type.
         adapter_name, is_trainable: as in ``PeftModel.from_pretrained``.
         revision, cache_dir, token: as in ``hf_hub_download``.
+        timeout: seconds without an answer from the server after which the pull gives up
+            (default ``ST_PEFT_HUB_TIMEOUT`` or 30).
 
     Raises:
-        HubError: the repository, the revision or a file is missing (or not cached offline).
+        HubError: the pull failed; the message names the cause: the repository, revision or
+            file does not exist, the server cannot be reached or did not answer in time, its
+            HTTP status, or offline mode without a cached copy. The cache is left as it was.
+        FileNotFoundError: ``repo_id`` is written as a path and no such folder exists.
         ValueError: the repository holds another PEFT type.
     """
-    download = {"revision": revision, "cache_dir": cache_dir, "token": token}
-    with _cache_restored_on_failure(repo_id, cache_dir):
-        config_path = _fetch(
-            repo_id,
-            ADAPTER_CONFIG_NAME,
-            "an adapter repository holds it (a backbone holds config.json: use load_backbone)",
-            **download,
-        )
-        found = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
-        expected = (peft_type.upper(),) if peft_type else ST_PEFT_TYPES
+    expected = (peft_type.upper(),) if peft_type else ST_PEFT_TYPES
+
+    def check(config: dict[str, Any], folder: Path | None) -> None:
+        found = config.get("peft_type")
         if found not in expected:
             raise ValueError(
-                f"{repo_id!r} holds a {found} adapter, not {' or '.join(expected)}"
-                + (
-                    ""
-                    if peft_type
-                    else "; load adapters of other PEFT types with peft.PeftModel.from_pretrained"
-                )
+                f"{str(repo_id)!r} holds a {found} adapter, not {' or '.join(expected)}"
+                + ("" if peft_type else "; load adapters of other PEFT types with peft.PeftModel.from_pretrained")
             )
-        folder = _snapshot(repo_id, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], **download)
-        if not (folder / ADAPTER_WEIGHTS_NAME).is_file():
+        if folder is not None and not (folder / ADAPTER_WEIGHTS_NAME).is_file():
             raise HubError(
-                f"{repo_id!r} holds no {ADAPTER_WEIGHTS_NAME}; st-peft loads adapters from safetensors only"
+                f"{str(repo_id)!r} holds no {ADAPTER_WEIGHTS_NAME}; st-peft loads adapters from safetensors only"
             )
-        return PeftModel.from_pretrained(
-            backbone, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
-        )
+
+    folder = _pull(str(repo_id), ADAPTER_CONFIG_NAME,
+                   "an adapter repository holds it (a backbone holds config.json: use load_backbone)",
+                   [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], check, timeout, revision=revision,
+                   cache_dir=cache_dir, token=token)
+    return PeftModel.from_pretrained(backbone, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
 
 
 def _check_backbone_config(model_class: type[nn.Module], config: Mapping[str, Any], repo_id: str) -> None:
@@ -682,11 +711,12 @@ def _check_backbone_config(model_class: type[nn.Module], config: Mapping[str, An
 
 def load_backbone(
     model_class: type[nn.Module],
-    repo_id: str,
+    repo_id: str | os.PathLike,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    timeout: float | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Pull a backbone of ``model_class`` from the Hub (or a local folder).
@@ -697,104 +727,28 @@ def load_backbone(
 
     Args:
         model_class: ``STID``, ``GWNet``, ``STGCN``, ``FactoSTModel``, ``STLinkForForecasting``, ...
-        repo_id: ``"org/name"`` on the Hub, or a local folder.
+        repo_id: ``"org/name"`` on the Hub, or a local folder (absolute or relative).
         revision, cache_dir, token: as in ``hf_hub_download``.
+        timeout: seconds without an answer from the server after which the pull gives up
+            (default ``ST_PEFT_HUB_TIMEOUT`` or 30).
         model_kwargs: passed on to ``model_class.from_pretrained``.
 
     Raises:
-        HubError: the repository, the revision or a file is missing (or not cached offline).
+        HubError: the pull failed; the message names the cause: the repository, revision or
+            file does not exist, the server cannot be reached or did not answer in time, its
+            HTTP status, or offline mode without a cached copy. The cache is left as it was.
+        FileNotFoundError: ``repo_id`` is written as a path and no such folder exists.
         ValueError: the repository holds another model.
     """
-    download = {"revision": revision, "cache_dir": cache_dir, "token": token}
-    with _cache_restored_on_failure(repo_id, cache_dir):
-        config_path = _fetch(
-            repo_id,
-            BACKBONE_CONFIG_NAME,
-            "a backbone repository holds it (an adapter holds adapter_config.json: use load_adapter)",
-            **download,
-        )
-        _check_backbone_config(model_class, json.loads(config_path.read_text(encoding="utf-8")), repo_id)
-        folder = _snapshot(repo_id, ["*.json", "*.safetensors"], **download)
-        if not any(folder.glob("*.safetensors")):
+
+    def check(config: dict[str, Any], folder: Path | None) -> None:
+        _check_backbone_config(model_class, config, str(repo_id))
+        if folder is not None and not any(folder.glob("*.safetensors")):
             raise HubError(
-                f"{repo_id!r} holds no safetensors weights; st-peft loads backbones from safetensors only"
+                f"{str(repo_id)!r} holds no safetensors weights; st-peft loads backbones from safetensors only"
             )
-        return model_class.from_pretrained(str(folder), **model_kwargs)
 
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``st-peft push``."""
-    parser.add_argument("--model-dir", help="the --output-dir of an `st-peft train` run")
-    parser.add_argument("--repo-id", help="Hub repository to push to, org/name")
-    parser.add_argument("--base-model", help="Hub id of the backbone an adapter belongs to (adapters only)")
-    parser.add_argument("--license", default="apache-2.0", help="licence identifier written to the card")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
-    parser.add_argument("--save-dir", help="write the upload folder here and do not upload")
-
-
-def run_push(options: argparse.Namespace) -> None:
-    """``st-peft push``: rebuild an ``st-peft train`` run and push it with its model card.
-
-    The adapter (for runs with ``--adapter``) or the backbone goes up with the run's test
-    metrics from ``metrics.json``; a backbone carries its scaling statistics in its weights.
-    With ``--save-dir`` the upload folder is written locally instead.
-    """
-    from safetensors.torch import load_model
-
-    from st_peft import cli
-
-    missing = [
-        flag
-        for flag, value in (("--model-dir", options.model_dir), ("--repo-id", options.repo_id))
-        if not value
-    ]
-    if missing:
-        raise SystemExit(f"st-peft push: missing {', '.join(missing)} (flag or --config key)")
-    model_dir = Path(options.model_dir)
-    needed = [cli.RUN_FILE, cli.MODEL_FILE, cli.METRICS_FILE]
-    absent = [name for name in needed if not (model_dir / name).is_file()]
-    if absent:
-        raise SystemExit(
-            f"st-peft push: {model_dir} lacks {absent}; point --model-dir at an `st-peft train` output folder"
-        )
-    run = argparse.Namespace(command="train", **json.loads((model_dir / cli.RUN_FILE).read_text()))
-    run.backbone_from = None  # the weights come from the run folder
-    splits = cli._splits_for(run)
-    model = cli.build_model(run, splits)
-    load_model(model, str(model_dir / cli.MODEL_FILE))
-    metrics = {
-        key: value
-        for key, value in json.loads((model_dir / cli.METRICS_FILE).read_text()).items()
-        if key != "loss" and isinstance(value, int | float)
-    }
-    card = {
-        "dataset": run.dataset,
-        "metrics": metrics,
-        "license": options.license,
-        "num_nodes": splits.num_nodes,
-        "input_len": splits.input_len,
-        "horizon": splits.horizon,
-    }
-    if isinstance(model, PeftModel):
-        if options.base_model is None:
-            raise SystemExit(
-                "st-peft push: an adapter's card names its backbone: pass --base-model org/backbone"
-            )
-        card["base_model"] = options.base_model
-    try:
-        if options.save_dir:
-            folder = save_for_hub(model, options.save_dir, repo_id=options.repo_id, **card)
-            print(f"wrote {sorted(path.name for path in folder.iterdir())} to {folder}")
-            return
-        push = push_adapter if isinstance(model, PeftModel) else push_backbone
-        url = push(
-            model,
-            options.repo_id,
-            private=options.private or None,
-            token=options.token,
-            **card,
-        )
-    except (HubError, ValueError, FileExistsError) as error:
-        raise SystemExit(f"st-peft push: {error}") from error
-    print(url)
+    folder = _pull(str(repo_id), BACKBONE_CONFIG_NAME,
+                   "a backbone repository holds it (an adapter holds adapter_config.json: use load_adapter)",
+                   ["*.json", "*.safetensors"], check, timeout, revision=revision, cache_dir=cache_dir, token=token)
+    return model_class.from_pretrained(str(folder), **model_kwargs)

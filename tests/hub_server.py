@@ -19,11 +19,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -126,14 +128,19 @@ class HubServer:
         path = self.root / "olah.out"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
-    def publish(self, folder: Path, repo_id: str) -> str:
+    def publish(self, folder: Path, repo_id: str, repo_type: str = "model") -> str:
         """PREPARED, not pushed: commit ``folder``'s files as the ``main`` branch of ``repo_id``.
+
+        Args:
+            folder: the files of the repository.
+            repo_id: ``org/name``.
+            repo_type: ``"model"`` or ``"dataset"``.
 
         Returns:
             The commit sha the server will report for the repository.
         """
         org, name = repo_id.split("/")
-        repo = self.mirrors / "models" / org / name
+        repo = self.mirrors / f"{repo_type}s" / org / name
         if repo.exists():
             shutil.rmtree(repo)
         shutil.copytree(folder, repo)
@@ -191,3 +198,65 @@ def running_hub(root: Path) -> Iterator[HubServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """An endpoint on 127.0.0.1 that accepts every connection and never answers; yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
+@contextmanager
+def failing_server(status: int = 500) -> Iterator[str]:
+    """An endpoint on 127.0.0.1 that answers every request with HTTP ``status``; yields its URL."""
+
+    class Failing(BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = b'{"error": "internal error (test server)"}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = do_PUT = _fail  # noqa: N815  (http.server's method names)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

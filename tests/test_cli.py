@@ -1,7 +1,14 @@
-"""`st-peft train` / `st-peft evaluate` end to end on the built-in chickenpox data, and option parsing."""
+"""`st-peft train` / `evaluate` end to end on the built-in chickenpox data: option parsing, run folders that
+cannot lie (locks, resume, overwrite, partial checkpoints, non-finite losses) and user-input errors."""
 
+import ast
 import json
-import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +17,14 @@ from safetensors.torch import load_file
 
 import st_peft.data as std
 from st_peft import cli
+from st_peft.runs import CHECKPOINT_MARK, LOCK_FILE, RunFolder
 
 torch.set_num_threads(1)
 
+ROOT = Path(__file__).resolve().parent.parent
+PAUSE_AT_SAVE = Path(__file__).parent / "scripts" / "pause_at_save.py"
 TINY = "{embed_dim: 8, node_dim: 4, tod_dim: 2, dow_dim: 2, num_layers: 1}"
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def write_config(path, **extra):
@@ -31,6 +42,40 @@ def write_config(path, **extra):
     return path
 
 
+def run_json(folder: Path) -> dict:
+    return json.loads((folder / "run.json").read_text())
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(int(path.name.split("-")[1]) for path in (folder / "checkpoints").glob("checkpoint-*"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def start_paused(signal_file: Path, step: int, *args: str) -> subprocess.Popen:
+    """`st-peft train` in its own process, held during the checkpoint save of ``step`` (see pause_at_save.py)."""
+    process = subprocess.Popen([sys.executable, str(PAUSE_AT_SAVE), str(signal_file), str(step), "train", *args],
+                               env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 240
+    while not signal_file.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before its checkpoint save: {process.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the run did not reach its checkpoint save within 240 s")
+        time.sleep(0.1)
+    return process
+
+
+# ---- options ---------------------------------------------------------------------------------
+
+
 def test_yaml_gives_defaults_and_flags_override(tmp_path):
     config = write_config(tmp_path / "run.yaml")
     options = cli.parse_args(["train", "--config", str(config), "--epochs", "1", "--output-dir", "out"])
@@ -41,42 +86,27 @@ def test_yaml_gives_defaults_and_flags_override(tmp_path):
     assert options.model == "stid" and options.adapter == "none"
 
 
-def test_bad_options_are_named(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"unknown options \['epoch'\]"):
+def test_bad_options_are_one_line_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(["train", "--config", str(write_config(tmp_path / "a.yaml", epoch=2))])
-    with pytest.raises(SystemExit, match="model='mlp' is not one of"):
+    assert exit_info.value.code == 2 and "unknown options ['epoch']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         cli.parse_args(["train", "--config", str(write_config(tmp_path / "b.yaml", model="mlp"))])
-    with pytest.raises(SystemExit, match="missing --dataset, --output-dir"):
-        cli.main(["train"])
+    assert "model='mlp' is not one of" in capsys.readouterr().err
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err.strip() == "st-peft train: error: missing --dataset, --output-dir (flag or --config key)"
     with pytest.raises(SystemExit):
         cli.parse_args(["train", "--adapter", "no-such-adapter"])
     assert "invalid choice: 'no-such-adapter'" in capsys.readouterr().err
 
 
-def test_train_then_evaluate_round_trip(tmp_path):
+@pytest.mark.parametrize("budget", [["--epochs", "0"], ["--max-steps", "0"], ["--epochs", "-1"]])
+def test_a_run_that_would_train_nothing_is_refused(budget, tmp_path, capsys):
     out = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml")
-    assert cli.main(["train", "--config", str(config), "--epochs", "1", "--output-dir", str(out)]) == 0
-    assert {"model.safetensors", "run.json", "metrics.json"} <= {p.name for p in out.iterdir()}
-    assert not (out / "scaler.json").exists()  # the model carries its scaling statistics
-    splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)
-    saved = load_file(out / "model.safetensors")
-    assert torch.equal(saved["scaler.future_loc"], torch.tensor(splits.scaling_statistics()["future_loc"]))
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"loss", "mae@3", "rmse@3", "mape@3", "wape@3", "mae", "rmse", "mape", "wape"}
-    run = json.loads((out / "run.json").read_text())
-    assert run["epochs"] == 1 and run["model_args"]["embed_dim"] == 8
-
-    before = (out / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a finished run"):
-        cli.main(["train", "--config", str(config), "--epochs", "1", "--seed", "3", "--output-dir", str(out)])
-    assert (out / "model.safetensors").read_bytes() == before
-
-    assert cli.main(["evaluate", "--model-dir", str(out), "--batch-size", "7"]) == 0
-    again = json.loads((out / "metrics-test.json").read_text())
-    for key in metrics:
-        if key != "loss":  # the loss is a mean of batch means, so it depends on the batch size
-            assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "run.yaml")), *budget,
+                     "--output-dir", str(out)]) == 2
+    assert "trains nothing" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_loss_is_an_argument_of_the_model(tmp_path):
@@ -86,29 +116,6 @@ def test_loss_is_an_argument_of_the_model(tmp_path):
     assert model.loss_name == "huber"
     batch = next(iter(splits.iter_batches("test", 4)))
     assert float(model(**batch).loss.detach()) > 0
-
-
-def test_registered_adapter_trains_and_reloads(tmp_path, monkeypatch):
-    def lora(backbone, splits, options):
-        config = LoraConfig(r=options.adapter_args["r"], target_modules=["fc1", "fc2"])
-        return get_peft_model(backbone, config)
-
-    monkeypatch.setitem(cli.ADAPTERS, "lora", lora)
-    backbone_run, adapter_run = tmp_path / "backbone", tmp_path / "adapter"
-    config = write_config(tmp_path / "run.yaml", epochs=1)
-    cli.main(["train", "--config", str(config), "--output-dir", str(backbone_run)])
-    cli.main(["train", "--config", str(config), "--output-dir", str(adapter_run), "--adapter", "lora",
-              "--adapter-args", "{r: 2}", "--backbone-from", str(backbone_run)])
-    assert (adapter_run / "adapter" / "adapter_model.safetensors").is_file()
-    # the backbone stays frozen: its weights in the adapter run equal the ones it started from
-    start = load_file(backbone_run / "model.safetensors")
-    tuned = load_file(adapter_run / "model.safetensors")
-    assert torch.equal(tuned["base_model.model.encoder.0.fc1.base_layer.weight"], start["encoder.0.fc1.weight"])
-    assert torch.equal(tuned["base_model.model.series_embedding.weight"], start["series_embedding.weight"])
-    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in tuned.items())
-    cli.main(["evaluate", "--model-dir", str(adapter_run), "--output", str(tmp_path / "m.json")])
-    metrics = json.loads((adapter_run / "metrics.json").read_text())
-    assert json.loads((tmp_path / "m.json").read_text())["mae"] == pytest.approx(metrics["mae"], rel=1e-5)
 
 
 def test_adapter_config_can_ask_for_a_training_sampler():
@@ -131,18 +138,213 @@ def test_adapter_config_can_ask_for_a_training_sampler():
     assert cli.adapter_sampler(torch.nn.Linear(2, 2), splits, options) is None
 
 
-def test_resume_continues_where_the_run_stopped(tmp_path):
+# ---- train, evaluate, adapters ----------------------------------------------------------------
+
+
+def test_train_then_evaluate_round_trip(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml")
+    assert cli.main(["train", "--config", str(config), "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert {"model.safetensors", "run.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "scaler.json").exists()  # the model carries its scaling statistics
+    splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)
+    saved = load_file(out / "model.safetensors")
+    assert torch.equal(saved["scaler.future_loc"], torch.tensor(splits.scaling_statistics()["future_loc"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"loss", "mae@3", "rmse@3", "mape@3", "wape@3", "mae", "rmse", "mape", "wape"}
+    run = run_json(out)
+    assert run["status"] == "finished" and run["options"]["epochs"] == 1
+    assert run["options"]["model_args"]["embed_dim"] == 8
+    assert all((out / "checkpoints" / f"checkpoint-{step}" / CHECKPOINT_MARK).is_file()
+               for step in checkpoint_steps(out))
+
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(config), "--epochs", "1", "--seed", "3", "--output-dir", str(out)]) == 2
+    assert "already holds a finished run; pass --overwrite to start over" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+
+    assert cli.main(["evaluate", "--model-dir", str(out), "--batch-size", "7"]) == 0
+    again = json.loads((out / "metrics-test.json").read_text())
+    for key in metrics:
+        if key != "loss":  # the loss is a mean of batch means, so it depends on the batch size
+            assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+def test_registered_adapter_trains_and_reloads(tmp_path, monkeypatch):
+    def lora(backbone, splits, options):
+        config = LoraConfig(r=options.adapter_args["r"], target_modules=["fc1", "fc2"])
+        return get_peft_model(backbone, config)
+
+    monkeypatch.setitem(cli.ADAPTERS, "lora", lora)
+    backbone_run, adapter_run = tmp_path / "backbone", tmp_path / "adapter"
+    config = write_config(tmp_path / "run.yaml", epochs=1)
+    assert cli.main(["train", "--config", str(config), "--output-dir", str(backbone_run)]) == 0
+    assert cli.main(["train", "--config", str(config), "--output-dir", str(adapter_run), "--adapter", "lora",
+                     "--adapter-args", "{r: 2}", "--backbone-from", str(backbone_run)]) == 0
+    assert (adapter_run / "adapter" / "adapter_model.safetensors").is_file()
+    # the backbone stays frozen: its weights in the adapter run equal the ones it started from
+    start = load_file(backbone_run / "model.safetensors")
+    tuned = load_file(adapter_run / "model.safetensors")
+    assert torch.equal(tuned["base_model.model.encoder.0.fc1.base_layer.weight"], start["encoder.0.fc1.weight"])
+    assert torch.equal(tuned["base_model.model.series_embedding.weight"], start["series_embedding.weight"])
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in tuned.items())
+    assert cli.main(["evaluate", "--model-dir", str(adapter_run), "--output", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((adapter_run / "metrics.json").read_text())
+    assert json.loads((tmp_path / "m.json").read_text())["mae"] == pytest.approx(metrics["mae"], rel=1e-5)
+
+
+# ---- run folders that cannot lie (issue 14) ----------------------------------------------------
+
+
+def test_two_concurrent_runs_into_one_folder(tmp_path):
+    """Real CLI, two processes: the second is refused naming the first's process id; the first finishes."""
+    out, signal_file = tmp_path / "run", tmp_path / "paused"
+    config = str(write_config(tmp_path / "run.yaml", epochs=1))
+    first = start_paused(signal_file, 6, "--config", config, "--output-dir", str(out))
+    second = subprocess.run([sys.executable, "-m", "st_peft.cli", "train", "--config", config, "--seed", "7",
+                             "--output-dir", str(out)], env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    signal_file.unlink()
+    _, first_err = first.communicate(timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another st-peft process (pid {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, first_err[-3000:]
+    run = run_json(out)
+    assert run["status"] == "finished" and run["options"]["seed"] == 0
+    # the saved model is the first run's: the same as that run made alone
+    alone = tmp_path / "alone"
+    assert cli.main(["train", "--config", config, "--output-dir", str(alone)]) == 0
+    assert_same_weights(out, alone)
+
+
+def test_kill_during_a_checkpoint_save_then_resume(tmp_path, capsys):
+    """Real CLI killed while it saves the epoch-2 checkpoint; --resume falls back to epoch 1 and lands
+    on the same model as an uninterrupted run."""
+    config = str(write_config(tmp_path / "run.yaml", patience=10, epochs=3))
+    straight, crashed, signal_file = tmp_path / "straight", tmp_path / "crashed", tmp_path / "paused"
+    assert cli.main(["train", "--config", config, "--output-dir", str(straight)]) == 0
+    per_epoch = checkpoint_steps(straight)[-1] // 3
+    process = start_paused(signal_file, 2 * per_epoch, "--config", config, "--output-dir", str(crashed))
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    partial = crashed / "checkpoints" / f"checkpoint-{2 * per_epoch}"
+    assert (partial / "model.safetensors").is_file() and not (partial / "trainer_state.json").exists()
+    assert run_json(crashed)["status"] == "running"
+
+    capsys.readouterr()
+    assert cli.main(["train", "--config", config, "--output-dir", str(crashed), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"recovered the stale lock of process {process.pid}" in err
+    assert f"skipping {partial}: no {CHECKPOINT_MARK}: a save that did not complete" in err
+    assert run_json(crashed)["status"] == "finished"
+    assert_same_weights(crashed, straight)
+
+
+def test_resume_skips_a_checkpoint_without_trainer_state(tmp_path, capsys):
     config = str(write_config(tmp_path / "run.yaml", patience=10, epochs=2))
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    cli.main(["train", "--config", config, "--output-dir", str(straight)])
-    # a run that died during epoch 2: only the epoch-1 checkpoint made it to disk
-    steps = sorted(int(p.name.split("-")[1]) for p in (straight / "checkpoints").iterdir())
-    assert len(steps) == 2 and steps[1] == 2 * steps[0]
-    first_epoch = f"checkpoint-{steps[0]}"
-    shutil.copytree(straight / "checkpoints" / first_epoch, crashed / "checkpoints" / first_epoch)
-    cli.main(["train", "--config", config, "--output-dir", str(crashed), "--resume"])
-    assert (crashed / "checkpoints" / f"checkpoint-{steps[1]}").is_dir()
-    expected, resumed = load_file(straight / "model.safetensors"), load_file(crashed / "model.safetensors")
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], msg=key)
+    assert cli.main(["train", "--config", config, "--output-dir", str(straight)]) == 0
+    # the same run, stopped after epoch 2's checkpoint lost its trainer_state.json
+    assert cli.main(["train", "--config", config, "--output-dir", str(crashed)]) == 0
+    last = crashed / "checkpoints" / f"checkpoint-{checkpoint_steps(crashed)[-1]}"
+    (last / "trainer_state.json").unlink()
+    run = run_json(crashed)
+    run["status"] = "running"
+    (crashed / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert cli.main(["train", "--config", config, "--output-dir", str(crashed), "--resume"]) == 0
+    assert f"skipping {last}: no trainer_state.json" in capsys.readouterr().err
+    assert_same_weights(crashed, straight)
+
+
+def test_overwrite_crash_then_resume_never_returns_the_old_run(tmp_path, monkeypatch, capsys):
+    config = str(write_config(tmp_path / "run.yaml", epochs=1))
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert cli.main(["train", "--config", config, "--output-dir", str(out)]) == 0
+    old = (out / "model.safetensors").read_bytes()
+
+    from st_peft.training import STTrainer
+
+    crash = monkeypatch.context()
+    with crash as patch:
+        def die(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        patch.setattr(STTrainer, "training_step", die)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["train", "--config", config, "--seed", "3", "--overwrite", "--output-dir", str(out)])
+    assert run_json(out)["status"] == "failed"
+    assert not (out / "model.safetensors").exists() and checkpoint_steps(out) == []
+
+    capsys.readouterr()
+    assert cli.main(["train", "--config", config, "--seed", "3", "--output-dir", str(out), "--resume"]) == 0
+    assert "no complete checkpoint of run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() != old
+    assert cli.main(["train", "--config", config, "--seed", "3", "--output-dir", str(fresh)]) == 0
+    assert_same_weights(out, fresh)
+
+
+def test_resume_refuses_other_options_and_finished_runs(tmp_path, capsys):
+    config = str(write_config(tmp_path / "run.yaml", epochs=1))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", config, "--output-dir", str(out), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli.main(["train", "--config", config, "--output-dir", str(out)]) == 0
+    assert cli.main(["train", "--config", config, "--output-dir", str(out), "--resume"]) == 2
+    assert "has finished: nothing to resume" in capsys.readouterr().err
+    run = run_json(out)
+    run["status"] = "failed"
+    (out / "run.json").write_text(json.dumps(run))
+    assert cli.main(["train", "--config", config, "--lr", "0.5", "--output-dir", str(out), "--resume"]) == 2
+    assert "these differ: lr: 0.01 -> 0.5" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path, capsys):
+    config = str(write_config(tmp_path / "run.yaml", epochs=1))
+    other, out = tmp_path / "other", tmp_path / "run"
+    assert cli.main(["train", "--config", config, "--output-dir", str(other)]) == 0
+    # a run that crashed before its first checkpoint, next to a copied checkpoint of another run
+    folder = RunFolder(out)
+    with folder.locked():
+        folder.begin(cli.run_options(cli.parse_args(["train", "--config", config, "--output-dir", str(out)])))
+    step = checkpoint_steps(other)[-1]
+    os.makedirs(out / "checkpoints")
+    os.rename(other / "checkpoints" / f"checkpoint-{step}", out / "checkpoints" / f"checkpoint-{step}")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", config, "--output-dir", str(out), "--resume"]) == 0
+    assert "written by another run" in capsys.readouterr().err
+    assert_same_weights(out, other)  # trained from step 0 with the same options: the same model
+
+
+def test_stale_lock_is_recovered_with_a_warning(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(str(dead.pid))
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "run.yaml", epochs=1)),
+                     "--output-dir", str(out)]) == 0
+    assert f"recovered the stale lock of process {dead.pid} (no longer running)" in capsys.readouterr().err
+    assert (out / LOCK_FILE).read_text() == ""  # released
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "run.yaml", epochs=1)), "--lr", "1e30",
+                     "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "st-peft train: error: the training loss is nan at step 2" in err and "Traceback" not in err
+    run = run_json(out)
+    assert run["status"] == "failed" and "at step 2" in run["error"]
+    assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_the_hub_code_does_not_import_the_command_line():
+    for module in ("hub.py", "hub_http.py", "runs.py"):
+        tree = ast.parse((ROOT / "st_peft" / module).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert "st_peft.cli" not in imported and not ("st_peft" in imported and "cli" in names), module

@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import time
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from hub_server import point_hub_at, refuse_non_local_hosts, running_hub
+from hub_server import (
+    failing_server,
+    free_port,
+    point_hub_at,
+    refuse_non_local_hosts,
+    running_hub,
+    silent_server,
+)
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -403,12 +412,13 @@ def test_missing_repository_is_named_and_leaves_no_cache(hub_env, splits):
 
 def test_offline_pull_of_an_uncached_repository_is_named(hub_env, splits, monkeypatch):
     go_offline(monkeypatch, hub_env)
-    with pytest.raises(
-        HubError, match=r"adapter_config.json of 'org/never-pulled' is not in the cache .*HF_HUB_OFFLINE=1"
-    ):
+    offline = r"could not pull 'org/never-pulled' at .*: offline mode is on \(HF_HUB_OFFLINE=1\)"
+    with pytest.raises(HubError, match=offline):
         load_adapter(build_backbone("stid", splits), "org/never-pulled")
-    with pytest.raises(HubError, match=r"config.json of 'org/never-pulled' is not in the cache"):
+    with pytest.raises(HubError, match=offline):
         load_backbone(STID, "org/never-pulled")
+    with pytest.raises(HubError, match=r"could not create the repository 'org/p' at .*: offline mode is on"):
+        push_backbone(build_backbone("stid", splits), "org/p", dataset=DATASET, metrics={"mae": 1.0}, token="t")
 
 
 def test_repository_of_another_peft_type_is_refused(hub, hub_env, splits, tmp_path):
@@ -524,8 +534,8 @@ def cli_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     common = ["--dataset", DATASET, "--input-len", "8", "--horizon", "4", "--epochs", "1", "--model", "stid",
               "--model-args", "{embed_dim: 8, node_dim: 8, tod_dim: 8, dow_dim: 8, num_layers: 1}"]  # fmt: skip
-    cli.main(["train", *common, "--output-dir", str(root / "stid")])
-    cli.main(
+    assert cli.main(["train", *common, "--output-dir", str(root / "stid")]) == 0
+    assert cli.main(
         [
             "train",
             *common,
@@ -536,13 +546,13 @@ def cli_runs(tmp_path_factory):
             "--output-dir",
             str(root / "st_lora"),
         ]
-    )
+    ) == 0
     return root
 
 
 def test_cli_push_folder_then_pull(cli_runs, hub, hub_env, tmp_path):
     """Prepared: `st-peft push --save-dir` writes the upload folder, committed to the server. Real: the pulls by repo id."""
-    cli.main(
+    assert cli.main(
         [
             "push",
             "--model-dir",
@@ -552,7 +562,7 @@ def test_cli_push_folder_then_pull(cli_runs, hub, hub_env, tmp_path):
             "--save-dir",
             str(tmp_path / "stid"),
         ]
-    )
+    ) == 0
     assert sorted(path.name for path in (tmp_path / "stid").iterdir()) == [
         "README.md",
         "config.json",
@@ -565,7 +575,7 @@ def test_cli_push_folder_then_pull(cli_runs, hub, hub_env, tmp_path):
     hub.publish(tmp_path / "stid", "org/cli-stid")
 
     adapter_args = ["push", "--model-dir", str(cli_runs / "st_lora"), "--repo-id", "org/cli-st-lora"]
-    cli.main([*adapter_args, "--base-model", "org/cli-stid", "--save-dir", str(tmp_path / "st_lora")])
+    assert cli.main([*adapter_args, "--base-model", "org/cli-stid", "--save-dir", str(tmp_path / "st_lora")]) == 0
     assert ModelCard.load(tmp_path / "st_lora" / "README.md").data.base_model == "org/cli-stid"
     hub.publish(tmp_path / "st_lora", "org/cli-st-lora")
 
@@ -582,29 +592,79 @@ def assert_same_state(model: torch.nn.Module, expected: dict[str, torch.Tensor])
         assert torch.equal(state[name], value), name
 
 
-def test_cli_push_errors_are_clear(cli_runs, hub_env, tmp_path, monkeypatch):
+def test_cli_push_errors_are_one_line(cli_runs, hub_env, tmp_path, monkeypatch, capsys):
     """The upload path runs up to the HTTP call (olah refuses it); bad folders and a missing --base-model are named."""
     monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
-    with pytest.raises(
-        SystemExit, match=r"st-peft push: could not create the repository 'org/cli-x' .* HTTP 405"
-    ):
-        cli.main(["push", "--model-dir", str(cli_runs / "stid"), "--repo-id", "org/cli-x"])
-    with pytest.raises(SystemExit, match=r"pass --base-model org/backbone"):
-        cli.main(
-            [
-                "push",
-                "--model-dir",
-                str(cli_runs / "st_lora"),
-                "--repo-id",
-                "org/cli-x",
-                "--save-dir",
-                str(tmp_path / "a"),
-            ]
-        )
-    with pytest.raises(
-        SystemExit, match=r"lacks \['run.json', 'model.safetensors', 'metrics.json'\]"
-    ):
-        cli.main(["push", "--model-dir", str(tmp_path), "--repo-id", "org/cli-x"])
-    with pytest.raises(SystemExit, match=r"missing --repo-id"):
-        cli.main(["push", "--model-dir", str(cli_runs / "stid")])
+    cases = [
+        (["--model-dir", str(cli_runs / "stid"), "--repo-id", "org/cli-x"],
+         r"st-peft push: error: could not create the repository 'org/cli-x' .* HTTP 405"),
+        (["--model-dir", str(cli_runs / "st_lora"), "--repo-id", "org/cli-x", "--save-dir", str(tmp_path / "a")],
+         r"pass --base-model org/backbone"),
+        (["--model-dir", str(tmp_path), "--repo-id", "org/cli-x"], r"holds no st-peft run \(no run.json\)"),
+        (["--model-dir", str(cli_runs / "stid")], r"missing --repo-id"),
+    ]
+    for args, message in cases:
+        assert cli.main(["push", *args]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "a").exists()
+
+
+# ---- Hub failures name their cause (issue 14) ------------------------------------------------
+
+
+def assert_no_cache_for(cache: Path, repo_id: str) -> None:
+    left = [path for path in cache.rglob("*") if repo_id.replace("/", "--") in path.name] if cache.exists() else []
+    assert left == [], "a failed pull must leave the cache as it was"
+
+
+def pull_and_push_errors(splits, repo_id: str, timeout: float) -> list[tuple[HubError, float]]:
+    """The HubError and the seconds it took for a load_adapter, a load_backbone and a push_backbone."""
+    calls = [
+        lambda: load_adapter(build_backbone("stid", splits), repo_id, timeout=timeout),
+        lambda: load_backbone(STID, repo_id, timeout=timeout),
+        lambda: push_backbone(build_backbone("stid", splits), repo_id, dataset=DATASET, metrics={"mae": 1.0},
+                              token="hf_local_test_token", timeout=timeout),
+    ]
+    results = []
+    for call in calls:
+        start = time.monotonic()
+        with pytest.raises(HubError) as error:
+            call()
+        results.append((error.value, time.monotonic() - start))
+    return results
+
+
+def test_an_unreachable_server_is_named(splits, tmp_path, monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    point_hub_at(monkeypatch, endpoint, tmp_path / "cache")
+    refuse_non_local_hosts(monkeypatch)
+    for error, _ in pull_and_push_errors(splits, "org/unreachable", timeout=1):
+        assert re.search(r"could not (pull|create the repository) 'org/unreachable' at http://127\.0\.0\.1:\d+: "
+                         r"the server cannot be reached", str(error)), error
+    assert_no_cache_for(tmp_path / "cache", "org/unreachable")
+
+
+def test_an_http_error_is_named_with_its_status(splits, tmp_path, monkeypatch):
+    with failing_server(500) as endpoint:
+        point_hub_at(monkeypatch, endpoint, tmp_path / "cache")
+        refuse_non_local_hosts(monkeypatch)
+        for error, seconds in pull_and_push_errors(splits, "org/failing", timeout=1):
+            assert "HTTP 500" in str(error) and "cannot be reached" not in str(error), error
+            assert seconds < 20
+    assert_no_cache_for(tmp_path / "cache", "org/failing")
+
+
+def test_a_server_that_never_answers_is_given_up_on(splits, tmp_path, monkeypatch):
+    with silent_server() as endpoint:
+        point_hub_at(monkeypatch, endpoint, tmp_path / "cache")
+        refuse_non_local_hosts(monkeypatch)
+        for error, seconds in pull_and_push_errors(splits, "org/silent", timeout=1):
+            assert "no answer within 1 s" in str(error), error
+            assert seconds < 10
+        monkeypatch.setenv("ST_PEFT_HUB_TIMEOUT", "0.5")
+        start = time.monotonic()
+        with pytest.raises(HubError, match="no answer within 0.5 s"):
+            load_backbone(STID, "org/silent")
+        assert time.monotonic() - start < 10
+    assert_no_cache_for(tmp_path / "cache", "org/silent")

@@ -326,3 +326,30 @@ def test_plain_training_arguments_keep_the_start_column(splits, small, tmp_path)
     STTrainer(model, args, small[0], data_collator=splits.collator).train()
     assert not args.remove_unused_columns
     assert not torch.equal(params_of(model)["proj.weight"], before["proj.weight"])
+
+
+class NaNAfter(nn.Module):
+    """A linear forecaster whose forecast turns NaN from the ``bad_call``-th training call on."""
+
+    def __init__(self, bad_call: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(12, 12)
+        self.calls = 0
+        self.bad_call = bad_call
+
+    def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.calls += self.training
+        forecast = self.proj(past_values.transpose(1, 3)).transpose(1, 3)
+        return forecast * float("nan") if self.calls >= self.bad_call else forecast
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(splits, small, tmp_path):
+    from st_peft.training import NonFiniteLossError
+
+    model = NaNAfter(bad_call=3)
+    trainer = make_trainer(model, splits, small, tmp_path, epochs=1)
+    assert trainer.args.logging_nan_inf_filter is False  # a NaN is never logged as the mean of earlier losses
+    with pytest.raises(NonFiniteLossError, match=r"the training loss is nan at step 3 \(epoch 0\.1"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # the NaN step applied nothing
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -5,10 +5,11 @@ The losses live with the models (``st_peft.losses``): every st-peft model return
 
 from st_peft.training.distributed import leave_process_group
 from st_peft.training.samplers import MemoryReplaySampler
-from st_peft.training.trainer import STTrainer, default_horizons, st_training_args
+from st_peft.training.trainer import NonFiniteLossError, STTrainer, default_horizons, st_training_args
 
 __all__ = [
     "MemoryReplaySampler",
+    "NonFiniteLossError",
     "STTrainer",
     "default_horizons",
     "leave_process_group",

@@ -46,8 +46,8 @@ def st_training_args(
 
     Evaluates and saves every epoch, keeps the checkpoint with the lowest validation MAE and
     reloads it at the end, runs on the CPU when no GPU is visible, reports to no tracker,
-    and clips gradients at 5 (as BasicTS does). Any ``TrainingArguments`` field can be
-    overridden by keyword.
+    clips gradients at 5 (as BasicTS does) and logs a non-finite loss as it is. Any
+    ``TrainingArguments`` field can be overridden by keyword.
     """
     settings: dict[str, Any] = {
         "output_dir": output_dir,
@@ -70,9 +70,15 @@ def st_training_args(
         "report_to": "none",
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
+        # Trainer would log a NaN loss as the mean of the earlier ones (0 at the first step)
+        "logging_nan_inf_filter": False,
     }
     settings.update(overrides)
     return TrainingArguments(**settings)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step."""
 
 
 def default_horizons(steps: int) -> tuple[int, ...]:
@@ -173,6 +179,27 @@ class STTrainer(Trainer):
             loss = forecast_loss(prediction, inputs["future_values"], inputs["future_observed_mask"],
                                  self.bare_output_loss, model=name, aux_loss=getattr(outputs, "aux_loss", None))
         return (loss, prediction) if return_outputs else loss
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One optimisation step's forward and backward; stops training on a non-finite loss.
+
+        Raises:
+            NonFiniteLossError: the loss is NaN or infinite, naming the step (before the
+                optimizer applies anything from it).
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            raise NonFiniteLossError(
+                f"the training loss is {float(loss):g} at step {step} (epoch {self.state.epoch or 0:.2f}); training "
+                "stopped. Check the data for extreme values, or lower the learning rate"
+            )
+        return loss
 
     def prediction_step(
         self,
