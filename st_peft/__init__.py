@@ -7,6 +7,7 @@ transformers models (``factost``, ``st_link``) with their Auto classes.
 from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.models.st_link import STLinkConfig, STLinkForForecasting
 from st_peft.outputs import ForecastOutput
+from st_peft.shipped import shipped_checkpoint
 from st_peft.tuners.factost import FactoSTAdapterConfig
 from st_peft.tuners.st_lora import STLoraConfig
 
@@ -21,4 +22,5 @@ __all__ = [
     "STLinkForForecasting",
     "STLoraConfig",
     "__version__",
+    "shipped_checkpoint",
 ]

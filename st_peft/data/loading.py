@@ -133,34 +133,21 @@ def _from_saved_dataset(folder: Path, steps_per_day: int | None, options: dict, 
 
 
 def _download_dataset(repo_id: str) -> Path:
-    """Download a Hub dataset repository (or find it in the cache) and return its folder."""
+    """Download a Hub dataset repository (or find it in the cache) and return its folder.
+
+    The download goes through :func:`st_peft.hub_http.hub_requests`, so it gives up after a
+    bounded silence and its failure names the cause (not found, offline, the HTTP status,
+    unreachable), the same way every push and pull of the project does.
+    """
     from huggingface_hub import snapshot_download
 
+    from st_peft.hub_http import HubError, hub_requests
+
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset"))
-    except Exception as error:
-        raise DataError(
-            f"'{repo_id}' is no local file or folder, and as a Hub dataset id it could not be read: {_hub_cause(error)}"
-        ) from error
-
-
-def _hub_cause(error: Exception) -> str:
-    """One line saying why a Hub download failed: not found, offline, the HTTP status, or unreachable."""
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    if isinstance(error, RepositoryNotFoundError):
-        return "no such dataset repository (check the id, or log in for a private one)"
-    if isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
-        return "it is not in the local cache and the Hub cannot be used (offline mode, or no connection)"
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if isinstance(error, HfHubHTTPError) and status is not None:
-        return f"the Hub answered HTTP {status}"
-    return f"the Hub cannot be reached ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        with hub_requests("pull the dataset", repo_id):
+            return Path(snapshot_download(repo_id, repo_type="dataset"))
+    except HubError as error:
+        raise DataError(f"'{repo_id}' is no local file or folder, and as a Hub dataset id: {error}") from error
 
 
 def _regular_timestamps(start: str | datetime, data: STData, source: str) -> np.ndarray:
