@@ -10,7 +10,7 @@ WHEELS ?= $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test notebooks bench lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
+
+# Re-run every notebook top to bottom in notebooks/ and save it with its outputs (plots included), as
+# committed; nbclient (from nbmake) without per-cell timestamps, so a re-run changes only what changed.
+notebooks: install
+	$(PY) -c 'import sys, nbclient, nbformat; [nbformat.write(nbclient.execute(nbformat.read(p, 4), cwd="notebooks", timeout=600, record_timing=False), p) for p in sys.argv[1:]]' notebooks/*.ipynb
 
 bench: install
 	$(PY) benchmarks/backbones.py
