@@ -10,13 +10,21 @@
    (AdamW, the model's own masked MAE in original units, gradient clipping at 5) and by
    ``STTrainer`` (no evaluation, no checkpoint, no logging), alternated, ``--repeats`` times;
    the ratio of medians is reported.
+3. With ``--baseline-tree DIR`` (a checkout of another revision, e.g. ``git worktree add
+   ../old <rev>``), the loader is also timed side by side against that tree's code: each
+   round runs three epochs with this tree's package and three with ``DIR``'s (in fresh
+   processes, alternating), so that a busy machine slows both alike; the ratio of medians
+   is reported.
 Writes ``benchmarks/results/pipeline.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -46,6 +54,23 @@ def pipeline_batches_per_second(repeats: int) -> list[float]:
             pass
 
     return [batches / seconds for seconds in timed(epoch, repeats)]
+
+
+def loader_side_by_side(baseline_tree: str, rounds: int) -> dict[str, list[float]]:
+    """Batches per second of this tree's loader and ``baseline_tree``'s, alternating in fresh processes."""
+    here = str(Path(__file__).resolve().parent.parent)
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import pipeline; "
+        "print(json.dumps(pipeline.pipeline_batches_per_second(3)))"
+    )
+    rates: dict[str, list[float]] = {"this tree": [], "baseline tree": []}
+    for _ in range(rounds):
+        for label, tree in (("this tree", here), ("baseline tree", baseline_tree)):
+            env = {**os.environ, "PYTHONPATH": tree}
+            done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parent)], env=env,
+                                  capture_output=True, text=True, check=True)
+            rates[label] += json.loads(done.stdout.strip().splitlines()[-1])
+    return rates
 
 
 def bare_loop(model, splits, steps: int, seed: int) -> None:
@@ -81,6 +106,8 @@ def main() -> None:
     parser.add_argument("--loader-repeats", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--baseline-tree", help="a checkout of another revision to time the loader against")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds of the side-by-side loader timing")
     options = parser.parse_args()
 
     pipeline = pipeline_batches_per_second(options.loader_repeats)
@@ -98,11 +125,18 @@ def main() -> None:
         ["STTrainer, same model and steps", "s", statistics.median(trainer), "-"],
         ["Trainer overhead (ratio of medians - 1)", "%", 100 * overhead, "<= 10"],
     ]
+    side_by_side = None
+    if options.baseline_tree:
+        side_by_side = loader_side_by_side(options.baseline_tree, options.rounds)
+        ratio = statistics.median(side_by_side["this tree"]) / statistics.median(side_by_side["baseline tree"])
+        rows.append([f"loader, this tree / {options.baseline_tree} (side by side, {options.rounds} rounds)", "ratio",
+                     ratio, "-"])
     table = markdown_table(["measurement", "unit", f"median of {options.repeats}", "target"], rows)
     print(table)
     path = write_results("pipeline", {"protocol": __doc__, "pipeline_batches_per_second": pipeline,
                                       "bare_loop_seconds": bare, "trainer_seconds": trainer,
-                                      "trainer_overhead": overhead, "table": table})
+                                      "trainer_overhead": overhead, "loader_side_by_side": side_by_side,
+                                      "load_average": os.getloadavg(), "table": table})
     print(f"\nwrote {path}")
 
 
