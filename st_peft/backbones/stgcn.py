@@ -79,11 +79,17 @@ class TemporalConv(nn.Module):
 class ChebGraphConv(nn.Module):
     """Chebyshev graph convolution ``relu(sum_{k<Ks} T_k(L~) X Theta_k + b + residual)``.
 
-    Channel mixing and node mixing commute, so each ``X Theta_k`` is formed first (``C_out``
-    channels instead of ``C_in``, a quarter of the work in the paper's 64 -> 16 block) and the
-    Chebyshev series is summed by Clenshaw's recurrence ``b_k = X Theta_k + 2 L~ b_{k+1} - b_{k+2}``,
-    ``sum = X Theta_0 + L~ b_1 - b_2``: the same ``Ks - 1`` products with ``L~`` as the paper's
-    ``T_k(L~) X`` recurrence. ``theta`` keeps the paper's ``(C_out, Ks * C_in)`` layout.
+    ``theta`` keeps the paper's layout: an ``nn.Linear`` from the concatenated Chebyshev terms
+    ``[T_0(L~) X, ..., T_{Ks-1}(L~) X]`` (``Ks * C_in`` features per node and step) to ``C_out``.
+
+    While ``theta`` is that plain ``nn.Linear``, its weight is the whole map, and the layer sums
+    the series the fast way: channel mixing and node mixing commute, so each ``X Theta_k`` is
+    formed first (``C_out`` channels instead of ``C_in``, a quarter of the work in the paper's
+    64 -> 16 block) and summed by Clenshaw's recurrence ``b_k = X Theta_k + 2 L~ b_{k+1} - b_{k+2}``,
+    ``sum = X Theta_0 + L~ b_1 - b_2``. When anything else stands in ``theta``'s place (a PEFT
+    layer wrapping it, whose update may differ per node), reading the weight would bypass it, so
+    the layer is called on the Chebyshev terms of the paper's recurrence instead; its input is
+    then ``(B, N, T, Ks * C_in)``, nodes on axis 1.
     Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T)``.
     """
 
@@ -97,10 +103,26 @@ class ChebGraphConv(nn.Module):
 
     def forward(self, hidden: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
         """Convolve ``hidden`` ``(B, C_in, N, T)`` over the ``(N, N)`` rescaled Laplacian."""
-        batch, _, nodes, steps = hidden.shape
+        nodes_first = hidden.permute(0, 2, 3, 1)
+        if type(self.theta) is nn.Linear:
+            out = self._clenshaw(nodes_first, laplacian)
+        else:
+            out = self.theta(self._chebyshev_terms(nodes_first, laplacian))
+        return F.relu(out.permute(0, 3, 1, 2) + self.align(hidden))
+
+    def _chebyshev_terms(self, hidden: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+        """``[T_0(L~) X, ..., T_{Ks-1}(L~) X]`` ``(B, N, T, Ks * C_in)`` for ``hidden`` ``(B, N, T, C_in)``."""
+        terms = [hidden, _over_nodes(laplacian, hidden)][: self.order]
+        while len(terms) < self.order:
+            terms.append(2 * _over_nodes(laplacian, terms[-1]) - terms[-2])
+        return torch.cat(terms, dim=-1)
+
+    def _clenshaw(self, hidden: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+        """``sum_k T_k(L~) X Theta_k + b`` ``(B, N, T, C_out)`` for ``hidden`` ``(B, N, T, C_in)``."""
+        batch, nodes, steps, _ = hidden.shape
         # (C_out, Ks * C_in) -> (Ks * C_out, C_in): one matmul gives every X Theta_k
         weight = self.theta.weight.view(self.out_channels, self.order, self.in_channels).transpose(0, 1)
-        mixed = F.linear(hidden.permute(0, 2, 3, 1), weight.reshape(-1, self.in_channels))
+        mixed = F.linear(hidden, weight.reshape(-1, self.in_channels))
         terms = mixed.reshape(batch, nodes, steps * self.order * self.out_channels)
         terms = terms.view(batch, nodes, steps, self.order, self.out_channels).unbind(dim=3)
         later = earlier = None
@@ -116,8 +138,7 @@ class ChebGraphConv(nn.Module):
             out = out + _over_nodes(laplacian, later)
         if earlier is not None:
             out = out - earlier
-        out = (out + self.theta.bias).permute(0, 3, 1, 2)
-        return F.relu(out + self.align(hidden))
+        return out + self.theta.bias
 
 
 def _over_nodes(laplacian: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,14 @@
-"""Checkpoint-key handling shared by st-peft's tuners, whose adapters hold per-node tensors."""
+"""Checkpoint handling shared by st-peft's tuners: per-node tensors, nested adapter keys, safe loading."""
 
 from __future__ import annotations
 
 import torch
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+"""What ``PeftModel`` puts before the forecaster's own keys, in checkpoints and in its state dict."""
 
 
 class PerNodeCheckpointMixin:
@@ -13,6 +18,18 @@ class PerNodeCheckpointMixin:
     part; inside ``<part>.<adapter_name>.<...>`` containers it sits in the middle. And a
     checkpoint saved for another number of nodes must be refused with both numbers, not
     fail later on a shape mismatch.
+
+    Loading is safe: a checkpoint writes the tensors of its own adapter (its tuner layers'
+    parts and its copies of ``modules_to_save``) and nothing else. PEFT loads a LoRA checkpoint
+    with ``load_state_dict(strict=False)``, which writes any key that names a model weight, loads
+    NaN as readily as numbers, and drops unknown keys without a word (``load_adapter`` returns
+    them as ``unexpected_keys``; ``from_pretrained`` does not even warn). Here each of these is
+    refused, naming the keys:
+
+    - a key of the forecaster itself, unless the adapter's config says ``train_backbone=True``
+      (then the checkpoint holds the trained forecaster on purpose);
+    - a key that is neither the adapter's nor the forecaster's;
+    - a tensor holding NaN or infinity.
 
     Attributes:
         adapter_key_parts: container names that hold one sub-module per adapter name.
@@ -41,11 +58,68 @@ class PerNodeCheckpointMixin:
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Refuse a checkpoint saved for another number of nodes, then map its keys onto the model."""
+        """Check the checkpoint (nodes, finite values, only the adapter's own keys), then map its keys onto the model.
+
+        Raises:
+            ValueError: naming the keys, for a checkpoint of another number of nodes, a tensor with
+                NaN or infinity, a key of the forecaster in an adapter that does not train it, or
+                a key of neither.
+        """
         for key, value in state_dict.items():
             if key.endswith(cls.per_node_key_suffixes) and value.shape[0] != config.num_nodes:
                 raise ValueError(
                     f"the saved {cls.method_label} adapter was trained on {value.shape[0]} nodes ({key} has "
                     f"shape {tuple(value.shape)}) but its config asks for num_nodes={config.num_nodes}"
                 )
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        broken = [key for key, value in state_dict.items()
+                  if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if broken:
+            raise ValueError(
+                f"the saved {cls.method_label} adapter {adapter_name!r} holds NaN or infinite values in {broken}; "
+                "refused, it would forecast NaN"
+            )
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        cls._refuse_keys_outside_the_adapter(model, config, adapter_name, list(remapped))
+        return remapped
+
+    @classmethod
+    def _refuse_keys_outside_the_adapter(cls, model: nn.Module, config, adapter_name: str, keys: list[str]) -> None:
+        """Raise unless every model key of the checkpoint belongs to adapter ``adapter_name``.
+
+        Args:
+            model: the model the checkpoint is loaded into (a ``PeftModel``, or a forecaster with
+                adapters injected).
+            config: the adapter's config; with ``train_backbone=True`` the forecaster's keys are allowed.
+            adapter_name: the adapter being loaded.
+            keys: the checkpoint's keys, mapped onto the model's.
+        """
+        model_state = model.state_dict()
+        own = set(_filter_state_dict_by_key_prefixes(
+            model_state, _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        ))
+        for name, module in model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                own.update(f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name).values())
+        backbone, unknown = [], []
+        for key in keys:
+            # a checkpoint's keys carry PEFT's prefix even when loaded into a bare forecaster
+            target = key if key in model_state else key.removeprefix(PEFT_PREFIX)
+            if target in own:
+                continue
+            if target not in model_state:
+                unknown.append(key)
+            elif not getattr(config, "train_backbone", False):
+                backbone.append(key)
+        if backbone:
+            raise ValueError(
+                f"the saved {cls.method_label} adapter {adapter_name!r} holds weights of the forecaster itself, "
+                f"{backbone}, but its config has train_backbone=False: loading them would overwrite the frozen "
+                "forecaster. Refused; an adapter checkpoint holds only the adapter's tensors (and the forecaster's "
+                "only when it was trained along, train_backbone=True)"
+            )
+        if unknown:
+            raise ValueError(
+                f"the saved {cls.method_label} adapter {adapter_name!r} holds {unknown}, which are neither tensors "
+                "of this adapter nor of the forecaster (a checkpoint of another model, method or adapter layout?); "
+                "refused rather than dropped without a word"
+            )

@@ -462,7 +462,8 @@ class FactoSTModel(FactoSTPreTrainedModel):
             ),
             dim=-1,
         )
-        context_tokens = self.patch_embedding(patches)
+        # the series' statistics stay in the input's precision; the network computes in its weights' dtype
+        context_tokens = self.patch_embedding(patches.to(self.future_token.dtype))
         future_tokens = self.future_token.expand(context_tokens.shape[0], num_future, -1)
         tokens = torch.cat((context_tokens, future_tokens), dim=1)
         tokens = tokens.view(batch, nodes, channels, num_context + num_future, -1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from st_peft.tuners.options import check_shared_options, normalise_target_options
 from st_peft.tuners.registration import extend_peft_type
 
 # The enum member must exist before the first config is built, whichever of the tuner's
@@ -62,6 +63,14 @@ class FactoSTAdapterConfig(PeftConfig):
         replay_memory_fraction: share of the earliest training windows that form the memory.
         replay_batch_fraction: share of every batch drawn from the memory.
         target_modules: the backbone's token hook (``token_hook``); change only for a custom backbone.
+        exclude_modules, layers_to_transform, layers_pattern: as in LoRA, for a custom backbone with
+            several token hooks (one per layer, say); a ``FactoSTModel`` has one, so on it these can
+            only leave nothing to adapt, which PEFT refuses.
+        modules_to_save: backbone modules to train and save in full alongside the adapter (the
+            ``head``, say), as in LoRA.
+        init_weights: True starts every adapter at the backbone exactly (its projections, gate and
+            prompts' learned part at zero); False initialises them randomly too, so that a new
+            adapter already changes the forecast (for tests, as LoRA's ``init_lora_weights=False``).
     """
 
     num_nodes: int | None = field(default=None, metadata={"help": "Nodes N of the graph (required)."})
@@ -88,8 +97,25 @@ class FactoSTAdapterConfig(PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "The backbone's token hook; defaults to 'token_hook'."}
     )
-    # peft's injection reads this attribute on every config; FACTOST targets a module, not parameters.
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused by FACTOST."})
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Token hooks (names or regex) matched by target_modules to leave alone."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Adapt target_modules only in these layer indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name(s) of the numbered layer lists layers_to_transform indexes."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Backbone modules to train and save in full."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start at the backbone exactly; False initialises every part randomly."}
+    )
+    # peft's injection reads this attribute on every config; FACTOST refuses it (it wraps a module).
+    target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Refused: FACTOST wraps the token hook, not bare parameters."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,8 +125,8 @@ class FactoSTAdapterConfig(PeftConfig):
         if self.calendar_sizes is None:
             self.calendar_sizes = [self.steps_per_day, 7]
         self.calendar_sizes = [int(size) for size in self.calendar_sizes]
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
+        normalise_target_options(self)
+        check_shared_options(self, "FACTOST")
         positive = {
             "num_nodes": self.num_nodes,
             "steps_per_day": self.steps_per_day,

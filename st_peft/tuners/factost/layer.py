@@ -33,10 +33,17 @@ class MetadataFusion(nn.Module):
         node_dim: width of the node embedding.
         calendar_dim: width of each calendar embedding.
         hidden_size: token width ``D``.
+        init_weights: False keeps the projections' random initialisation.
     """
 
     def __init__(
-        self, num_nodes: int, calendar_sizes: list[int], node_dim: int, calendar_dim: int, hidden_size: int
+        self,
+        num_nodes: int,
+        calendar_sizes: list[int],
+        node_dim: int,
+        calendar_dim: int,
+        hidden_size: int,
+        init_weights: bool = True,
     ):
         super().__init__()
         self.calendar_sizes = list(calendar_sizes)
@@ -44,9 +51,10 @@ class MetadataFusion(nn.Module):
         self.calendar_embeddings = nn.ModuleList(nn.Embedding(size, calendar_dim) for size in calendar_sizes)
         self.node_projection = nn.Linear(node_dim, hidden_size, bias=False)
         self.calendar_projection = nn.Linear(calendar_dim * len(calendar_sizes), hidden_size)
-        nn.init.zeros_(self.node_projection.weight)
-        nn.init.zeros_(self.calendar_projection.weight)
-        nn.init.zeros_(self.calendar_projection.bias)
+        if init_weights:
+            nn.init.zeros_(self.node_projection.weight)
+            nn.init.zeros_(self.calendar_projection.weight)
+            nn.init.zeros_(self.calendar_projection.bias)
 
     def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
         """Return ``tokens`` ``(B, N, C, P, D)`` plus node and calendar terms."""
@@ -123,9 +131,10 @@ class InteractionFilter(nn.Module):
         hidden_size: token width ``D``.
         rank: width of the queries, keys and values of each score.
         max_lag: patches back the lagged score looks.
+        init_weights: False keeps ``W``'s random initialisation.
     """
 
-    def __init__(self, hidden_size: int, rank: int, max_lag: int):
+    def __init__(self, hidden_size: int, rank: int, max_lag: int, init_weights: bool = True):
         super().__init__()
         self.rank = rank
         self.max_lag = max_lag
@@ -134,8 +143,9 @@ class InteractionFilter(nn.Module):
         self.temporal = nn.Linear(hidden_size, 3 * rank)
         self.lagged = nn.Linear(hidden_size, 3 * rank)
         self.gate = nn.Linear(3 * rank, hidden_size)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        if init_weights:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
         """Return ``tokens`` ``(B, N, C, P, D)`` multiplied by their gates."""
@@ -172,17 +182,19 @@ class DomainPrompts(nn.Module):
         hidden_size: token width ``D``.
         num_tokens: prompt tokens ``K``.
         rank: rank of the learned part.
+        init_weights: False draws ``up`` at random too.
     """
 
-    def __init__(self, hidden_size: int, num_tokens: int, rank: int):
+    def __init__(self, hidden_size: int, num_tokens: int, rank: int, init_weights: bool = True):
         super().__init__()
         self.num_tokens = num_tokens
         self.down = nn.Parameter(torch.randn(num_tokens, rank) / math.sqrt(rank))
-        self.up = nn.Parameter(torch.zeros(rank, hidden_size))
+        up = torch.zeros(rank, hidden_size)
+        self.up = nn.Parameter(up if init_weights else torch.randn_like(up) / math.sqrt(hidden_size))
 
     def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
         """Prompt tokens ``(B, N, C, K, D)`` for ``tokens`` ``(B, N, C, P, D)``."""
-        codebook = context.codebook
+        codebook = context.codebook.to(self.up.dtype)
         if codebook.shape[0] < self.num_tokens:
             raise ValueError(
                 f"the adapter asks for {self.num_tokens} prompt tokens but the backbone's codebook has only "
@@ -201,29 +213,56 @@ class FactoSTAdapterLayer(nn.Module, BaseTunerLayer):
     active adapter in turn adds its metadata terms, gates the tokens, and contributes its
     prompt tokens to the prefix.
 
+    dtypes follow LoRA: a new adapter takes the backbone's dtype (which PEFT's
+    ``autocast_adapter_dtype`` then raises from float16 / bfloat16 to float32); each adapter reads
+    the tokens cast to its own dtype, and the tokens and prompts go back to the backbone in the
+    tokens' dtype.
+
     Args:
         base_layer: the backbone's ``FactoSTTokenHook``.
         adapter_name: name of the first adapter.
         config: its configuration.
         hidden_size: the backbone's token width ``D``.
+        device, dtype: those of the backbone's weights (the hook has none of its own).
+
+    Attributes:
+        in_features, out_features: the token width ``D``, in and out.
     """
 
     adapter_layer_names = ("factost_metadata", "factost_filter", "factost_prompts")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FactoSTAdapterConfig, hidden_size: int):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: FactoSTAdapterConfig,
+        hidden_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.base_layer = base_layer
-        self.hidden_size = hidden_size
+        self.hidden_size = self.in_features = self.out_features = hidden_size
         self.factost_metadata = nn.ModuleDict()
         self.factost_filter = nn.ModuleDict()
         self.factost_prompts = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, device, dtype)
 
-    def update_layer(self, adapter_name: str, config: FactoSTAdapterConfig) -> None:
-        """Build the parts that ``config`` switches on under ``adapter_name``."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: FactoSTAdapterConfig,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Build the parts that ``config`` switches on under ``adapter_name``, on the backbone's device and dtype.
+
+        Parts created on the meta device (``low_cpu_mem_usage=True``, to be loaded) stay there.
+        """
+        self._backbone_placement = (device, dtype)
         if config.use_metadata:
             self.factost_metadata[adapter_name] = MetadataFusion(
                 config.num_nodes,
@@ -231,31 +270,48 @@ class FactoSTAdapterLayer(nn.Module, BaseTunerLayer):
                 config.node_embedding_dim,
                 config.calendar_embedding_dim,
                 self.hidden_size,
+                init_weights=config.init_weights,
             )
         if config.use_interaction:
-            self.factost_filter[adapter_name] = InteractionFilter(self.hidden_size, config.filter_rank, config.max_lag)
+            self.factost_filter[adapter_name] = InteractionFilter(
+                self.hidden_size, config.filter_rank, config.max_lag, init_weights=config.init_weights
+            )
         if config.use_prompts:
             self.factost_prompts[adapter_name] = DomainPrompts(
-                self.hidden_size, config.num_prompt_tokens, config.prompt_rank
+                self.hidden_size, config.num_prompt_tokens, config.prompt_rank, init_weights=config.init_weights
             )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+        """The backbone's device and dtype, given at creation: the token hook has no weight to read them from."""
+        return self._backbone_placement
+
     def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> FactoSTTokenHookOutput:
-        """Adapt ``tokens`` ``(B, N, C, P, D)``; prompt tokens come back as ``prefix_tokens`` ``(B, N, C, K, D)``."""
+        """Adapt ``tokens`` ``(B, N, C, P, D)``; prompt tokens come back as ``prefix_tokens`` ``(B, N, C, K, D)``.
+
+        Both come back in the dtype of ``tokens``.
+        """
         output = self.base_layer(tokens, context)
         if self.disable_adapters:
             return output
+        dtype = tokens.dtype
         tokens = output.tokens
         prefixes = [] if output.prefix_tokens is None else [output.prefix_tokens]
         for name in self.active_adapters:
+            parts = [part[name] for part in (self.factost_metadata, self.factost_filter, self.factost_prompts)
+                     if name in part]
+            if not parts:
+                continue
+            tokens = self._cast_input_dtype(tokens, next(parts[0].parameters()).dtype)
             if name in self.factost_metadata:
                 tokens = self.factost_metadata[name](tokens, context)
             if name in self.factost_filter:
                 tokens = self.factost_filter[name](tokens, context)
             if name in self.factost_prompts:
-                prefixes.append(self.factost_prompts[name](tokens, context))
+                prefixes.append(self.factost_prompts[name](tokens, context).to(dtype))
         prefix = torch.cat(prefixes, dim=-2) if prefixes else None
-        return FactoSTTokenHookOutput(tokens=tokens, prefix_tokens=prefix)
+        return FactoSTTokenHookOutput(tokens=tokens.to(dtype), prefix_tokens=prefix)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """FACTOST adapters cannot be merged; always raises."""

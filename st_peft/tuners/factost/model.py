@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from st_peft.models.factost.modeling_factost import FactoSTTokenHook
 from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
 from st_peft.tuners.factost.config import FactoSTAdapterConfig
 from st_peft.tuners.factost.layer import MERGE_REFUSAL, FactoSTAdapterLayer
+from st_peft.tuners.options import check_layer_indices_apply
 
 
 class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
@@ -39,7 +40,7 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
         model: the ``FactoSTModel`` backbone.
         peft_config: the adapter's configuration, or a dict of them.
         adapter_name: name of the first adapter.
-        low_cpu_mem_usage: accepted for PEFT's interface; the adapter's weights are always materialised.
+        low_cpu_mem_usage: create the adapter's weights on the meta device (for loading).
         state_dict: inject the adapters named by this state dict's keys.
     """
 
@@ -51,13 +52,15 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {"factost": ["token_hook"]}
 
     def _prepare_model(self, peft_config: FactoSTAdapterConfig, model: nn.Module) -> None:
-        """Refuse backbones without a FactoST token hook."""
+        """Refuse backbones without a FactoST token hook, and layer indices that would not apply to it."""
         hooks = [name for name, module in model.named_modules() if isinstance(module, FactoSTTokenHook)]
         if not hooks:
             raise TypeError(
                 f"FACTOST adapters need a FactoSTModel backbone (a module with a FactoSTTokenHook); "
                 f"got {type(model).__name__}."
             )
+        check_layer_indices_apply(peft_config, [key for key in hooks if check_target_module_exists(peft_config, key)],
+                                  "FACTOST")
 
     def _create_and_replace(
         self,
@@ -71,31 +74,34 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     ) -> None:
         """Add the adapter to the hook's tuner layer, wrapping the hook first if needed."""
         if isinstance(target, FactoSTAdapterLayer):
-            target.update_layer(adapter_name, peft_config)
-            target.to(self._backbone_device())
+            target.update_layer(adapter_name, peft_config, *self._backbone_placement())
             return
         if not isinstance(target, FactoSTTokenHook):
             raise TypeError(
                 f"FACTOST can only wrap the backbone's FactoSTTokenHook; target_modules matched {current_key!r}, "
                 f"a {type(target).__name__}."
             )
-        new_module = FactoSTAdapterLayer(target, adapter_name, peft_config, self.model.config.hidden_size)
+        new_module = FactoSTAdapterLayer(target, adapter_name, peft_config, self.model.config.hidden_size,
+                                         *self._backbone_placement())
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is made active
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        """Swap the hook and its tuner layer, on the backbone's device.
+        """Swap the hook for its tuner layer.
 
         PEFT's version places the new module by the weights of the replaced one; the token hook
-        has no weights, so the backbone's device is used.
+        has none, so the tuner layer was placed on the backbone's device and dtype when built.
         """
         setattr(parent, child_name, new_module)
-        new_module.to(self._backbone_device())
 
-    def _backbone_device(self) -> torch.device:
-        return next(parameter.device for name, parameter in self.model.named_parameters() if self.prefix not in name)
+    def _backbone_placement(self) -> tuple[torch.device | None, torch.dtype | None]:
+        """Device and dtype of the backbone's first floating-point weight."""
+        for name, parameter in self.model.named_parameters():
+            if self.prefix not in name and parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+        return None, None
 
     def _check_merge_allowed(self) -> None:
         """FACTOST never merges; the error says why."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from st_peft.tuners.options import check_shared_options, normalise_target_options
 from st_peft.tuners.registration import extend_peft_type
 
 # The enum member must exist before the first config is built, whichever of the tuner's
@@ -49,6 +50,17 @@ class STLoraConfig(PeftConfig):
         num_nall_layers: residual NALL layers per predictor block.
         num_blocks: stacked predictor blocks; 0 means no predictor (then ``target_modules`` is required).
         target_modules: names (suffixes) or a regex of the forecaster's own layers to wrap with NALLs.
+        exclude_modules: names (suffixes) or a regex of layers matched by ``target_modules`` to leave
+            alone, as in LoRA.
+        layers_to_transform: wrap ``target_modules`` only in these layer indices (an int or a list),
+            as in LoRA: the index is the number after ``layers_pattern`` in the module's name
+            (``encoder.1.fc1`` is layer 1 with ``layers_pattern="encoder"``).
+        layers_pattern: the name(s) of the numbered layer lists ``layers_to_transform`` indexes
+            (``"encoder"`` for STID, ``"layers"`` for GWNet, ``"blocks"`` for STGCN); None takes the
+            first numbered part of a name that has one before it.
+        init_weights: True starts every adapter at the forecaster exactly (``B``, ``G`` and the
+            predictor's output layer at zero); False initialises them randomly too, so that a new
+            adapter already changes the forecast (for tests, as LoRA's ``init_lora_weights=False``).
         node_axis: axis of the node dimension in the *inputs* of the wrapped layers
             (``-2`` fits ``nn.Linear`` on ``(B, N, D)`` or ``(B, T, N, D)`` and convolutions on
             ``(B, C, N, T)``).
@@ -81,6 +93,18 @@ class STLoraConfig(PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Forecaster layers (names or regex) to wrap with NALLs."}
     )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Layers (names or regex) matched by target_modules to leave alone."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Wrap target_modules only in these layer indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name(s) of the numbered layer lists layers_to_transform indexes."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start at the forecaster exactly; False initialises every part randomly."}
+    )
     node_axis: int = field(default=-2, metadata={"help": "Node axis of the wrapped layers' inputs."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Forecaster modules to train and save in full."}
@@ -91,16 +115,23 @@ class STLoraConfig(PeftConfig):
         default=None,
         metadata={"help": "History channel of each forecast channel, for the predictor's own normalisation."},
     )
-    # peft's injection reads this attribute on every config; ST-LoRA targets modules, not parameters.
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused by ST-LoRA."})
+    # peft's injection reads this attribute on every config; ST-LoRA refuses it (it wraps modules).
+    target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Refused: ST-LoRA wraps modules, not bare parameters."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = STLORA
         if self.num_nodes is None:
             raise ValueError("STLoraConfig needs num_nodes, the number of nodes N of the graph")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
+        normalise_target_options(self)
+        check_shared_options(self, "ST-LoRA")
+        if not self.target_modules and (self.exclude_modules or self.layers_to_transform is not None):
+            raise ValueError(
+                "STLoraConfig: exclude_modules and layers_to_transform narrow down target_modules, the forecaster "
+                "layers to wrap with NALLs; without target_modules only the predictor is added, so they cannot apply"
+            )
         positive = {
             "num_nodes": self.num_nodes,
             "input_len": self.input_len,

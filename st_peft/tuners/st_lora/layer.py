@@ -29,19 +29,22 @@ from st_peft.tuners.st_lora.space import (
 )
 
 
-class NodeSelection:
-    """The nodes covered by the current forward pass, shared by all layers of one adapted model.
+class ForwardState:
+    """What one forward pass of an adapted model shares between its ST-LoRA layers.
 
     Attributes:
         index: int64 ``(N_sub,)`` node indices passed as ``node_index`` to the forecaster, or ``None``
             when the batch covers the whole graph.
+        called: names of the NALL-wrapped layers that ran during this forward pass, while the
+            predictor layer checks that every wrapped layer is called; ``None`` when it does not.
     """
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
+        self.called: set[str] | None = None
 
 
-def node_rows(table: torch.Tensor, nodes: int, selection: NodeSelection, owner: str) -> torch.Tensor:
+def node_rows(table: torch.Tensor, nodes: int, selection: ForwardState, owner: str) -> torch.Tensor:
     """Rows of a per-node table for the nodes of the current batch.
 
     Args:
@@ -133,21 +136,33 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
     it must be a batch-like axis for ``nn.Linear`` (not the last one) and a spatial axis
     (``>= 2``) for convolutions, and the layer must keep its size.
 
+    dtypes follow LoRA: a new adapter takes the wrapped layer's dtype (which PEFT's
+    ``autocast_adapter_dtype`` then raises from float16 / bfloat16 to float32); the input is cast to
+    the adapter's dtype for the low-rank path and the sum comes back in the wrapped layer's output
+    dtype.
+
     Args:
         base_layer: the layer to wrap; it stays frozen and unchanged.
-        selection: the adapted model's node selection.
+        selection: the adapted model's forward state.
         name: the layer's name in the forecaster, for error messages.
+
+    Attributes:
+        in_features, out_features: the wrapped layer's input and output features (channels for a
+            convolution).
     """
 
     adapter_layer_names = ("stlora_A", "stlora_B", "stlora_node_scale")
     other_param_names = ("stlora_dropout", "stlora_scaling", "stlora_node_axis")
 
-    def __init__(self, base_layer: nn.Module, selection: NodeSelection, name: str) -> None:
+    def __init__(self, base_layer: nn.Module, selection: ForwardState, name: str) -> None:
         super().__init__()
         check_wrappable(base_layer, None, name)
         self.base_layer = base_layer
         self.selection = selection
         self.layer_name = name
+        linear = isinstance(base_layer, nn.Linear)
+        self.in_features = base_layer.in_features if linear else base_layer.in_channels
+        self.out_features = base_layer.out_features if linear else base_layer.out_channels
         self.stlora_A = nn.ModuleDict()
         self.stlora_B = nn.ModuleDict()
         self.stlora_node_scale = nn.ParameterDict()
@@ -163,7 +178,11 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
         return -1 if isinstance(self.base_layer, nn.Linear) else 1
 
     def update_layer(self, adapter_name: str, config: STLoraConfig) -> None:
-        """Add (or re-initialise) the adapter ``adapter_name`` with ``A``, ``B = 0`` and ``s = 1``."""
+        """Add (or re-initialise) the adapter ``adapter_name`` with ``A``, ``B = 0`` and ``s = 1``.
+
+        With ``config.init_weights=False``, ``B`` keeps its random initialisation and ``s`` is drawn
+        around one, so the new adapter changes the layer's output at once.
+        """
         check_wrappable(self.base_layer, config.node_axis, self.layer_name)
         base = self.base_layer
         if isinstance(base, nn.Linear):
@@ -182,10 +201,14 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
                 padding_mode=base.padding_mode,
             )
             up = conv(config.r, base.out_channels, 1, bias=False)
-        nn.init.zeros_(up.weight)
+        node_scale = torch.ones(config.num_nodes, config.r)
+        if config.init_weights:
+            nn.init.zeros_(up.weight)
+        else:
+            node_scale = node_scale + 0.1 * torch.randn_like(node_scale)
         self.stlora_A[adapter_name] = down
         self.stlora_B[adapter_name] = up
-        self.stlora_node_scale[adapter_name] = nn.Parameter(torch.ones(config.num_nodes, config.r))
+        self.stlora_node_scale[adapter_name] = nn.Parameter(node_scale)
         self.stlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.stlora_scaling[adapter_name] = config.alpha / config.r
         self.stlora_node_axis[adapter_name] = config.node_axis
@@ -209,16 +232,23 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
         return (table if axis < feature else table.t()).reshape(shape)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base_layer(x)`` plus the node-adaptive low-rank update of every active adapter; same shape."""
+        """``base_layer(x)`` plus the node-adaptive low-rank update of every active adapter; same shape.
+
+        The result has the dtype of ``base_layer(x)``.
+        """
         result = self.base_layer(x, *args, **kwargs)
+        if self.selection.called is not None:
+            self.selection.called.add(self.layer_name)
         if self.disable_adapters:
             return result
+        result_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.stlora_A:
                 continue
-            low = self.stlora_A[name](self.stlora_dropout[name](x))
+            down = self.stlora_A[name]
+            low = down(self.stlora_dropout[name](self._cast_input_dtype(x, down.weight.dtype)))
             result = result + self.stlora_scaling[name] * self.stlora_B[name](low * self._node_scale(name, low))
-        return result
+        return result.to(result_dtype)
 
     def scaling_penalty(self, adapter_name: str) -> torch.Tensor:
         """Squared distance of the per-node scales from one, ``sum_i ||s_i - 1||^2`` (a scalar)."""
@@ -229,7 +259,8 @@ class NodeAdaptiveLinear(nn.Module):
     """A NALL of the predictor, with per-node scales generated from a node embedding.
 
     ``h -> W h + b + (alpha / r) * B diag(s_i) A dropout(h)`` with ``s_i = 1 + G^T e_i``; ``W, b, A``
-    train, ``B`` and ``G`` start at zero. Hidden states are features first, ``(dim, B * n)``
+    train, ``B`` and ``G`` start at zero (random too with ``init_weights=False``). Hidden states
+    are features first, ``(dim, B * n)``
     with the rows ordered batch-major: the predictor's widths are tiny, and a matrix product
     whose long axis is the last one runs several times faster on the CPU than one whose output
     has only a few columns.
@@ -240,8 +271,12 @@ class NodeAdaptiveLinear(nn.Module):
         self.linear = nn.Linear(dim, dim)
         self.lora_A = nn.Linear(dim, config.r, bias=False)
         self.lora_B = nn.Linear(config.r, dim, bias=False)
-        nn.init.zeros_(self.lora_B.weight)
-        self.generator = nn.Parameter(torch.zeros(config.node_embedding_dim, config.r))
+        generator = torch.zeros(config.node_embedding_dim, config.r)
+        if config.init_weights:
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            generator = 0.1 * torch.randn_like(generator)
+        self.generator = nn.Parameter(generator)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.alpha / config.r
 
@@ -258,7 +293,6 @@ class NodeAdaptiveLinear(nn.Module):
         return torch.addmm(out, self.lora_B.weight, low, alpha=self.scaling)
 
 
-
 class PredictorBlock(nn.Module):
     """One block of the node-specific predictor, in the predictor's normalised space.
 
@@ -266,7 +300,7 @@ class PredictorBlock(nn.Module):
     ``H_l = H_(l-1) + NALL_l(relu(H_(l-1)))`` compute a correction ``c``; the candidate is
     ``Z = y + c`` and a gate ``R = sigmoid(F([x, mean_h Z]))`` blends ``R * y + (1 - R) * Z``. The
     block returns the step from ``y`` to that blend, ``(1 - R) * c``: the correction's output layer
-    starts at zero, so a new block's step is exactly zero.
+    starts at zero (unless ``init_weights=False``), so a new block's step is exactly zero.
     Like ``NodeAdaptiveLinear`` it works on features-first tensors ``(features, B * n)``.
     """
 
@@ -279,8 +313,9 @@ class PredictorBlock(nn.Module):
         self.layers = nn.ModuleList(NodeAdaptiveLinear(config.hidden_dim, config) for _ in range(config.num_nall_layers))
         self.act = nn.ReLU()
         self.output = nn.Linear(config.hidden_dim, future)
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
+        if config.init_weights:
+            nn.init.zeros_(self.output.weight)
+            nn.init.zeros_(self.output.bias)
         self.gate = nn.Linear(history + config.out_channels, future)
 
     def forward(self, history: torch.Tensor, prediction: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -328,13 +363,18 @@ class NodeSpecificPredictor(nn.Module):
         self.node_embedding = nn.Parameter(torch.randn(config.num_nodes, config.node_embedding_dim))
         self.blocks = nn.ModuleList(PredictorBlock(config) for _ in range(config.num_blocks))
 
-    def forward(self, history: torch.Tensor, prediction: torch.Tensor, selection: NodeSelection) -> torch.Tensor:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the predictor's weights, in which it computes."""
+        return self.node_embedding.dtype
+
+    def forward(self, history: torch.Tensor, prediction: torch.Tensor, selection: ForwardState) -> torch.Tensor:
         """The correction ``(B, H, n, C_out)`` of the normalised ``prediction`` ``(B, H, n, C_out)``.
 
         Args:
-            history: the normalised history ``(B, L, n, C_in)``.
-            prediction: the forecaster's prediction, normalised.
-            selection: the batch's node selection.
+            history: the normalised history ``(B, L, n, C_in)``, in the predictor's dtype.
+            prediction: the forecaster's prediction, normalised, in the predictor's dtype.
+            selection: the forward pass's state (its node selection).
         """
         if history.dim() != 4 or history.shape[1] != self.input_len or history.shape[3] != self.in_channels:
             raise ValueError(
@@ -405,8 +445,23 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
     With adapters disabled, or with no adapter active, the forecaster runs on the keys it accepts
     (targets included) and its output is returned untouched.
 
+    No inert targets: in the first forward pass after an adapter is added or the active adapters
+    change, the hooks record which NALL-wrapped layers run, and a wrapped layer of an active
+    adapter that did not run while the forecaster did is refused by name (a forecaster that
+    reads the layer's weight instead of calling it would leave the adapter without effect and
+    without gradient).
+
+    The predictors' dtype follows the forecaster's weights, as a LoRA layer's follows its base
+    layer (then PEFT's ``autocast_adapter_dtype`` raises float16 / bfloat16 to float32); they read
+    their inputs cast to their own dtype, and the correction comes back in the forecast's dtype.
+
     Args:
         num_nodes: nodes ``N`` of the graph.
+
+    Attributes:
+        in_features: features per node the predictors read, ``L * C_in + H * C_out`` (history and
+            forecast); 0 until the first adapter is added.
+        out_features: features per node they return, ``H * C_out``.
     """
 
     adapter_layer_names = ("stlora_heads",)
@@ -415,20 +470,50 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
     def __init__(self, num_nodes: int) -> None:
         super().__init__()
         self.num_nodes = num_nodes
-        self.selection = NodeSelection()
+        self.selection = ForwardState()
         self.stlora_heads = nn.ModuleDict()
         self.stlora_config: dict[str, STLoraConfig] = {}
+        self.in_features = self.out_features = 0
         self._disable_adapters = False
         self.merged_adapters = []
         self._hook_handles: list[Any] = []
         self._call: CallInputs | None = None
+        self._forecaster_placement: tuple[torch.device | None, torch.dtype | None] = (None, None)
+        self._calls_checked = False
 
-    def update_layer(self, adapter_name: str, config: STLoraConfig, device: torch.device | None = None) -> None:
-        """Add the adapter ``adapter_name``: its predictor (when ``num_blocks > 0``) and its config."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: STLoraConfig,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add the adapter ``adapter_name``: its predictor (when ``num_blocks > 0``) and its config.
+
+        Args:
+            adapter_name: the adapter's name.
+            config: its configuration.
+            device, dtype: those of the forecaster's weights; the predictor is moved there (unless
+                it was created on the meta device, to be loaded).
+        """
+        self._forecaster_placement = (device, dtype)
         if config.num_blocks > 0:
-            self.stlora_heads[adapter_name] = NodeSpecificPredictor(config).to(device)
+            self.stlora_heads[adapter_name] = NodeSpecificPredictor(config)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
         self.stlora_config[adapter_name] = config
+        self.in_features = config.input_len * config.in_channels + config.horizon * config.out_channels
+        self.out_features = config.horizon * config.out_channels
+        self._calls_checked = False
         self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names`` (PEFT's rule); the next forward pass checks that their layers run."""
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._calls_checked = False
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+        """The forecaster's device and dtype: the predictor's counterpart of a LoRA layer's base layer."""
+        return self._forecaster_placement
 
     def attach(self, model: nn.Module) -> None:
         """Hook the forward of the forecaster ``model`` (its root module)."""
@@ -455,6 +540,7 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         self._call = None
         batch = dict(kwargs)
         active = self._active()
+        self.selection.called = set() if active and not self._calls_checked else None
         if active:
             past_values = args[0] if args else kwargs.get("past_values")
             if past_values is None:
@@ -479,6 +565,9 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call, self._call = self._call, None
         active = self._active()
+        called, self.selection.called = self.selection.called, None
+        if called is not None:
+            self._check_wrapped_layers_ran(module, active, called)
         if not active:
             return output
         model = type(module).__name__
@@ -492,9 +581,11 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         shift = penalty = None
         for name in active:
             if name in self.stlora_heads:
+                head = self.stlora_heads[name]
                 refined = prediction if shift is None else prediction + shift
-                space = self._space(module, call, refined, self.stlora_heads[name])
-                correction = self.stlora_heads[name](space.history, space.normalise(refined), self.selection)
+                space = self._space(module, call, refined, head)
+                correction = head(space.history.to(head.dtype), space.normalise(refined).to(head.dtype),
+                                  self.selection)
                 step = (space.scale * correction).to(prediction.dtype)
                 shift = step if shift is None else shift + step
                 loc, scale = space.loc, space.scale
@@ -520,6 +611,22 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         return ForecastOutput(loss=loss, prediction_outputs=refined, quantile_outputs=quantiles, loc=loc,
                               scale=scale, aux_loss=aux_loss)
 
+    def _check_wrapped_layers_ran(self, module: nn.Module, active: list[str], called: set[str]) -> None:
+        """Refuse, by name, NALL-wrapped layers of the ``active`` adapters that this forward pass never called."""
+        silent = sorted(
+            layer.layer_name for layer in module.modules()
+            if isinstance(layer, NodeAdaptiveLayer) and layer.layer_name not in called
+            and any(name in layer.stlora_A for name in active)
+        )
+        if silent:
+            raise RuntimeError(
+                f"ST-LoRA wrapped {silent} of {type(module).__name__}, but its forward never called "
+                f"{'them' if len(silent) > 1 else 'it'}: the forecaster reads the layer's weight directly or skips "
+                "the layer, so the adapter would neither change the forecast nor get a gradient. Leave these layers "
+                "out of target_modules (or exclude_modules), or make the forecaster call them"
+            )
+        self._calls_checked = True
+
     @staticmethod
     def _space(module: nn.Module, call: CallInputs, prediction: torch.Tensor,
                head: NodeSpecificPredictor) -> PredictorSpace:
@@ -527,7 +634,7 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         scaler = forecaster_scaler(module)
         if scaler is not None:
             return scaler_space(scaler, call.past_values, call.past_observed_mask, call.node_index,
-                                dtype=prediction.dtype)
+                                dtype=head.dtype)
         channels = history_channels_of(head.in_channels, head.out_channels, head.output_history_channels)
         return window_space(call.past_values, call.past_observed_mask, prediction, channels)
 

@@ -29,6 +29,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
+from st_peft.tuners.options import check_layer_indices_apply
 from st_peft.tuners.st_lora.config import STLoraConfig
 from st_peft.tuners.st_lora.layer import (
     MERGE_REFUSAL,
@@ -76,14 +77,17 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         return peft_config
 
     def _check_new_adapter_config(self, config: STLoraConfig) -> None:
-        """Refuse an adapter whose ``num_nodes`` differs from the adapters already on the model."""
+        """Refuse an adapter whose sizes differ from the adapters already on the (same) forecaster."""
         super()._check_new_adapter_config(config)
         for name, other in self.peft_config.items():
-            if other is not config and other.num_nodes != config.num_nodes:
-                raise ValueError(
-                    f"The new ST-LoRA adapter has num_nodes={config.num_nodes} but adapter {name!r} on the same "
-                    f"forecaster has num_nodes={other.num_nodes}"
-                )
+            if other is config:
+                continue
+            for size in ("num_nodes", "input_len", "horizon", "in_channels", "out_channels"):
+                if getattr(other, size) != getattr(config, size):
+                    raise ValueError(
+                        f"The new ST-LoRA adapter has {size}={getattr(config, size)} but adapter {name!r} on the "
+                        f"same forecaster has {size}={getattr(other, size)}"
+                    )
 
     def _prepare_model(self, peft_config: STLoraConfig, model: nn.Module) -> None:
         """Check the forecaster against the config and install the predictor container once."""
@@ -115,8 +119,10 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         a frozen STID's step.)
         """
         super().train(mode)
-        if mode and not any(self.peft_config[name].train_backbone for name in self.active_adapters
-                            if name in self.peft_config):
+        self._forecaster_held_in_eval = mode and not any(
+            self.peft_config[name].train_backbone for name in self.active_adapters if name in self.peft_config
+        )
+        if self._forecaster_held_in_eval:
             # what trains: the adapter parts of ST-LoRA layers and the copies of modules_to_save
             adapter_modules = {
                 id(child)
@@ -164,20 +170,33 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
                         f"target_modules entry {name!r} matches no module of {type(model).__name__}; its modules "
                         f"are {keys}"
                     )
-        for key in keys:
-            if check_target_module_exists(config, key):
-                module = model.get_submodule(key)
-                base = module.base_layer if isinstance(module, NodeAdaptiveLayer) else module
-                check_wrappable(base, config.node_axis, key)
+        selected = [key for key in keys if check_target_module_exists(config, key)]
+        check_layer_indices_apply(config, selected, "ST-LoRA")
+        if not selected:
+            raise ValueError(
+                f"target_modules={sorted(targets) if isinstance(targets, set) else targets!r} names modules of "
+                f"{type(model).__name__}, but exclude_modules={config.exclude_modules!r}, "
+                f"layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r} and "
+                f"modules_to_save={config.modules_to_save!r} leave none of them to wrap"
+            )
+        for key in selected:
+            module = model.get_submodule(key)
+            base = module.base_layer if isinstance(module, NodeAdaptiveLayer) else module
+            check_wrappable(base, config.node_axis, key)
 
     @staticmethod
-    def _check_target_module_exists(peft_config: STLoraConfig, key: str) -> bool:
-        """The predictor container always; a forecaster layer when ``target_modules`` names it."""
+    def _check_target_module_exists(peft_config: STLoraConfig, key: str) -> Any:
+        """The predictor container always; a forecaster layer as PEFT's own matching decides.
+
+        PEFT's ``check_target_module_exists`` applies ``target_modules``, ``exclude_modules``,
+        ``layers_to_transform`` / ``layers_pattern`` and ``modules_to_save`` as for LoRA; its
+        "excluded" answer is passed on as it is, so PEFT reports the excluded modules.
+        """
         if key == PREDICTOR_NAME:
             return True
         if key.startswith(PREDICTOR_NAME + ".") or not peft_config.target_modules:
             return False
-        return bool(check_target_module_exists(peft_config, key))
+        return check_target_module_exists(peft_config, key)
 
     def _create_and_replace(
         self,
@@ -191,7 +210,7 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
     ) -> None:
         """Add the adapter to the predictor container, or wrap the target layer with a NALL."""
         if isinstance(target, STLoraPredictorLayer):
-            target.update_layer(adapter_name, peft_config, device=self._forecaster_device())
+            target.update_layer(adapter_name, peft_config, *self._forecaster_placement())
             return
         if isinstance(target, NodeAdaptiveLayer):
             target.update_layer(adapter_name, peft_config)
@@ -200,11 +219,12 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         new_module.update_layer(adapter_name, peft_config)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _forecaster_device(self) -> torch.device | None:
+    def _forecaster_placement(self) -> tuple[torch.device | None, torch.dtype | None]:
+        """Device and dtype of the forecaster's first floating-point weight (None, None without any)."""
         for name, parameter in self.model.named_parameters():
-            if self.prefix not in name:
-                return parameter.device
-        return None
+            if self.prefix not in name and parameter.is_floating_point():
+                return parameter.device, parameter.dtype
+        return None, None
 
     def _check_merge_allowed(self) -> None:
         """ST-LoRA never merges; the error says why."""
@@ -224,8 +244,9 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         if isinstance(predictor, STLoraPredictorLayer):
             predictor.detach()
             delattr(self.model, PREDICTOR_NAME)
-        # the forecaster's modules may have been held in evaluation mode while frozen
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar).train(self.training)
+        forecaster = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        # train() held the frozen forecaster's modules in evaluation mode; they go back in training mode
+        return forecaster.train() if getattr(self, "_forecaster_held_in_eval", False) else forecaster
 
     @classmethod
     def _get_adapter_state_dict(

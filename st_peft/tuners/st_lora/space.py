@@ -47,8 +47,12 @@ class PredictorSpace:
     scale: torch.Tensor
 
     def normalise(self, prediction: torch.Tensor) -> torch.Tensor:
-        """``(prediction - loc) / scale`` for a forecast ``(B, H, n, C_out)`` in original units."""
-        return ((prediction - self.loc) / self.scale).to(prediction.dtype)
+        """``(prediction - loc) / scale`` for a forecast ``(B, H, n, C_out)`` in original units.
+
+        In the wider of the forecast's and the statistics' dtypes (float32 at least for the
+        forecaster's scaler, whose statistics are float32).
+        """
+        return (prediction - self.loc) / self.scale
 
 
 def forecaster_scaler(forecaster: nn.Module) -> STScaler | None:
@@ -113,19 +117,25 @@ def window_space(
         history_channels: for each forecast channel, its history channel.
 
     Returns:
-        The space; history channels with no forecast channel are normalised over their history alone.
+        The space, in float32 or the forecast's dtype when wider (a bfloat16 forecast would round
+        the statistics); history channels with no forecast channel are normalised over their
+        history alone.
     """
-    dtype = prediction.dtype
-    zero = torch.zeros((), dtype=dtype, device=prediction.device)
-    history = torch.where(past_observed_mask, past_values.to(dtype), zero)
-    observed = past_observed_mask.to(dtype)
-    # (C_out, C_in): row j is one-hot at the history channel of forecast channel j
-    channel_of = F.one_hot(torch.tensor(history_channels, device=prediction.device), past_values.shape[-1]).to(dtype)
-    count = (observed.sum(1, keepdim=True) + prediction.shape[1] * channel_of.sum(0)).clamp_min(1)
-    loc = (history.sum(1, keepdim=True) + prediction.sum(1, keepdim=True) @ channel_of) / count
-    forecast_loc = loc[..., history_channels]
-    squares = ((history - loc) * observed).pow(2).sum(1, keepdim=True)
-    squares = squares + (prediction - forecast_loc).pow(2).sum(1, keepdim=True) @ channel_of
-    scale = (squares / count).sqrt().clamp_min(MIN_SCALE)
-    return PredictorSpace(history=(history - loc) / scale * observed, loc=forecast_loc,
-                          scale=scale[..., history_channels])
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    prediction = prediction.to(dtype)
+    # statistics, not a network: autocast would run the one-hot products in bfloat16
+    with torch.autocast(prediction.device.type, enabled=False):
+        zero = torch.zeros((), dtype=dtype, device=prediction.device)
+        history = torch.where(past_observed_mask, past_values.to(dtype), zero)
+        observed = past_observed_mask.to(dtype)
+        # (C_out, C_in): row j is one-hot at the history channel of forecast channel j
+        channel_of = F.one_hot(torch.tensor(history_channels, device=prediction.device),
+                               past_values.shape[-1]).to(dtype)
+        count = (observed.sum(1, keepdim=True) + prediction.shape[1] * channel_of.sum(0)).clamp_min(1)
+        loc = (history.sum(1, keepdim=True) + prediction.sum(1, keepdim=True) @ channel_of) / count
+        forecast_loc = loc[..., history_channels]
+        squares = ((history - loc) * observed).pow(2).sum(1, keepdim=True)
+        squares = squares + (prediction - forecast_loc).pow(2).sum(1, keepdim=True) @ channel_of
+        scale = (squares / count).sqrt().clamp_min(MIN_SCALE)
+        return PredictorSpace(history=(history - loc) / scale * observed, loc=forecast_loc,
+                              scale=scale[..., history_channels])
