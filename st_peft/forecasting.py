@@ -20,7 +20,7 @@ from torch import nn
 
 from st_peft.checks import check_future_values, check_observed_mask, check_past_values
 from st_peft.losses import LOSSES, LossFn, get_loss
-from st_peft.outputs import RENAMED_INPUTS, ForecastOutput, reject_renamed_inputs
+from st_peft.outputs import RENAMED_INPUTS, ForecastOutput, require_past_values
 from st_peft.scaling import ScalingStatistics, STScaler
 
 
@@ -198,9 +198,7 @@ class STForecaster(nn.Module, metaclass=abc.ABCMeta):
             ``loc`` / ``scale`` ``(B, 1, n, C_out)`` and ``loss`` when ``future_values`` is given.
         """
         name = type(self).__name__
-        reject_renamed_inputs(kwargs, name)
-        if past_values is None:
-            raise TypeError(f"{name}.forward needs past_values (B, L, N, C_in)")
+        require_past_values(past_values, kwargs, name)
         check_past_values(past_values, model=name, num_nodes=self.num_nodes, input_len=self.input_len,
                           in_channels=self.in_channels, node_index=node_index)
         mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",

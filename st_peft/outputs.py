@@ -53,6 +53,20 @@ def reject_renamed_inputs(kwargs: Mapping[str, Any], model: str) -> None:
         raise TypeError(f"{model}.forward got the old argument name(s) {old}: {renames}")
 
 
+def require_past_values(past_values: Any, kwargs: Mapping[str, Any], model: str) -> None:
+    """Check a forward's call: no batch key of st-peft 0.0, and a ``past_values``.
+
+    Forwards give ``past_values`` a default of None only so that a call with an old name
+    (``model(x=...)``) reaches :func:`reject_renamed_inputs` and is told the new name.
+
+    Raises:
+        TypeError: an old name was used, or ``past_values`` is missing.
+    """
+    reject_renamed_inputs(kwargs, model)
+    if past_values is None:
+        raise TypeError(f"{model}.forward needs past_values, the history (B, L, N, C) in original units")
+
+
 @dataclass
 class ForecastOutput(ModelOutput):
     """What every st-peft forecaster returns.

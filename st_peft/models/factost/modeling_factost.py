@@ -37,7 +37,7 @@ from st_peft.forecasting import forecast_loss, forecast_output
 from st_peft.losses import get_loss
 from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import QUANTILE_LOSS, FactoSTConfig
-from st_peft.outputs import ForecastOutput, reject_renamed_inputs
+from st_peft.outputs import ForecastOutput, require_past_values
 
 
 @dataclass
@@ -292,9 +292,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
         """
         name = type(self).__name__
         # checked before past_values, so a call of st-peft 0.0 (x=...) learns the new names
-        reject_renamed_inputs(kwargs, name)
-        if past_values is None:
-            raise TypeError(f"{name}.forward needs past_values, the history (B, L, N, C) in original units.")
+        require_past_values(past_values, kwargs, name)
         horizon = self._check_inputs(
             past_values, past_time_features, future_time_features, future_values, horizon, rollout
         )

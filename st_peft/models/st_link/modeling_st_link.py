@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput, cached_file
 from st_peft.checks import check_node_index, check_observed_mask, check_past_values, check_time_features
 from st_peft.forecasting import forecast_output
 from st_peft.losses import get_loss
-from st_peft.outputs import ForecastOutput, reject_renamed_inputs
+from st_peft.outputs import ForecastOutput, require_past_values
 from st_peft.scaling import STATISTIC_NAMES, STScaler
 
 from .configuration_st_link import STLinkConfig
@@ -864,9 +864,7 @@ class STLinkForForecasting(STLinkPreTrainedModel):
             is given, ``loss`` (masked ``config.loss`` in original units plus ``aux_loss``).
         """
         name = type(self).__name__
-        reject_renamed_inputs(kwargs, name)
-        if past_values is None:
-            raise TypeError(f"{name}.forward needs past_values (B, L, N, C_in)")
+        require_past_values(past_values, kwargs, name)
         config = self.config
         check_past_values(past_values, model=name, num_nodes=config.num_nodes, input_len=config.input_len,
                           in_channels=config.in_channels, node_index=node_index)
