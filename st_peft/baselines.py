@@ -18,7 +18,8 @@ def split_targets(splits: ForecastingSplits, split: str) -> tuple[np.ndarray, np
     """Targets and their mask of every window of a split.
 
     Returns:
-        ``y`` float32 ``(W, H, N, C_out)`` in original units and ``y_mask`` bool of the same shape.
+        The targets float32 ``(W, H, N, C_out)`` in original units (``future_values`` of every window)
+        and their observed mask, bool of the same shape (``future_observed_mask``).
     """
     future = split_starts(splits, split)[:, None] + splits.input_len + np.arange(splits.horizon)
     return splits.collator.targets[future], splits.collator.target_mask[future]
