@@ -8,24 +8,9 @@ from pathlib import Path
 import huggingface_hub
 import numpy as np
 import pytest
-from hub_server import GIT_IDENTITY, point_hub_at, refuse_non_local_hosts, running_hub
+from hub_server import GIT_IDENTITY
 
 import st_peft.data as D
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hub")) as server:
-        yield server
-
-
-@pytest.fixture
-def hub_env(hub, tmp_path, monkeypatch):
-    """huggingface_hub pointed at the local server with a fresh cache; names other than 127.0.0.1 fail."""
-    point_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf-cache")
-    refuse_non_local_hosts(monkeypatch)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 def publish_dataset(hub, data: D.STData, repo_id: str) -> None:

@@ -28,7 +28,6 @@ from hub_server import (
     free_port,
     point_hub_at,
     refuse_non_local_hosts,
-    running_hub,
     silent_server,
 )
 from huggingface_hub import ModelCard
@@ -180,23 +179,6 @@ def build_adapter(splits, method: str = "st_lora") -> PeftModel:
 
 ADAPTER_BACKBONE = {"st_lora": "stid", "factost": "factost"}
 PEFT_TYPES = {"st_lora": "STLORA", "factost": "FACTOST"}
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hub")) as server:
-        yield server
-
-
-@pytest.fixture
-def hub_env(hub, tmp_path, monkeypatch):
-    """huggingface_hub pointed at the local server with a fresh cache; names other than 127.0.0.1 fail."""
-    cache = tmp_path / "hf-cache"
-    point_hub_at(monkeypatch, hub.endpoint, cache)
-    refuse_non_local_hosts(monkeypatch)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    return cache
 
 
 def go_offline(monkeypatch, hub_env) -> None:
