@@ -100,6 +100,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, parameter_count  # noqa: E402
+
 from st_peft.backbones import BACKBONES
 from st_peft.data import ForecastingSplits, build_splits, load
 from st_peft.metrics import masked_mae, masked_mape, masked_rmse
@@ -232,11 +235,6 @@ def lora_model(backbone: nn.Module, ranks: dict[str, int]) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation.
 # ---------------------------------------------------------------------------------------------
-
-
-def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -940,13 +938,6 @@ def fmt_change(entry: dict | None) -> str:
     return f"{entry['change']:+.1f}% [{entry['low']:+.1f}, {entry['high']:+.1f}]{star}"
 
 
-def markdown(header: list[str], rows: list[list[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def mean_sd(values: list[float], digits: int = 3) -> str:
     """Mean ± standard deviation."""
     if len(values) == 1:
@@ -1049,17 +1040,17 @@ def aggregate(study: Study, figure: bool = True) -> dict:
             overall_rows.append([f"{label} vs {ARM_NAMES[reference]}", scope, stats["mae"]["cells"],
                                  fmt_change(stats["mae"]), fmt_change(stats["mae@worst"])])
     tables = {
-        "main": markdown(["backbone", "data", "seeds", "MAE (1)", "(1b) vs 1", "(2) ST-LoRA vs 1", "(2L) LoRA vs 1",
+        "main": markdown_table(["backbone", "data", "seeds", "MAE (1)", "(1b) vs 1", "(2) ST-LoRA vs 1", "(2L) LoRA vs 1",
                           "(3) joint vs 1", "(2) vs 1b", "(2L) vs 1b"], main_rows),
-        "overall": markdown(["comparison", "backbones", "cells", "mean MAE change", "worst decile"], overall_rows),
-        "trained": markdown(["backbone", "data", "(1b) seeds whose best epoch is 0", "(2) same", "(2L) same",
+        "overall": markdown_table(["comparison", "backbones", "cells", "mean MAE change", "worst decile"], overall_rows),
+        "trained": markdown_table(["backbone", "data", "(1b) seeds whose best epoch is 0", "(2) same", "(2L) same",
                              "(1b) best trained epoch vs 1", "(2) best trained epoch vs 1",
                              "(2L) best trained epoch vs 1"], trained_rows),
-        "detail": markdown(["backbone", "data", "arm", "MAE@3 vs 1", "MAE@6 vs 1", "MAE@12 vs 1",
+        "detail": markdown_table(["backbone", "data", "arm", "MAE@3 vs 1", "MAE@6 vs 1", "MAE@12 vs 1",
                             "worst-decile MAE vs 1", "RMSE vs 1"], detail_rows),
-        "cost": markdown(["backbone", "data", "arm", "trainable", "added / backbone", "epochs", "wall s", "CPU s",
+        "cost": markdown_table(["backbone", "data", "arm", "trainable", "added / backbone", "epochs", "wall s", "CPU s",
                           "peak RSS MiB", "RSS growth MiB"], cost_rows),
-        "convergence": markdown(["backbone", "data", "(1) epochs run (seeds)", "(1) best epoch",
+        "convergence": markdown_table(["backbone", "data", "(1) epochs run (seeds)", "(1) best epoch",
                                  "(1) val gain over the 10 epochs before its best", "(1b) epochs run"], conv_rows),
     }
     tuning = tuning_tables(study)
@@ -1113,13 +1104,13 @@ def tuning_tables(study: Study) -> dict | None:
             if not runs:
                 continue
             by_data = {r["dataset"]: r for r in runs}
-            rows.append([*[setting[k] for k in keys],
+            rows.append([*[f"{setting[k]:g}" for k in keys],
                          *[f"{by_data[d]['val_change_percent']:+.2f}% ({by_data[d]['trainable_parameters']:,})"
                            if d in by_data else "-" for d in TUNING_DATASETS],
                          f"{np.mean([r['val_change_percent'] for r in runs]):+.2f}%"])
         if rows:
             header = [*keys, *[f"{d}: val MAE vs (1) (trainable)" for d in TUNING_DATASETS], "mean"]
-            tables[f"tuning_{method}"] = markdown(header, rows)
+            tables[f"tuning_{method}"] = markdown_table(header, rows)
     return {"results": results, "tables": tables}
 
 
