@@ -178,6 +178,8 @@ ST_LORA_GRID = [
     for (r, h), b, lr in itertools.product(((2, 8), (4, 8), (4, 16), (8, 16)), (1, 2), (2e-4, 1e-3, 5e-3))
 ]
 LORA_GRID = [{"budget": m, "lr": lr} for m, lr in itertools.product((1, 2, 4, 8), (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2))]
+# (2L) takes its lr from the settings at ST-LoRA's budget; the larger budgets only show what more parameters buy
+MATCHED_LORA_SETTINGS = tuple(i for i, setting in enumerate(LORA_GRID) if setting["budget"] == 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,11 +551,10 @@ class Study:
         """The tuned LoRA lr at the matched budget, or None while tuning runs."""
         if self.fixed_settings is not None:
             return self.fixed_settings["lora_lr"]
-        scores = tuning_scores(self, "2L")
+        scores = tuning_scores(self, "2L", MATCHED_LORA_SETTINGS)
         if scores is None:
             return None
-        matched = {i: s for i, s in scores.items() if LORA_GRID[i]["budget"] == 1}
-        return LORA_GRID[min(matched, key=matched.get)]["lr"]
+        return LORA_GRID[min(scores, key=scores.get)]["lr"]
 
     def ready(self, unit: Unit) -> bool:
         """Whether everything ``unit`` depends on has finished."""
@@ -570,19 +571,21 @@ class Study:
         return self.st_lora_settings() is not None and (unit.arm != "2L" or self.lora_lr() is not None)
 
 
-def tuning_scores(study: Study, arm: str) -> dict[int, float] | None:
-    """Mean validation MAE change (%) against (1) of every tuning setting, or None if runs are missing."""
-    if arm in study.tuned:
-        return study.tuned[arm]
-    units = [u for u in study.units if u.kind == "tune" and u.arm == arm]
+def tuning_scores(study: Study, arm: str, settings: tuple[int, ...] | None = None) -> dict[int, float] | None:
+    """Mean validation MAE change (%) against (1) of the tuning settings of ``arm`` (all, or those
+    indexed by ``settings``), or None while any of their runs is missing."""
+    key = (arm, settings)
+    if key in study.tuned:
+        return study.tuned[key]
+    units = [u for u in study.units if u.kind == "tune" and u.arm == arm and (settings is None or u.setting in settings)]
     if not units or not all(study.path(u).exists() for u in units):
         return None
     changes: dict[int, list[float]] = {}
     for unit in units:
         run = study.read(unit)
         changes.setdefault(unit.setting, []).append(100 * (run["best_trained_val_mae"] / run["start_val_mae"] - 1))
-    study.tuned[arm] = {setting: float(np.mean(values)) for setting, values in changes.items()}
-    return study.tuned[arm]
+    study.tuned[key] = {setting: float(np.mean(values)) for setting, values in changes.items()}
+    return study.tuned[key]
 
 
 def study_units() -> list[Unit]:
@@ -593,11 +596,14 @@ def study_units() -> list[Unit]:
     units += [Unit("arm", "gwnet", "nyc-bike", 0, "1"), Unit("arm", "stgcn", "sz-taxi", 0, "1")]
     units += [Unit("arm", "stid", d, s, "1") for s in SEEDS for d in DATASETS if (d, s) not in
               {(t, 0) for t in TUNING_DATASETS}]
-    units += [Unit("tune", "stid", d, 0, "2L", i) for d in TUNING_DATASETS for i in range(len(LORA_GRID))]
+    units += [Unit("tune", "stid", d, 0, "2L", i) for d in TUNING_DATASETS for i in MATCHED_LORA_SETTINGS]
     for backbone in ("stid", "stgcn", "gwnet"):
         for seed in SEEDS:
             for dataset in (d for d in STUDY[backbone] if seed in SEEDS_OF.get((backbone, d), SEEDS)):
                 units += [u for u in (Unit("arm", backbone, dataset, seed, arm) for arm in ARMS) if u not in units]
+        if backbone == "stid":  # LoRA at larger budgets does not hold any arm up
+            units += [Unit("tune", "stid", d, 0, "2L", i) for d in TUNING_DATASETS for i in range(len(LORA_GRID))
+                      if i not in MATCHED_LORA_SETTINGS]
     # the arms of the costliest cell last, so that everything else is finished first
     last = [u for u in units if (u.backbone, u.dataset) == ("gwnet", "nyc-bike") and u.arm != "1"]
     return [u for u in units if u not in last] + last
