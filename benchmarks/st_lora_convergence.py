@@ -1007,7 +1007,8 @@ def aggregate(study: Study, figure: bool = True) -> dict:
         arms = entry["arms"]
         if "1" in arms:
             first = arms["1"]
-            main_rows.append([backbone, dataset, len(first["seeds"]),
+            compared = max((len(result["seeds"]) for result in entry["vs_1"].values()), default=0)
+            main_rows.append([backbone, dataset, f"{len(first['seeds'])} / {compared}",
                               mean_sd([t["mae"] for t in first["test_per_seed"]]),
                               *[fmt_change(entry["vs_1"].get(a, {}).get("mae")) for a in ("1b", "2", "2L", "3")],
                               *[fmt_change(entry["vs_1b"].get(a, {}).get("mae")) for a in ("2", "2L")]])
@@ -1046,7 +1047,7 @@ def aggregate(study: Study, figure: bool = True) -> dict:
             overall_rows.append([f"{label} vs {ARM_NAMES[reference]}", scope, stats["mae"]["cells"],
                                  fmt_change(stats["mae"]), fmt_change(stats["mae@worst"])])
     tables = {
-        "main": markdown_table(["backbone", "data", "seeds", "MAE (1)", "(1b) vs 1", "(2) ST-LoRA vs 1", "(2L) LoRA vs 1",
+        "main": markdown_table(["backbone", "data", "seeds (1) / compared", "MAE (1)", "(1b) vs 1", "(2) ST-LoRA vs 1", "(2L) LoRA vs 1",
                           "(3) joint vs 1", "(2) vs 1b", "(2L) vs 1b"], main_rows),
         "overall": markdown_table(["comparison", "backbones", "cells", "mean MAE change", "worst decile"], overall_rows),
         "trained": markdown_table(["backbone", "data", "(1b) seeds whose best epoch is 0", "(2) same", "(2L) same",
@@ -1121,7 +1122,12 @@ def tuning_tables(study: Study) -> dict | None:
 
 
 def plot_changes(summary: dict, order: list[tuple[str, str]], path: Path) -> None:
-    """Forest plot: per data set x backbone, MAE change against (1) of (1b), (2), (2L), (3) with intervals."""
+    """Forest plot: per data set x backbone, MAE change against (1) of (1b), (2), (2L), (3) with intervals.
+
+    Filled markers: each arm's best state (epoch 0, that is (1) itself, when training never beat it
+    on validation); open markers: the arm's best trained epoch (1 or later), what training it gives.
+    Cells without any arm yet are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1129,22 +1135,23 @@ def plot_changes(summary: dict, order: list[tuple[str, str]], path: Path) -> Non
 
     arms = ("1b", "2", "2L", "3")
     colours = {"1b": "#7f7f7f", "2": "#d62728", "2L": "#1f77b4", "3": "#2ca02c"}
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(order) * len(arms) / 2 + 1.5))
-    labels, positions = [], []
-    for row, (backbone, dataset) in enumerate(order):
-        comparisons = summary["cells"][f"{backbone}/{dataset}"]["vs_1"]
+    shown = [key for key in order if summary["cells"][f"{key[0]}/{key[1]}"]["vs_1"]]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) * len(arms) / 2 + 1.8))
+    for row, (backbone, dataset) in enumerate(shown):
+        cell = summary["cells"][f"{backbone}/{dataset}"]
         for k, arm in enumerate(arms):
-            if arm not in comparisons:
-                continue
-            y = row + (k - 1.5) * 0.18
-            mae = comparisons[arm]["mae"]
-            ax.errorbar(mae["change"], y, xerr=[[mae["change"] - mae["low"]], [mae["high"] - mae["change"]]],
-                        fmt="o", color=colours[arm], ms=4, capsize=2, label=ARM_NAMES[arm] if row == 0 else None)
-        labels.append(f"{dataset} / {backbone}")
-        positions.append(row)
+            y = row + (k - 1.5) * 0.2
+            for source, offset, face in (("vs_1", -0.04, colours[arm]), ("trained_vs_1", 0.04, "white")):
+                if arm not in cell[source]:
+                    continue
+                mae = cell[source][arm]["mae"]
+                ax.errorbar(mae["change"], y + offset, xerr=[[mae["change"] - mae["low"]], [mae["high"] - mae["change"]]],
+                            fmt="o", color=colours[arm], mfc=face, ms=4, capsize=2, lw=1 if face == "white" else 1.5,
+                            label=(ARM_NAMES[arm] if source == "vs_1" else None) if row == 0 else None)
+    ax.errorbar([], [], fmt="o", color="black", mfc="white", ms=4, label="open: the arm's best trained epoch")
     ax.axvline(0, color="black", lw=0.8)
     ax.axvline(-7, color="#d62728", lw=0.8, ls=":", label="paper's claim for (2): -7%")
-    ax.set_yticks(positions, labels)
+    ax.set_yticks(range(len(shown)), [f"{dataset} / {backbone}" for backbone, dataset in shown])
     ax.invert_yaxis()
     ax.set_xlabel("test MAE change against (1), % (95% bootstrap interval over seeds and test windows)")
     ax.set_title("ST-LoRA to convergence: arms against the converged backbone (1)")
