@@ -968,7 +968,7 @@ def aggregate(study: Study, figure: bool = True) -> dict:
     main_rows, detail_rows, cost_rows, conv_rows, trained_rows = [], [], [], [], []
     for draw_seed, (backbone, dataset) in enumerate(order):
         cell = cells[(backbone, dataset)]
-        entry: dict = {"arms": {}, "vs_1": {}, "vs_1b": {}, "trained_vs_1": {}}
+        entry: dict = {"arms": {}, "vs_1": {}, "vs_1b": {}, "vs_2L": {}, "trained_vs_1": {}}
         for arm in ARMS:
             if arm not in cell:
                 continue
@@ -989,15 +989,14 @@ def aggregate(study: Study, figure: bool = True) -> dict:
                 "backbone_parameters": runs[0]["backbone_parameters"],
                 "settings": {k: v for k, v in runs[0]["settings"].items() if k != "lora_ranks"},
             }
-        for reference in ("1", "1b"):
-            for arm in ARMS:
-                if arm == reference or (reference == "1b" and arm == "1"):
-                    continue
-                result = compare(cell, arm, reference, draw_seed)
-                if result is None:
-                    continue
-                comparisons.setdefault((arm, reference), []).append((backbone, result))
-                entry[f"vs_{reference}"][arm] = without_draws(result)
+        # every arm against (1) and (1b); ST-LoRA against LoRA at the same parameter budget
+        pairs = [(arm, "1") for arm in ARMS[1:]] + [(arm, "1b") for arm in ARMS[2:]] + [("2", "2L")]
+        for arm, reference in pairs:
+            result = compare(cell, arm, reference, draw_seed)
+            if result is None:
+                continue
+            comparisons.setdefault((arm, reference), []).append((backbone, result))
+            entry[f"vs_{reference}"][arm] = without_draws(result)
         for arm in ("1b", "2", "2L"):
             result = compare(cell, arm, "1", draw_seed, trained=True)
             if result is not None:
@@ -1011,7 +1010,8 @@ def aggregate(study: Study, figure: bool = True) -> dict:
             main_rows.append([backbone, dataset, f"{len(first['seeds'])} / {compared}",
                               mean_sd([t["mae"] for t in first["test_per_seed"]]),
                               *[fmt_change(entry["vs_1"].get(a, {}).get("mae")) for a in ("1b", "2", "2L", "3")],
-                              *[fmt_change(entry["vs_1b"].get(a, {}).get("mae")) for a in ("2", "2L")]])
+                              *[fmt_change(entry["vs_1b"].get(a, {}).get("mae")) for a in ("2", "2L")],
+                              fmt_change(entry["vs_2L"].get("2", {}).get("mae"))])
             trained_rows.append([backbone, dataset, *[
                 f"{sum(e == 0 for e in arms[a]['best_epoch'])}/{len(arms[a]['best_epoch'])}" if a in arms else "-"
                 for a in ("1b", "2", "2L")], *[fmt_change(entry["trained_vs_1"].get(a, {}).get("mae"))
@@ -1048,7 +1048,7 @@ def aggregate(study: Study, figure: bool = True) -> dict:
                                  fmt_change(stats["mae"]), fmt_change(stats["mae@worst"])])
     tables = {
         "main": markdown_table(["backbone", "data", "seeds (1) / compared", "MAE (1)", "(1b) vs 1", "(2) ST-LoRA vs 1", "(2L) LoRA vs 1",
-                          "(3) joint vs 1", "(2) vs 1b", "(2L) vs 1b"], main_rows),
+                          "(3) joint vs 1", "(2) vs 1b", "(2L) vs 1b", "(2) vs 2L"], main_rows),
         "overall": markdown_table(["comparison", "backbones", "cells", "mean MAE change", "worst decile"], overall_rows),
         "trained": markdown_table(["backbone", "data", "(1b) seeds whose best epoch is 0", "(2) same", "(2L) same",
                              "(1b) best trained epoch vs 1", "(2) best trained epoch vs 1",
