@@ -952,9 +952,12 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 
 
 def convergence_of(run: dict) -> dict:
-    """How flat (1)'s validation curve was: improvement over the 10 epochs before the best one."""
+    """How flat (1)'s validation curve was: improvement over the 10 epochs before the best one.
+
+    Counted from epoch 1 at the earliest: epoch 0 is the untrained model.
+    """
     curve, best = run["val_curve"], run["best_epoch"]
-    before = curve[max(0, best - PATIENCE)]
+    before = curve[max(1, best - PATIENCE)]
     return {"epochs_run": run["epochs_run"], "best_epoch": best, "stopped_early": run["stopped_early"],
             "gain_last_10_epochs_percent": 100 * (1 - run["best_val_mae"] / before) if best >= 1 else 0.0}
 
