@@ -15,8 +15,9 @@ keeps the best state in memory and stops after 10 epochs without a lower validat
   2022, BasicTS config) Adam lr 2e-3, weight decay 1e-4, lr halved after epochs 1, 50 and 80,
   batch 32; Graph WaveNet (Wu et al. 2019) Adam lr 1e-3, weight decay 1e-4, constant lr, batch
   64; STGCN (Yu et al. 2018) RMSprop lr 1e-3, lr x0.7 every 5 epochs, batch 50. Gradients are
-  clipped at norm 5 everywhere. Epoch caps (generous; patience ends every run before them in
-  practice): STID 200, GWNet 100, STGCN 100.
+  clipped at norm 5 everywhere. Epoch caps: STID 200, GWNet 100, STGCN 200 (STGCN's was 100
+  until (1) on nyc-bike and (3) on sz-taxi reached it; runs that stop at a cap lower than
+  today's are run again).
 - From the best state of (1), each arm trained to its own early stop. An arm's epoch 0 is (1)'s
   best state, so an arm that never beats it on validation ends as (1) (no arm can end below (1)
   on validation), as a user who keeps the better of the two would. What training such an arm
@@ -91,6 +92,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,7 +165,7 @@ RECIPES = {
     "stid": Recipe("adam", 2e-3, 1e-4, 32, 200, milestones=(1, 50, 80), gamma=0.5),
     "gwnet": Recipe("adam", 1e-3, 1e-4, 64, 100,
                     widths={"residual_channels": 8, "dilation_channels": 8, "skip_channels": 32, "end_channels": 64}),
-    "stgcn": Recipe("rmsprop", 1e-3, 0.0, 50, 100, step_size=5, gamma=0.7, widths={"block_channels": (32, 8, 32)}),
+    "stgcn": Recipe("rmsprop", 1e-3, 0.0, 50, 200, step_size=5, gamma=0.7, widths={"block_channels": (32, 8, 32)}),
 }
 STUDY = {
     "stid": DATASETS,
@@ -498,6 +500,11 @@ class Unit:
         return cls("arm", parts[0], "_".join(parts[1:-2]), int(parts[-2][1:]), parts[-1][3:])
 
 
+def first_of(unit: Unit) -> Unit:
+    """The (1) whose best state ``unit`` starts from (seed 0's for tuning runs; itself for a (1))."""
+    return Unit("arm", unit.backbone, unit.dataset, unit.seed if unit.kind == "arm" else 0, "1")
+
+
 @dataclass
 class Study:
     """Where a study keeps its runs, and which runs it has."""
@@ -522,12 +529,26 @@ class Study:
                 (unit.backbone, unit.dataset, unit.seed) and (u.kind == "tune" or u.arm != "1")]
 
     def done(self, unit: Unit) -> bool:
-        """Whether ``unit`` has finished (a (1) without its checkpoint only when nothing still needs it)."""
+        """Whether ``unit`` has finished and still counts.
+
+        A (1) without its checkpoint counts only when nothing still needs it. A run that stopped
+        at an epoch cap lower than today's does not count (it is run again with the higher cap),
+        nor does a run that started from another (1) than the one on record.
+        """
         if not self.path(unit).exists():
             return False
-        if unit.kind == "arm" and unit.arm == "1" and not self.checkpoint(unit.backbone, unit.dataset, unit.seed).exists():
-            return all(self.path(u).exists() for u in self.dependents(unit))
-        return True
+        record = self.read(unit)
+        if not record["stopped_early"] and record["epochs_run"] >= record["max_epochs"] and \
+                record["max_epochs"] < self.max_epochs.get(unit.backbone, RECIPES[unit.backbone].max_epochs):
+            return False
+        if unit.kind == "arm" and unit.arm == "1":
+            if not self.checkpoint(unit.backbone, unit.dataset, unit.seed).exists():
+                return all(self.path(u).exists() for u in self.dependents(unit))
+            return True
+        if "backbone_run_id" not in record:  # written before runs had ids, from the (1) still on record
+            return True
+        first = self.path(first_of(unit))
+        return first.exists() and json.loads(first.read_text()).get("run_id") == record["backbone_run_id"]
 
     def read(self, unit: Unit) -> dict:
         """The JSON of a finished run."""
@@ -536,7 +557,7 @@ class Study:
     def backbone_ready(self, backbone: str, dataset: str, seed: int) -> bool:
         """Whether (1)'s JSON and checkpoint exist."""
         unit = Unit("arm", backbone, dataset, seed, "1")
-        return self.path(unit).exists() and self.checkpoint(backbone, dataset, seed).exists()
+        return self.done(unit) and self.checkpoint(backbone, dataset, seed).exists()
 
     def st_lora_settings(self) -> dict | None:
         """The tuned ST-LoRA settings (r, hidden_dim, num_blocks, lr), or None while tuning runs."""
@@ -673,17 +694,18 @@ def run_unit(study: Study, unit: Unit) -> dict:
     splits = load_splits(unit.dataset)
     recipe = RECIPES[unit.backbone]
     max_epochs = study.max_epochs.get(unit.backbone, recipe.max_epochs)
-    record: dict = {"unit": asdict(unit), "key": unit.key, "max_epochs": max_epochs, "patience": PATIENCE,
+    record: dict = {"unit": asdict(unit), "key": unit.key, "run_id": uuid.uuid4().hex, "max_epochs": max_epochs, "patience": PATIENCE,
                     "recipe": asdict(recipe), "num_nodes": splits.num_nodes, "test_windows": len(splits.test)}
     backbone = build_backbone(unit.backbone, splits, unit.seed)
     record["backbone_parameters"] = parameter_count(backbone)
-    first = Unit("arm", unit.backbone, unit.dataset, unit.seed if unit.kind == "arm" else 0, "1")
+    first = first_of(unit)
     reference = None
     if unit.kind == "arm" and unit.arm == "1":
         model = backbone
         settings: dict = {"optimizer": recipe.optimizer, "lr": recipe.lr, "weight_decay": recipe.weight_decay}
     else:
         reference = study.read(first)
+        record["backbone_run_id"] = reference.get("run_id")
         backbone.load_state_dict(load_file(study.checkpoint(unit.backbone, unit.dataset, first.seed)))
         model, settings = build_arm(study, unit, splits, backbone)
     record["settings"] = settings

@@ -136,3 +136,11 @@ def test_a_backbone_and_its_st_lora_arm_are_cached_and_start_from_the_backbone(s
     stored = np.load(study.path(units[1], ".npz"))
     # the stored per-window sums reproduce the test MAE
     assert stored["sums"][:, 0].sum() / stored["counts"][:, 0].sum() == pytest.approx(arm["test"]["mae"], rel=1e-5)
+
+    # a (1) that stopped at a lower epoch cap than today's is run again, and so is every arm started from it
+    higher_cap = study_module.Study(tmp_path, units, max_epochs={"stid": 3}, fixed_settings=study.fixed_settings)
+    assert not first["stopped_early"] and not higher_cap.done(units[0])
+    assert not higher_cap.ready(units[1])
+    rerun = study_module.run_unit(higher_cap, units[0])
+    assert higher_cap.done(units[0]) and not higher_cap.done(units[1])
+    assert rerun["epochs_run"] == 3 and rerun["run_id"] != arm["backbone_run_id"] == first["run_id"]
