@@ -907,7 +907,7 @@ def load_cells(study: Study) -> dict[tuple[str, str], dict]:
     """Finished arm runs grouped by (backbone, data set): per arm the seeds' JSONs and error sums."""
     cells: dict[tuple[str, str], dict] = {}
     for unit in study.units:
-        if unit.kind != "arm" or not study.path(unit).exists():
+        if unit.kind != "arm" or not study.done(unit):
             continue
         run = study.read(unit)
         data = np.load(study.path(unit, ".npz"))
