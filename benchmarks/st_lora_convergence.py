@@ -71,7 +71,8 @@ bootstrap) under ``benchmarks/results/st_lora_convergence/``; runs already there
 an interrupted study resumes where it stopped. The best state of every (1) is kept in
 ``checkpoints/`` there (not committed); on a fresh machine a (1) whose checkpoint is missing is
 retrained when an arm still needs it. Several invocations may run at once: a run is claimed with
-a lock file. ``--aggregate`` prints the markdown tables, writes ``summary.json`` and the figures
+an ``flock`` on a folder under ``locks/`` (the run-folder lock of ``st_peft.runs``).
+``--aggregate`` prints the markdown tables, writes ``summary.json`` and the figures
 ``docs/st_lora_convergence.png`` (MAE change per data set x backbone with intervals) and
 ``docs/st_lora_convergence_curves.png`` (validation curves of (1)).
 """
@@ -87,7 +88,6 @@ import math
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -109,6 +109,7 @@ from st_peft.backbones import BACKBONES
 from st_peft.data import ForecastingSplits, build_splits, load
 from st_peft.metrics import masked_mae, masked_mape, masked_rmse
 from st_peft.outputs import prediction_of
+from st_peft.runs import RunFolder, RunFolderBusy, write_json_atomic
 from st_peft.tuners.st_lora import STLoraConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,11 +205,6 @@ def build_backbone(name: str, splits: ForecastingSplits, seed: int) -> nn.Module
     return BACKBONES[name](**kwargs)
 
 
-def gather_batch(splits: ForecastingSplits, starts: np.ndarray) -> dict[str, torch.Tensor]:
-    """The batch of the windows that begin at ``starts``."""
-    return splits.collator.gather(starts)
-
-
 def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's forecast of ``batch`` in original units ``(B, H, N, C)`` (the model scales inside)."""
     return prediction_of(model(**{key: batch[key] for key in FORECAST_INPUTS}))
@@ -253,13 +249,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, weight_deca
 def evaluate(model: nn.Module, splits: ForecastingSplits, split: str, batch_size: int = 256,
              ) -> tuple[float, np.ndarray, np.ndarray]:
     """Masked MAE over a whole split, and the per-node absolute-error sums and counts ``(N,)``."""
-    starts = np.asarray(splits.split(split)["start"], dtype=np.int64)
     model.eval()
     node_abs = np.zeros(splits.num_nodes)
     node_count = np.zeros(splits.num_nodes)
     with torch.no_grad():
-        for begin in range(0, len(starts), batch_size):
-            batch = gather_batch(splits, starts[begin : begin + batch_size])
+        for batch in splits.iter_batches(split, batch_size):
             target, mask = target_of(batch)
             error = torch.where(mask, (predict(model, batch) - target).abs(), 0.0).double()
             node_abs += error.sum(dim=(0, 1, 3)).numpy()
@@ -314,7 +308,7 @@ def train(model: nn.Module, splits: ForecastingSplits, recipe: Recipe, optimizer
         result.lr_curve.append(optimizer.param_groups[0]["lr"])
         order = rng.permutation(starts)
         for begin in range(0, len(order), recipe.batch_size):
-            batch = gather_batch(splits, order[begin : begin + recipe.batch_size])
+            batch = splits.collator.gather(order[begin : begin + recipe.batch_size])
             target, mask = target_of(batch)
             loss = masked_mae(predict(model, batch), target, mask)
             optimizer.zero_grad(set_to_none=True)
@@ -360,12 +354,10 @@ def test_statistics(model: nn.Module, splits: ForecastingSplits, worst: list[int
         ``sums`` ``(rows, 6)`` float32 (absolute errors over all, at horizons 3, 6, 12, on the
         worst nodes; squared errors over all) and ``counts`` ``(rows, 6)`` of observed entries.
     """
-    starts = np.asarray(splits.test["start"], dtype=np.int64)
     model.eval()
     predictions, targets, masks = [], [], []
     with torch.no_grad():
-        for begin in range(0, len(starts), batch_size):
-            batch = gather_batch(splits, starts[begin : begin + batch_size])
+        for batch in splits.iter_batches("test", batch_size):
             target, mask = target_of(batch)
             predictions.append(predict(model, batch).double())
             targets.append(target.double())
@@ -547,8 +539,8 @@ class Study:
             return True
         if "backbone_run_id" not in record:  # written before runs had ids, from the (1) still on record
             return True
-        first = self.path(first_of(unit))
-        return first.exists() and json.loads(first.read_text()).get("run_id") == record["backbone_run_id"]
+        first = first_of(unit)
+        return self.path(first).exists() and self.read(first).get("run_id") == record["backbone_run_id"]
 
     def read(self, unit: Unit) -> dict:
         """The JSON of a finished run."""
@@ -637,52 +629,6 @@ def quick_study() -> Study:
                  fixed_settings={"st_lora": DEFAULT_ST_LORA, "lora_lr": 1e-3})
 
 
-class Lock:
-    """An exclusive claim on a run, as a lock file holding host and pid; stale claims are broken."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.held = False
-
-    def acquire(self) -> bool:
-        """Claim the run; False if another live process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            os.write(handle, f"{socket.gethostname()} {os.getpid()}".encode())
-            os.close(handle)
-            self.held = True
-            return True
-        return False
-
-    def _stale(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return False
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def release(self) -> None:
-        """Give the claim up."""
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
 # ---------------------------------------------------------------------------------------------
 # One run.
 # ---------------------------------------------------------------------------------------------
@@ -745,9 +691,7 @@ def run_unit(study: Study, unit: Unit) -> dict:
         np.savez_compressed(study.path(unit, ".npz"), sums=sums, counts=counts, sums_trained=sums_trained)
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     study.results.mkdir(parents=True, exist_ok=True)
-    temporary = study.path(unit, ".json.tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    temporary.replace(study.path(unit))
+    write_json_atomic(study.path(unit), record)
     return record
 
 
@@ -784,49 +728,46 @@ def build_arm(study: Study, unit: Unit, splits: ForecastingSplits, backbone: nn.
 # ---------------------------------------------------------------------------------------------
 
 
-def next_unit(study: Study, failed: set[str]) -> tuple[Unit | None, Lock | None, bool]:
-    """The first runnable unit nobody holds, claimed; and whether the study may still progress.
+def run_next_unit(study: Study, failed: set[str], began: float) -> str:
+    """Claim the first runnable unit nobody holds, run it and log it.
 
-    The study may progress while some unfinished unit is runnable or held by a live process.
+    A claim is the ``flock`` of a run folder under ``locks/`` (:class:`st_peft.runs.RunFolder`),
+    which the operating system releases when its holder dies.
+
+    Returns:
+        ``"ran"``; ``"waiting"`` when every runnable unit is held by another live process; or
+        ``"finished"`` when nothing is left to run.
     """
     waiting = False
     for unit in study.units:
-        if unit.key in failed or study.done(unit):
+        if unit.key in failed or study.done(unit) or not study.ready(unit):
             continue
-        lock = Lock(study.results / "locks" / f"{unit.key}.lock")
-        if not study.ready(unit):
-            continue
-        if lock.acquire():
-            if study.done(unit):  # finished by another worker between the check and the claim
-                lock.release()
-                continue
-            return unit, lock, True
-        waiting = True  # another live process runs it
-    return None, None, waiting
+        try:
+            with RunFolder(study.results / "locks" / unit.key).locked():
+                if study.done(unit):  # finished by another worker between the check and the claim
+                    continue
+                started = time.perf_counter()
+                try:
+                    record = run_unit(study, unit)
+                except Exception:  # a failed run is logged and skipped, the others go on
+                    failed.add(unit.key)
+                    log(began, f"FAILED {unit.key}:\n{traceback.format_exc()}")
+                    return "ran"
+                log(began, f"{unit.key} done in {time.perf_counter() - started:.0f}s: {describe(record)}")
+                return "ran"
+        except RunFolderBusy:
+            waiting = True
+    return "waiting" if waiting else "finished"
 
 
 def worker(study: Study) -> None:
-    """Take runnable units one after the other in this process until none is left; log each."""
+    """Take runnable units one after the other in this process until none is left."""
     torch.set_num_threads(1)
     failed: set[str] = set()
     began = time.perf_counter()
-    while True:
-        unit, lock, progressing = next_unit(study, failed)
-        if unit is None:
-            if not progressing:
-                break
+    while (state := run_next_unit(study, failed, began)) != "finished":
+        if state == "waiting":
             time.sleep(15)
-            continue
-        started = time.perf_counter()
-        try:
-            record = run_unit(study, unit)
-        except Exception:  # a failed run is logged and skipped, the others go on
-            failed.add(unit.key)
-            log(began, f"FAILED {unit.key}:\n{traceback.format_exc()}")
-            continue
-        finally:
-            lock.release()
-        log(began, f"{unit.key} done in {time.perf_counter() - started:.0f}s: {describe(record)}")
     log(began, f"worker {os.getpid()} stops: {sum(study.done(u) for u in study.units)} of {len(study.units)} runs "
         "done" + (f"; failed: {sorted(failed)}" if failed else ""))
 
