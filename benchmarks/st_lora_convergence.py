@@ -610,8 +610,9 @@ def study_units() -> list[Unit]:
     units += [Unit("arm", "stid", d, s, "1") for s in SEEDS for d in DATASETS if (d, s) not in
               {(t, 0) for t in TUNING_DATASETS}]
     units += [Unit("tune", "stid", d, 0, "2L", i) for d in TUNING_DATASETS for i in MATCHED_LORA_SETTINGS]
-    for backbone in ("stid", "stgcn", "gwnet"):
-        for seed in SEEDS:
+    # seed by seed across backbones, so that a study cut short still has every backbone's seeds 0 first
+    for seed in SEEDS:
+        for backbone in ("stid", "stgcn", "gwnet"):
             for dataset in (d for d in STUDY[backbone] if seed in SEEDS_OF.get((backbone, d), SEEDS)):
                 units += [u for u in (Unit("arm", backbone, dataset, seed, arm) for arm in ARMS) if u not in units]
     # LoRA's tuning at larger budgets holds no arm up, and the arms of the costliest cell come last,
