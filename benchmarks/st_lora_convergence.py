@@ -69,9 +69,11 @@ What was cut to fit about six hours of a shared two-core CPU (two one-thread wor
 Running it: every finished run is a JSON (plus an ``.npz`` of per-window test error sums for the
 bootstrap) under ``benchmarks/results/st_lora_convergence/``; runs already there are skipped, so
 an interrupted study resumes where it stopped. The best state of every (1) is kept in
-``checkpoints/`` there (not committed); on a fresh machine a (1) whose checkpoint is missing is
-retrained when an arm still needs it. Several invocations may run at once: a run is claimed with
-an ``flock`` on a folder under ``locks/`` (the run-folder lock of ``st_peft.runs``).
+``checkpoints/`` there; only those whose arms are still to run when a session stops are committed
+(retraining one on a fresh machine would also void the arms already on record, which name the
+(1) they started from). A (1) whose checkpoint is missing is retrained when an arm still needs
+it. Several invocations may run at once: a run is claimed with an ``flock`` on a folder under
+``locks/`` (the run-folder lock of ``st_peft.runs``).
 ``--aggregate`` prints the markdown tables, writes ``summary.json`` and the figures
 ``docs/st_lora_convergence.png`` (MAE change per data set x backbone with intervals) and
 ``docs/st_lora_convergence_curves.png`` (validation curves of (1)).
