@@ -617,12 +617,10 @@ def study_units() -> list[Unit]:
         for backbone in ("stid", "stgcn", "gwnet"):
             for dataset in (d for d in STUDY[backbone] if seed in SEEDS_OF.get((backbone, d), SEEDS)):
                 units += [u for u in (Unit("arm", backbone, dataset, seed, arm) for arm in ARMS) if u not in units]
-    # LoRA's tuning at larger budgets holds no arm up, and the arms of the costliest cell come last,
-    # so that every backbone has results first
+    # LoRA's tuning at larger budgets holds no arm up
     units += [Unit("tune", "stid", d, 0, "2L", i) for d in TUNING_DATASETS for i in range(len(LORA_GRID))
               if i not in MATCHED_LORA_SETTINGS]
-    last = [u for u in units if (u.backbone, u.dataset) == ("gwnet", "nyc-bike") and u.arm != "1"]
-    return [u for u in units if u not in last] + last
+    return units
 
 
 def quick_study() -> Study:
