@@ -16,7 +16,10 @@ QUANTILE_LOSS = "pinball"
 # Named sizes. "tiny" follows the paper's tiny model (about 4.4M parameters with its
 # patch length 16); "base" is the next step up; "cpu" is small enough to pretrain in
 # minutes on two CPU cores and uses patches of 4 steps so that the 12-step windows of
-# the standard ST benchmarks are three full patches.
+# the standard ST benchmarks are three full patches. "small" (147k parameters), "medium"
+# (880k) and "tiny-long" (the paper's tiny widths, 4.4M) are the sizes of the long-context
+# scaling study (benchmarks/factost_pretraining.py): patches of 8 steps, so a 12-step
+# window still fits, and histories of up to 2048 steps, seven days at 5 minutes.
 FACTOST_SIZES: dict[str, dict[str, Any]] = {
     "cpu": {
         "patch_length": 4,
@@ -26,6 +29,33 @@ FACTOST_SIZES: dict[str, dict[str, Any]] = {
         "intermediate_size": 192,
         "max_context_length": 96,
         "max_horizon": 48,
+    },
+    "small": {
+        "patch_length": 8,
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 192,
+        "max_context_length": 2048,
+        "max_horizon": 64,
+    },
+    "medium": {
+        "patch_length": 8,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "max_context_length": 2048,
+        "max_horizon": 64,
+    },
+    "tiny-long": {
+        "patch_length": 8,
+        "hidden_size": 256,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "intermediate_size": 832,
+        "max_context_length": 2048,
+        "max_horizon": 64,
     },
     "tiny": {
         "patch_length": 16,

@@ -1,21 +1,28 @@
-"""Pretraining of the FactoST backbone on a corpus of univariate series.
+"""Pretraining of the FactoST backbone on the streamed corpus of ``corpus.py``, resumable bit for bit.
 
-The corpus is a ``datasets.Dataset`` with one series per row (column ``target``, a list of
-floats, NaN where missing), built from the built-in data sets (every node and channel
-becomes a series) or given by the user. Each step draws windows of
-``max_context_length + max_horizon`` steps uniformly over all (series, start) pairs and
+Each step takes one batch of the corpus (one context length and one horizon, drawn per batch),
+prepends matched domain prompts to a share of the batches so the codebook is trained, and
+minimises the pinball loss of all quantiles over the observed target steps, in units of each
+window's own spread so that every series weighs the same.
 
-- draws one context length per batch, log-uniform in ``[patch_length, max_context_length]``,
-  and masks a random leading part of some contexts as missing (random context lengths);
-- draws one horizon per batch, uniform in ``[1, max_horizon]``;
-- optionally replaces some windows by a low- or high-pass view through the FFT
-  (FactoST v1's multi-frequency augmentation);
-- prepends matched domain prompts to half of the batches, so the codebook is trained;
-- minimises the pinball loss of all quantiles over the observed target steps, in units of
-  each window's own spread so that every data set weighs the same.
+A run lives in one folder:
 
-The loop is a plain Accelerate loop: ``accelerate launch -m st_peft.cli pretrain ...`` runs
-it on several processes; every process draws different windows.
+- ``options.json``: the backbone's configuration, the corpus's and the optimiser's settings and
+  the real data named. A resumed run whose options differ is refused, naming the options.
+- ``checkpoint/`` (and the one before it, ``checkpoint.previous/``): the model and the AdamW state
+  in safetensors, and ``state.json`` (step, CPU seconds, log). A checkpoint is written to a
+  temporary folder and renamed, so a stop leaves the last complete one; a checkpoint that cannot
+  be read is passed over for the previous one, with a warning.
+- when ``max_steps`` are done: ``config.json`` and ``model.safetensors`` (``save_pretrained``) and
+  ``pretraining_log.json``.
+
+Nothing random is carried between steps: the batch of step ``s`` on process ``r`` of ``R`` is the
+corpus's batch ``s * R + r``, the prompt coin and dropout are seeded from ``(seed, s, r)``, and the
+learning rate is a function of ``s``. So a run stopped at any step and resumed from its checkpoint
+computes the same weights as one never stopped (on the same machine and thread count).
+
+The loop is a plain Accelerate loop: ``accelerate launch -m st_peft.cli pretrain ...`` runs it on
+several processes, every process on its own batches.
 """
 
 from __future__ import annotations
@@ -23,290 +30,442 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from safetensors.torch import load_file, save_file
 
 from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import FACTOST_SIZES, FactoSTConfig
+from st_peft.models.factost.corpus import (
+    CorpusBatch,
+    CorpusConfig,
+    PretrainingCorpus,
+    RealSeries,
+    SyntheticSeriesConfig,
+    read_real_series,
+)
 from st_peft.models.factost.modeling_factost import FactoSTModel, masked_instance_norm
 
-
-def corpus_from_builtin(names: Sequence[str]) -> datasets.Dataset:
-    """Every (node, channel) series of the named data sets, one row each.
-
-    Args:
-        names: data set names or paths accepted by ``st_peft.data.load``.
-
-    Returns:
-        ``datasets.Dataset`` with columns ``target`` (list of float, NaN where missing) and ``source``.
-    """
-    from st_peft.data import load
-
-    targets, sources = [], []
-    for name in names:
-        data = load(name)
-        values = np.where(data.mask, data.values, np.nan).astype(np.float32)
-        for node in range(values.shape[1]):
-            for channel in range(values.shape[2]):
-                targets.append(values[:, node, channel].tolist())
-                sources.append(str(name))
-    return datasets.Dataset.from_dict({"target": targets, "source": sources})
+CHECKPOINT = "checkpoint"
+PREVIOUS_CHECKPOINT = "checkpoint.previous"
+OPTIONS_FILE = "options.json"
 
 
-class WindowSampler:
-    """Draws random windows from a corpus held as one flat numpy array.
-
-    Args:
-        corpus: ``datasets.Dataset`` with a column of univariate series (NaN = missing).
-        window: steps per window (context + horizon).
-        column: name of the series column.
-        seed: seed of the draws.
-    """
-
-    def __init__(self, corpus: datasets.Dataset, window: int, column: str = "target", seed: int = 0):
-        if column not in corpus.column_names:
-            raise ValueError(f"the pretraining corpus has no column {column!r}; its columns are {corpus.column_names}.")
-        series = [np.asarray(row, dtype=np.float32) for row in corpus[column]]
-        usable = [s for s in series if len(s) >= window]
-        if not usable:
-            longest = max((len(s) for s in series), default=0)
-            raise ValueError(f"no series of the corpus has {window} steps (the longest has {longest}).")
-        self.window = window
-        self.values = np.concatenate(usable)
-        lengths = np.array([len(s) for s in usable])
-        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        # Every valid start of every series, as a position in the flat array.
-        counts = lengths - window + 1
-        self.starts = np.repeat(offsets, counts) + np.concatenate([np.arange(c) for c in counts])
-        self.rng = np.random.default_rng(seed)
-
-    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``values (batch_size, window)`` with NaN replaced by 0 and the bool observed mask."""
-        starts = self.rng.choice(self.starts, size=batch_size)
-        windows = self.values[starts[:, None] + np.arange(self.window)[None, :]]
-        mask = np.isfinite(windows)
-        return np.where(mask, windows, 0.0).astype(np.float32), mask
-
-
-def frequency_view(values: torch.Tensor, low_pass: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
-    """Low- or high-pass view of each window through the real FFT.
-
-    Args:
-        values: ``(S, T)`` windows.
-        low_pass: bool ``(S,)``; True keeps frequencies below ``cutoff``, False keeps the mean
-            and the frequencies from ``cutoff`` up.
-        cutoff: ``(S,)`` index of the first frequency bin that a low-pass view drops.
-
-    Returns:
-        ``(S, T)`` filtered windows.
-    """
-    spectrum = torch.fft.rfft(values, dim=-1)
-    bins = torch.arange(spectrum.shape[-1], device=values.device)[None, :]
-    keep = torch.where(low_pass[:, None], bins < cutoff[:, None], (bins >= cutoff[:, None]) | (bins == 0))
-    return torch.fft.irfft(spectrum * keep, n=values.shape[-1], dim=-1)
-
-
-@dataclass
-class PretrainingObjective:
-    """Random context lengths, random horizons, masking and augmentation around the pinball loss.
+@dataclass(frozen=True)
+class PretrainingOptions:
+    """The optimiser's settings and the length of the run.
 
     Attributes:
-        mask_probability: share of contexts whose random leading part is masked as missing.
-        scatter_probability: share of contexts with scattered missing steps (up to 30%).
-        augment_probability: share of windows replaced by a low- or high-pass view (0 turns it off).
+        max_steps: optimiser steps; the learning-rate schedule spans them.
+        learning_rate: peak AdamW learning rate.
+        final_learning_rate_ratio: the cosine decay ends at this share of the peak.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradients are clipped to this norm.
         prompt_probability: share of batches that prepend matched domain prompts.
+        seed: seed of the weights, of dropout and of the prompt coin (the corpus has its own).
     """
 
-    mask_probability: float = 0.3
-    scatter_probability: float = 0.2
-    augment_probability: float = 0.2
+    max_steps: int = 2000
+    learning_rate: float = 1e-3
+    final_learning_rate_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
     prompt_probability: float = 0.5
+    seed: int = 0
 
-    def __call__(
-        self,
-        model: torch.nn.Module,
-        config: FactoSTConfig,
-        values: torch.Tensor,
-        mask: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """Pinball loss of one batch of windows.
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("max_steps", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "max_steps" else 0):
+                raise ValueError(f"{owner}.{name} must be a whole number >= {1 if name == 'max_steps' else 0}, got {value!r}.")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+        for name in ("final_learning_rate_ratio", "prompt_probability"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{owner}.{name} must be in [0, 1], got {value!r}.")
 
-        Args:
-            model: the backbone, possibly wrapped for distributed training.
-            config: the backbone's configuration.
-            values: ``(S, max_context_length + max_horizon)`` windows, 0 where missing.
-            mask: bool, same shape, True where observed.
-            generator: CPU generator for the random choices.
-        """
-        size, total = values.shape
-        device = values.device
+    def learning_rate_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``final_learning_rate_ratio`` of the peak at ``max_steps``."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps), 1.0)
+        floor = self.final_learning_rate_ratio
+        return self.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-        def uniform(*shape: int) -> torch.Tensor:
-            return torch.rand(*shape, generator=generator).to(device)
 
-        if self.augment_probability > 0:
-            augmented = uniform(size) < self.augment_probability
-            cutoff = 1 + (uniform(size) * (total // 2 - 1)).long()
-            filtered = frequency_view(values, uniform(size) < 0.5, cutoff)
-            values = torch.where(augmented[:, None] & mask.all(dim=1, keepdim=True), filtered, values)
+def _step_seed(seed: int, step: int, process: int) -> int:
+    return int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0])
 
-        log_low, log_high = math.log(config.patch_length), math.log(config.max_context_length)
-        context = int(round(math.exp(log_low + (log_high - log_low) * float(uniform(1)))))
-        horizon = min(1 + int(float(uniform(1)) * config.max_horizon), config.max_horizon)
-        start = config.max_context_length - context
-        history = values[:, start : config.max_context_length]
-        history_mask = mask[:, start : config.max_context_length].clone()
-        target = values[:, config.max_context_length : config.max_context_length + horizon]
-        target_mask = mask[:, config.max_context_length : config.max_context_length + horizon]
 
-        steps = torch.arange(context, device=device)[None, :]
-        cut = (uniform(size) * max(context - config.patch_length, 0)).long()
-        lead = (uniform(size) < self.mask_probability)[:, None] & (steps < cut[:, None])
-        scattered = (uniform(size) < self.scatter_probability)[:, None] & (uniform(size, context) < 0.3 * uniform(size, 1))
-        history_mask &= ~(lead | scattered)
+def pretraining_loss(model: torch.nn.Module, config: FactoSTConfig, batch: CorpusBatch, use_domain_prompts: bool,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pinball loss of one corpus batch, in units of each window's spread.
 
-        normalised, loc, scale = masked_instance_norm(history, history_mask, config.norm_eps)
-        output = model(
-            past_values=normalised[:, :, None, None],
-            past_observed_mask=history_mask[:, :, None, None],
-            horizon=horizon,
-            use_domain_prompts=bool(uniform(1) < self.prompt_probability),
+    Args:
+        model: the backbone, possibly wrapped for distributed training.
+        config: the backbone's configuration.
+        batch: windows of ``batch.context_length + batch.horizon`` steps.
+        use_domain_prompts: prepend the matched codebook entries.
+        device: where the model is.
+
+    Returns:
+        The scalar loss, averaged over observed target steps and quantiles.
+    """
+    values = torch.from_numpy(batch.values).to(device)
+    observed = torch.from_numpy(batch.observed).to(device)
+    context = batch.context_length
+    history, history_mask = values[:, :context], observed[:, :context]
+    target, target_mask = values[:, context:], observed[:, context:]
+    output = model(
+        past_values=history[:, :, None, None],
+        past_observed_mask=history_mask[:, :, None, None],
+        horizon=batch.horizon,
+        use_domain_prompts=use_domain_prompts,
+    )
+    forecast = output.quantile_outputs[:, :, 0, 0]
+    # The loss is measured in units of the whole window's spread, not the context's: a short,
+    # nearly flat context would otherwise blow a small absolute error up into a huge loss.
+    _, window_loc, window_scale = masked_instance_norm(values, observed, config.norm_eps)
+    return pinball_loss(
+        (forecast - window_loc[:, :, None]) / window_scale[:, :, None],
+        (target - window_loc) / window_scale,
+        config.quantiles,
+        mask=target_mask,
+    )
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, config: FactoSTConfig, corpus: PretrainingCorpus, num_batches: int,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean pinball loss on the first ``num_batches`` validation batches, overall and per source kind.
+
+    Returns:
+        ``{"all": ..., "synthetic": ..., "real": ..., "mixup": ...}`` (a kind absent from the
+        batches is left out); every window weighs the same.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for index in range(num_batches):
+        batch = corpus.batch(index, "validation")
+        kinds = np.where(np.isin(batch.sources, ["synthetic", "mixup"]), batch.sources, "real")
+        for kind in np.unique(kinds):
+            rows = np.flatnonzero(kinds == kind)
+            part = CorpusBatch(batch.values[rows], batch.observed[rows], batch.context_length, batch.horizon,
+                               batch.sources[rows], batch.index)
+            if not part.observed[:, batch.context_length:].any():
+                continue
+            loss = float(pretraining_loss(model, config, part, use_domain_prompts=False, device=device))
+            for key in (str(kind), "all"):
+                sums[key] = sums.get(key, 0.0) + loss * len(rows)
+                counts[key] = counts.get(key, 0) + len(rows)
+    model.train(was_training)
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, into)
+    else:
+        into[prefix] = value
+    return into
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume a run whose options changed, naming every option that did.
+
+    Raises:
+        ValueError: the options differ.
+    """
+    before, after = _flatten("", saved, {}), _flatten("", current, {})
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key, "<absent>") != after.get(key, "<absent>"))
+    if changed:
+        details = "; ".join(f"{key}: {before.get(key, '<absent>')!r} -> {after.get(key, '<absent>')!r}" for key in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ValueError(
+            f"this pretraining folder was started with other options, so it cannot be resumed: {details}{more}. "
+            "Use a new output folder, or the options it was started with."
         )
-        forecast = output.quantile_outputs[:, :, 0, 0] * scale[:, :, None] + loc[:, :, None]
-        # The loss is measured in units of the whole window's spread, not the context's: a short,
-        # nearly flat context would otherwise blow a small absolute error up into a huge loss.
-        _, window_loc, window_scale = masked_instance_norm(
-            torch.cat((history, target), dim=1), torch.cat((history_mask, target_mask), dim=1), config.norm_eps
-        )
-        return pinball_loss(
-            (forecast - window_loc[:, :, None]) / window_scale[:, :, None],
-            (target - window_loc) / window_scale,
-            config.quantiles,
-            mask=target_mask,
-        )
+
+
+def save_checkpoint(folder: Path, model: FactoSTModel, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Write the model, the AdamW state and ``state`` as ``folder/checkpoint``, keeping the one before.
+
+    The checkpoint is complete before it replaces anything: it is written to a temporary folder,
+    flushed, and renamed.
+    """
+    staging = folder / f"{CHECKPOINT}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()},
+              str(staging / "model.safetensors"))
+    optimizer_tensors = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for key, tensor in values.items():
+            optimizer_tensors[f"{index}.{key}"] = torch.as_tensor(tensor).detach().contiguous()
+    save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+    for path in staging.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    current, previous = folder / CHECKPOINT, folder / PREVIOUS_CHECKPOINT
+    if current.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        current.rename(previous)
+    staging.rename(current)
+
+
+def load_checkpoint(folder: Path, model: FactoSTModel, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Load the newest readable checkpoint of ``folder`` into ``model`` and ``optimizer``.
+
+    Returns:
+        The checkpoint's ``state`` (step, CPU seconds, log), or ``None`` when there is none. An
+        unreadable newest checkpoint is passed over for the previous one, with a warning.
+    """
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            state = json.loads((path / "state.json").read_text())
+            weights = load_file(str(path / "model.safetensors"))
+            moments = load_file(str(path / "optimizer.safetensors"))
+            expected = set(model.state_dict())
+            if set(weights) != expected:
+                raise ValueError(f"its weights have keys {sorted(set(weights) ^ expected)[:4]} that the model does not")
+            grouped: dict[int, dict[str, torch.Tensor]] = {}
+            for key, tensor in moments.items():
+                index, entry = key.split(".", 1)
+                grouped.setdefault(int(index), {})[entry] = tensor
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+            warnings.warn(f"pretraining checkpoint {path} cannot be read ({error}); trying the one before it.",
+                          stacklevel=2)
+            continue
+        model.load_state_dict(weights)
+        optimizer.load_state_dict({"state": grouped, "param_groups": optimizer.state_dict()["param_groups"]})
+        return state
+    return None
 
 
 def pretrain(
     config: FactoSTConfig,
-    corpus: datasets.Dataset,
+    corpus: PretrainingCorpus,
     output_dir: str | Path,
-    max_steps: int = 2000,
+    options: PretrainingOptions | None = None,
+    *,
+    data: list[str] | None = None,
     max_minutes: float | None = None,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    warmup_steps: int = 100,
-    weight_decay: float = 0.01,
-    objective: PretrainingObjective | None = None,
-    seed: int = 0,
+    checkpoint_every_minutes: float = 10.0,
+    validation_batches: int = 16,
+    validate_every: int = 500,
     log_every: int = 50,
-    column: str = "target",
     cpu: bool = False,
 ) -> dict:
-    """Pretrain a FactoST backbone and save it with ``save_pretrained`` under ``output_dir``.
+    """Pretrain a FactoST backbone, resuming from ``output_dir`` when it holds a checkpoint.
 
     Args:
-        config: the backbone's configuration.
-        corpus: univariate series, column ``target`` (see ``corpus_from_builtin``).
-        output_dir: where the model, its config and ``pretraining_log.json`` go.
-        max_steps: optimiser steps (the cosine schedule spans them).
-        max_minutes: stop earlier once this much wall-clock time has passed.
-        batch_size: windows per step and process.
-        learning_rate: peak AdamW learning rate.
-        warmup_steps: linear warm-up steps.
-        weight_decay: AdamW weight decay.
-        objective: masking, augmentation and prompt probabilities.
-        seed: seed of the weights and of the window draws (offset by the process index).
-        log_every: steps between logged losses.
-        column: series column of ``corpus``.
+        config: the backbone's configuration; the corpus's lengths must fit it.
+        corpus: the stream of batches (see ``corpus.py``).
+        output_dir: the run folder (see the module docstring).
+        options: optimiser settings and ``max_steps``.
+        data: names of the real data in the corpus, recorded in ``options.json``.
+        max_minutes: stop (with a checkpoint) after this much wall-clock time; run again to resume.
+        checkpoint_every_minutes: wall-clock minutes between checkpoints.
+        validation_batches: validation batches of the corpus scored every ``validate_every`` steps
+            and at the end.
+        validate_every: steps between validation scores.
+        log_every: steps between logged training losses.
         cpu: force the CPU even when an accelerator is present.
 
     Returns:
-        The log: arguments, steps done, minutes, and the mean loss of every logging interval.
+        The log: steps done, whether the run is finished, CPU hours, windows per second, the
+        training losses and the validation scores.
     """
+    options = options or PretrainingOptions()
+    if corpus.config.max_context_length > config.max_context_length or corpus.config.max_horizon > config.max_horizon:
+        raise ValueError(
+            f"the corpus draws contexts up to {corpus.config.max_context_length} and horizons up to "
+            f"{corpus.config.max_horizon} steps, more than the backbone takes ({config.max_context_length}, "
+            f"{config.max_horizon})."
+        )
+    if corpus.config.min_context_length < config.patch_length:
+        raise ValueError(
+            f"the corpus's min_context_length ({corpus.config.min_context_length}) is shorter than the backbone's "
+            f"patch_length ({config.patch_length})."
+        )
     # Half of the batches leave the codebook unused, which DDP must be told about.
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    torch.manual_seed(seed)
+    folder = Path(output_dir)
+    recorded = {
+        "backbone": config.to_dict(),
+        **corpus.describe(),
+        "options": asdict(options),
+        "data": list(data or []),
+        "processes": accelerator.num_processes,
+    }
+    recorded["backbone"].pop("transformers_version", None)
+    recorded = json.loads(json.dumps(recorded))  # as options.json reads back: tuples become lists
+    options_path = folder / OPTIONS_FILE
+    if options_path.exists():
+        check_resumable(json.loads(options_path.read_text()), recorded)
+    elif accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        options_path.write_text(json.dumps(recorded, indent=1))
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(options.seed)
     model = FactoSTModel(config)
-    objective = objective or PretrainingObjective()
-    sampler = WindowSampler(
-        corpus, config.max_context_length + config.max_horizon, column=column, seed=seed + accelerator.process_index
-    )
-    generator = torch.Generator().manual_seed(seed + 1000 * (1 + accelerator.process_index))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+    state = load_checkpoint(folder, model, optimizer) or {
+        "step": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "windows": 0, "losses": [], "validation": [],
+    }
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
     model.train()
-    log = {"losses": [], "steps": 0}
     started = time.perf_counter()
-    running = []
-    for step in range(max_steps):
-        values, mask = sampler.sample(batch_size)
-        values = torch.from_numpy(values).to(accelerator.device)
-        mask = torch.from_numpy(mask).to(accelerator.device)
-        loss = objective(model, config, values, mask, generator)
+    last_checkpoint = started
+    cpu_mark, wall_mark = time.process_time(), time.perf_counter()
+    running: list[float] = []
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def account() -> None:
+        nonlocal cpu_mark, wall_mark
+        now_cpu, now_wall = time.process_time(), time.perf_counter()
+        state["cpu_seconds"] += now_cpu - cpu_mark
+        state["wall_seconds"] += now_wall - wall_mark
+        cpu_mark, wall_mark = now_cpu, now_wall
+
+    def checkpoint() -> None:
+        account()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(folder, unwrapped, optimizer, state)
+
+    def validate() -> None:
+        scores = validation_loss(unwrapped, config, corpus, validation_batches, device=accelerator.device)
+        state["validation"].append({"step": state["step"], **scores})
+        accelerator.print(f"step {state['step']}: validation pinball {scores.get('all', float('nan')):.4f}")
+
+    while state["step"] < options.max_steps:
+        step = state["step"]
+        batch = corpus.batch(step * world + rank)
+        torch.manual_seed(_step_seed(options.seed, step, rank))
+        use_prompts = bool(np.random.default_rng([options.seed, step, rank]).random() < options.prompt_probability)
+        for group in optimizer.param_groups:
+            group["lr"] = options.learning_rate_at(step)
+        loss = pretraining_loss(model, config, batch, use_prompts, device=accelerator.device)
         optimizer.zero_grad()
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
         optimizer.step()
-        scheduler.step()
         running.append(loss.item())
-        log["steps"] = step + 1
-        if (step + 1) % log_every == 0:
-            log["losses"].append({"step": step + 1, "loss": float(np.mean(running))})
-            accelerator.print(f"step {step + 1}: pinball {np.mean(running):.4f}")
+        state["step"] = step + 1
+        state["windows"] += len(batch.values) * world
+        if state["step"] % log_every == 0:
+            state["losses"].append({"step": state["step"], "loss": float(np.mean(running))})
+            accelerator.print(f"step {state['step']}/{options.max_steps}: pinball {np.mean(running):.4f}")
             running = []
-        if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+        if validate_every and state["step"] % validate_every == 0 and state["step"] < options.max_steps:
+            validate()
+        now = time.perf_counter()
+        if now - last_checkpoint > 60 * checkpoint_every_minutes:
+            checkpoint()
+            last_checkpoint = now
+        if max_minutes is not None and now - started > 60 * max_minutes:
             break
-    log["minutes"] = (time.perf_counter() - started) / 60
-    log["processes"] = accelerator.num_processes
-    log["objective"] = asdict(objective)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        output_dir = Path(output_dir)
-        accelerator.unwrap_model(model).save_pretrained(output_dir)
-        (output_dir / "pretraining_log.json").write_text(json.dumps(log, indent=2))
+    finished = state["step"] >= options.max_steps
+    if finished and (not state["validation"] or state["validation"][-1]["step"] != state["step"]):
+        validate()
+    checkpoint()
+    log = {
+        "steps": state["step"],
+        "max_steps": options.max_steps,
+        "finished": finished,
+        "processes": world,
+        "cpu_hours": state["cpu_seconds"] / 3600,
+        "wall_hours": state["wall_seconds"] / 3600,
+        "windows": state["windows"],
+        "windows_per_cpu_second": state["windows"] / max(state["cpu_seconds"], 1e-9),
+        "losses": state["losses"],
+        "validation": state["validation"],
+    }
+    if finished and accelerator.is_main_process:
+        unwrapped.save_pretrained(folder)
+        (folder / "pretraining_log.json").write_text(json.dumps(log, indent=1))
     return log
+
+
+def _corpus_defaults() -> dict[str, Any]:
+    return {item.name: item.default for item in fields(CorpusConfig)}
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``st-peft pretrain`` to ``parser`` and return it."""
+    corpus = _corpus_defaults()
     parser.add_argument("--size", default="cpu", choices=sorted(FACTOST_SIZES), help="named model size")
     parser.add_argument(
         "--data",
         nargs="+",
         default=["nyc-taxi", "etth1", "chickenpox"],
-        help="built-in data set names or paths whose series form the corpus",
+        help="built-in data set names or files whose series form the real part of the corpus",
     )
     parser.add_argument(
         "--hf-dataset",
         default=None,
-        help="a datasets.Dataset saved with save_to_disk (one series per row) used instead of --data",
+        help="a datasets.Dataset saved with save_to_disk (one series per row), used instead of --data",
     )
     parser.add_argument("--column", default="target", help="series column of --hf-dataset")
-    parser.add_argument("--output", help="folder for the pretrained backbone (required)")
-    parser.add_argument("--max-steps", type=int, default=2000)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall-clock time")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--augment-probability", type=float, default=0.2, help="0 turns the FFT views off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="run folder; a folder with a checkpoint is resumed (required)")
+    parser.add_argument("--max-steps", type=int, default=PretrainingOptions.max_steps)
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop with a checkpoint after this much wall-clock time; run again to resume")
+    parser.add_argument("--learning-rate", type=float, default=PretrainingOptions.learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=PretrainingOptions.warmup_steps)
+    parser.add_argument("--tokens-per-batch", type=int, default=corpus["tokens_per_batch"])
+    parser.add_argument("--max-batch-size", type=int, default=corpus["max_batch_size"])
+    parser.add_argument("--long-context-probability", type=float, default=corpus["long_context_probability"])
+    parser.add_argument("--synthetic-weight", type=float, default=corpus["synthetic_weight"])
+    parser.add_argument("--real-weight", type=float, default=corpus["real_weight"])
+    parser.add_argument("--mixup-weight", type=float, default=corpus["mixup_weight"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the training and the corpus")
+    parser.add_argument("--validate-every", type=int, default=500, help="steps between validation scores")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with an accelerator")
     return parser
+
+
+def build_corpus(config: FactoSTConfig, real_series: list[RealSeries], **settings: Any) -> PretrainingCorpus:
+    """A corpus whose lengths fit ``config``: contexts up to its ``max_context_length``, horizons up to its ``max_horizon``.
+
+    Args:
+        config: the backbone's configuration.
+        real_series: the real series.
+        **settings: other ``CorpusConfig`` fields.
+    """
+    corpus_config = CorpusConfig(
+        max_context_length=config.max_context_length,
+        max_horizon=config.max_horizon,
+        min_context_length=config.patch_length,
+        patch_length=config.patch_length,
+        **settings,
+    )
+    return PretrainingCorpus(corpus_config, real_series, SyntheticSeriesConfig())
 
 
 def run_pretrain(args: argparse.Namespace) -> dict:
@@ -314,22 +473,25 @@ def run_pretrain(args: argparse.Namespace) -> dict:
     if args.output is None:
         raise SystemExit("st-peft pretrain: missing --output (flag or --config key)")
     if args.hf_dataset is not None:
-        corpus = datasets.load_from_disk(args.hf_dataset)
+        import datasets
+
+        table = datasets.load_from_disk(args.hf_dataset)
+        if args.column not in table.column_names:
+            raise SystemExit(f"st-peft pretrain: {args.hf_dataset} has no column {args.column!r}; it has {table.column_names}")
+        real = [RealSeries(Path(args.hf_dataset).name, np.asarray(row, dtype=np.float32)) for row in table[args.column]]
+        data = [str(args.hf_dataset)]
     else:
-        corpus = corpus_from_builtin(args.data)
-    return pretrain(
-        FactoSTConfig.from_size(args.size),
-        corpus,
-        args.output,
-        max_steps=args.max_steps,
-        max_minutes=args.max_minutes,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        objective=PretrainingObjective(augment_probability=args.augment_probability),
-        seed=args.seed,
-        column=args.column,
-        cpu=args.cpu,
+        real, data = read_real_series(args.data), [str(name) for name in args.data]
+    config = FactoSTConfig.from_size(args.size)
+    corpus = build_corpus(
+        config, real, tokens_per_batch=args.tokens_per_batch, max_batch_size=args.max_batch_size,
+        long_context_probability=args.long_context_probability, synthetic_weight=args.synthetic_weight,
+        real_weight=args.real_weight, mixup_weight=args.mixup_weight, seed=args.seed,
     )
+    options = PretrainingOptions(max_steps=args.max_steps, learning_rate=args.learning_rate,
+                                 warmup_steps=min(args.warmup_steps, args.max_steps), seed=args.seed)
+    return pretrain(config, corpus, args.output, options, data=data, max_minutes=args.max_minutes,
+                    validate_every=args.validate_every, cpu=args.cpu)
 
 
 if __name__ == "__main__":

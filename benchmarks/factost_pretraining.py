@@ -1,0 +1,166 @@
+"""FactoST pretraining at equal CPU time: three sizes, one corpus, resumable across sessions.
+
+    OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py                    # run or resume the study
+    OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --max-minutes 90   # stop (checkpointed) after 90 min
+    python benchmarks/factost_pretraining.py --status                              # steps done, validation, choice
+    OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --quick            # 2-minute smoke test, own folder
+
+Protocol (issue 24):
+- Sizes ``small`` (147k parameters), ``medium`` (880k) and ``tiny-long`` (4.4M, the paper's tiny
+  widths), all with patches of 8 steps, histories up to 2048 steps and horizons up to 64
+  (``FACTOST_SIZES``).
+- Corpus (``st_peft.models.factost.corpus``, defaults): half synthetic windows, 30% real, 20%
+  TSMixup mixtures of real stretches. Real series: every series of nyc-taxi, etth1 and chickenpox,
+  and the exchange-rate and influenza series of ``benchmarks/data/pretraining_corpus``. los-loop,
+  sz-taxi and nyc-bike are held out for the evaluation (``benchmarks/factost.py``). Corpus seed 0.
+- Equal CPU time: each size gets ``BUDGET_CPU_HOURS`` of one thread. Its ``max_steps`` (which the
+  cosine schedule spans) is fixed once from a calibration, the process CPU time of
+  ``CALIBRATION_STEPS`` steps of a throwaway model on the same stream, and stored in
+  ``calibration.json``: later sessions reuse it, so a resumed run keeps its schedule.
+- AdamW, peak lr 1e-3 after a warm-up of 2% of the steps, cosine to 10% of the peak, weight decay
+  0.01, gradients clipped at 1, domain prompts on half of the batches, seed 0.
+- The shipped size is the one with the lowest pinball loss on the corpus's validation slice
+  (``VALIDATION_BATCHES`` batches: synthetic windows of their own seed stream, and real windows
+  forecasting the last 10% of every real series, which no training window reaches) at the end of
+  its budget. The held-out data sets play no part in the choice.
+
+The sizes run one after another in the order above; every run folder under
+``benchmarks/results/factost_pretraining/<size>/`` checkpoints every 10 minutes and at a stop, and
+is resumed bit for bit by the next invocation. ``--status`` writes
+``benchmarks/results/factost_pretraining.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from st_peft.models.factost.configuration_factost import FactoSTConfig
+from st_peft.models.factost.corpus import read_real_series
+from st_peft.models.factost.modeling_factost import FactoSTModel
+from st_peft.models.factost.pretraining import PretrainingOptions, build_corpus, pretrain, pretraining_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "factost_pretraining"
+QUICK_RESULTS = ROOT / "benchmarks" / "results" / "factost_pretraining_quick"
+SUMMARY = ROOT / "benchmarks" / "results" / "factost_pretraining.json"
+CORPUS_FILES = ROOT / "benchmarks" / "data" / "pretraining_corpus"
+REAL_DATA = ["nyc-taxi", "etth1", "chickenpox", str(CORPUS_FILES / "exchange_rate.csv"),
+             str(CORPUS_FILES / "national_illness.csv")]
+SIZES = ["small", "medium", "tiny-long"]
+BUDGET_CPU_HOURS = 3.0
+CALIBRATION_STEPS = 30
+VALIDATION_BATCHES = 32
+LEARNING_RATE = 1e-3
+SEED = 0
+
+
+def calibrate(config: FactoSTConfig, corpus, steps: int) -> float:
+    """Process CPU seconds per training step of a throwaway model on the first ``steps`` batches."""
+    torch.manual_seed(SEED)
+    model = FactoSTModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    pretraining_loss(model, config, corpus.batch(0), False).backward()  # the first step pays one-off costs
+    started = time.process_time()
+    for index in range(steps):
+        loss = pretraining_loss(model, config, corpus.batch(index), index % 2 == 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.process_time() - started) / steps
+
+
+def run_size(size: str, root: Path, budget_hours: float, calibration_steps: int, max_minutes: float | None,
+             validation_batches: int) -> dict:
+    """Run (or resume) one size until its budget is spent or ``max_minutes`` pass; return its log."""
+    folder = root / size
+    folder.mkdir(parents=True, exist_ok=True)
+    config = FactoSTConfig.from_size(size)
+    corpus = build_corpus(config, read_real_series(REAL_DATA), seed=SEED)
+    calibration_path = folder / "calibration.json"
+    if calibration_path.exists():
+        calibration = json.loads(calibration_path.read_text())
+    else:
+        seconds = calibrate(config, corpus, calibration_steps)
+        calibration = {"cpu_seconds_per_step": seconds, "budget_cpu_hours": budget_hours,
+                       "max_steps": max(10, int(budget_hours * 3600 / seconds)), "steps_timed": calibration_steps,
+                       "threads": torch.get_num_threads()}
+        calibration_path.write_text(json.dumps(calibration, indent=1))
+    max_steps = calibration["max_steps"]
+    options = PretrainingOptions(max_steps=max_steps, learning_rate=LEARNING_RATE,
+                                 warmup_steps=max(1, max_steps // 50), seed=SEED)
+    print(f"{size}: {sum(p.numel() for p in FactoSTModel(config).parameters()):,} parameters, "
+          f"{max_steps} steps ({calibration['cpu_seconds_per_step']:.3f} CPU s/step)", flush=True)
+    return pretrain(config, corpus, folder, options, data=REAL_DATA, max_minutes=max_minutes, cpu=True,
+                    validation_batches=validation_batches, validate_every=max(1, max_steps // 10),
+                    log_every=max(1, min(200, max_steps // 50)))
+
+
+def status(root: Path) -> dict:
+    """Steps done, CPU hours and validation of every size, and the choice once every size is finished."""
+    rows = {}
+    for size in SIZES:
+        folder = root / size
+        state_path = folder / "checkpoint" / "state.json"
+        if not state_path.exists():
+            rows[size] = {"started": False}
+            continue
+        state = json.loads(state_path.read_text())
+        calibration = json.loads((folder / "calibration.json").read_text())
+        config = FactoSTConfig.from_size(size)
+        rows[size] = {
+            "started": True,
+            "parameters": sum(p.numel() for p in FactoSTModel(config).parameters()),
+            "steps": state["step"],
+            "max_steps": calibration["max_steps"],
+            "finished": state["step"] >= calibration["max_steps"],
+            "cpu_hours": state["cpu_seconds"] / 3600,
+            "windows": state["windows"],
+            "windows_per_cpu_second": state["windows"] / max(state["cpu_seconds"], 1e-9),
+            "validation": state["validation"][-1] if state["validation"] else None,
+            "calibration": calibration,
+        }
+    finished = {size: row for size, row in rows.items() if row.get("finished")}
+    choice = None
+    if len(finished) == len(SIZES):
+        choice = min(finished, key=lambda size: finished[size]["validation"]["all"])
+    return {"budget_cpu_hours_per_size": BUDGET_CPU_HOURS, "real_data": [Path(name).name for name in REAL_DATA],
+            "sizes": rows, "chosen": choice}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop, checkpointed, after this wall time")
+    parser.add_argument("--status", action="store_true", help="print and write the study's state")
+    parser.add_argument("--quick", action="store_true", help="a smoke test of a few CPU seconds per size")
+    args = parser.parse_args()
+    root = QUICK_RESULTS if args.quick else RESULTS
+    if args.status:
+        summary = status(root)
+        print(json.dumps(summary, indent=1))
+        if not args.quick:
+            SUMMARY.write_text(json.dumps(summary, indent=1))
+        return
+    started = time.perf_counter()
+    for size in SIZES:
+        left = None if args.max_minutes is None else args.max_minutes - (time.perf_counter() - started) / 60
+        if left is not None and left <= 0:
+            break
+        if args.quick:
+            log = run_size(size, root, budget_hours=10 / 3600, calibration_steps=2, max_minutes=left,
+                           validation_batches=2)
+        else:
+            log = run_size(size, root, BUDGET_CPU_HOURS, CALIBRATION_STEPS, left, VALIDATION_BATCHES)
+        if not log["finished"]:
+            print(f"{size}: stopped at step {log['steps']} of {log['max_steps']}; run again to resume", flush=True)
+            sys.exit(0)
+    print(json.dumps(status(root), indent=1))
+
+
+if __name__ == "__main__":
+    main()
