@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -21,15 +20,6 @@ from st_peft.models.factost import (
     FactoSTTokenHookOutput,
 )
 from st_peft.models.factost.modeling_factost import FactoSTAttention, masked_instance_norm, rotate_half_pairs
-from st_peft.models.factost.pretraining import (
-    PretrainingObjective,
-    WindowSampler,
-    add_pretrain_arguments,
-    corpus_from_builtin,
-    frequency_view,
-    pretrain,
-    run_pretrain,
-)
 from st_peft.outputs import ForecastOutput
 
 CHECKPOINT = Path(st_peft.__file__).parent / "checkpoints" / "factost-cpu"
@@ -331,64 +321,6 @@ def test_bad_configs_are_refused():
         tiny_config(hidden_size=18, num_attention_heads=4)
 
 
-def test_frequency_views():
-    values = torch.randn(3, 16)
-    low = frequency_view(values, torch.tensor([True] * 3), torch.tensor([1, 1, 1]))
-    torch.testing.assert_close(low, values.mean(dim=1, keepdim=True).expand(-1, 16))
-    cutoff = torch.tensor([3, 3, 3])
-    high = frequency_view(values, torch.tensor([False] * 3), cutoff)
-    low = frequency_view(values, torch.tensor([True] * 3), cutoff)
-    torch.testing.assert_close(low + high, values + values.mean(dim=1, keepdim=True), rtol=1e-5, atol=1e-5)
-
-
-def test_window_sampler_refuses_a_corpus_without_long_series():
-    corpus = datasets.Dataset.from_dict({"target": [[1.0] * 10, [2.0] * 20]})
-    with pytest.raises(ValueError, match="no series of the corpus has 32 steps"):
-        WindowSampler(corpus, window=32)
-    with pytest.raises(ValueError, match="no column 'values'"):
-        WindowSampler(corpus, window=8, column="values")
-
-
-def test_pretraining_runs_saves_and_learns_from_a_hf_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    steps = np.arange(400)
-    series = [np.sin(2 * np.pi * steps / period + rng.uniform(0, 6)) for period in (8, 12, 16, 24)]
-    series[0][5:9] = np.nan
-    corpus = datasets.Dataset.from_dict({"target": [s.tolist() for s in series]})
-    config = tiny_config()
-    log = pretrain(
-        config, corpus, tmp_path, max_steps=60, batch_size=32, warmup_steps=5, log_every=20, cpu=True, seed=0
-    )
-    assert log["steps"] == 60
-    losses = [entry["loss"] for entry in log["losses"]]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    loaded = AutoModel.from_pretrained(tmp_path)
-    assert isinstance(loaded, FactoSTModel)
-    assert json.loads((tmp_path / "pretraining_log.json").read_text())["steps"] == 60
-
-
-def test_pretraining_objective_is_a_finite_pinball_loss():
-    config = tiny_config()
-    model = FactoSTModel(config)
-    values = torch.randn(16, config.max_context_length + config.max_horizon)
-    mask = torch.ones_like(values, dtype=torch.bool)
-    loss = PretrainingObjective()(model, config, values, mask, torch.Generator().manual_seed(0))
-    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
-    loss.backward()
-    assert model.head.weight.grad is not None
-
-
-def test_pretrain_command_line_on_builtin_data(tmp_path):
-    corpus = corpus_from_builtin(["chickenpox"])
-    assert len(corpus) == 20 and len(corpus[0]["target"]) == 521
-    parser = add_pretrain_arguments(__import__("argparse").ArgumentParser())
-    args = parser.parse_args(
-        ["--data", "chickenpox", "--output", str(tmp_path), "--max-steps", "3", "--batch-size", "8", "--cpu"]
-    )
-    assert run_pretrain(args)["steps"] == 3
-    assert (tmp_path / "model.safetensors").exists()
-
-
 def test_shipped_checkpoint_loads_as_a_time_series_prediction_model_and_is_small():
     weights = CHECKPOINT / "model.safetensors"
     assert weights.stat().st_size <= 20 * 1024 * 1024
@@ -438,27 +370,3 @@ def test_shipped_checkpoint_forecasts_the_same_from_raw_and_from_standardised_va
     seen = mask.any(dim=1, keepdim=True).expand_as(raw)
     difference = (raw - (scaled * std + mean))[seen].abs()
     assert difference.max() < 0.05 and difference.mean() < 1e-3
-
-
-def test_pretraining_runs_on_two_processes_under_accelerate_launch(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on the CPU runs two
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), "-m", "st_peft.cli", "pretrain", "--data", "chickenpox",
-        "--max-steps", "4", "--batch-size", "8", "--output", str(tmp_path), "--cpu",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = json.loads((tmp_path / "pretraining_log.json").read_text())
-    assert log["processes"] == 2 and log["steps"] == 4
-    assert isinstance(AutoModel.from_pretrained(tmp_path), FactoSTModel)

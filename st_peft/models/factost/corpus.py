@@ -310,7 +310,11 @@ def synthesize(rng: np.random.Generator, size: int, length: int, config: Synthet
     level = rng.normal(0, 5, (size, 1)) * spread
     scale = np.exp(rng.uniform(np.log(0.01), np.log(1000.0), (size, 1)))
     continuous = (signal + level) * scale / spread
-    continuous = np.where(chance(config.nonnegative_probability), np.maximum(continuous, 0.0), continuous)
+    # a clipped series is first shifted so that only its lowest 0-30% of values reach zero, never all of them
+    clipped = np.flatnonzero(rng.random(size) < config.nonnegative_probability)
+    position = (rng.uniform(0.0, 0.3, len(clipped)) * (length - 1)).astype(int)
+    floor = np.partition(continuous[clipped], position, axis=1)[np.arange(len(clipped)), position]
+    continuous[clipped] = np.maximum(continuous[clipped] - floor[:, None], 0.0)
     values = np.where(chance(config.count_probability), counts, continuous)
 
     spikes = (rng.random((size, length)) < rng.uniform(0, 5, (size, 1)) / length) & chance(config.spike_probability)

@@ -446,6 +446,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--mixup-weight", type=float, default=corpus["mixup_weight"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the training and the corpus")
     parser.add_argument("--validate-every", type=int, default=500, help="steps between validation scores")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between logged training losses")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with an accelerator")
     return parser
 
@@ -491,7 +492,7 @@ def run_pretrain(args: argparse.Namespace) -> dict:
     options = PretrainingOptions(max_steps=args.max_steps, learning_rate=args.learning_rate,
                                  warmup_steps=min(args.warmup_steps, args.max_steps), seed=args.seed)
     return pretrain(config, corpus, args.output, options, data=data, max_minutes=args.max_minutes,
-                    validate_every=args.validate_every, cpu=args.cpu)
+                    validate_every=args.validate_every, log_every=args.log_every, cpu=args.cpu)
 
 
 if __name__ == "__main__":
