@@ -33,6 +33,7 @@ notebooks: install
 	$(PY) -c 'import sys, nbclient, nbformat; [nbformat.write(nbclient.execute(nbformat.read(p, 4), cwd="notebooks", timeout=600, record_timing=False), p) for p in sys.argv[1:]]' notebooks/*.ipynb
 
 bench: install
+	$(PIP) install --quiet $(FIND_LINKS) -e ".[dev,bench]"
 	$(PY) benchmarks/backbones.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/st_lora.py

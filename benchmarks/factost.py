@@ -1,387 +1,470 @@
-"""FactoST benchmark: zero-, few- and full-shot forecasting on data sets held out from pretraining.
+"""FactoST measured to convergence on data sets held out from pretraining, against STID, naive forecasts and fracast.
 
-Protocol (defaults; every number is a flag):
+    python benchmarks/factost.py                          # run or resume every unit (the shipped backbone)
+    python benchmarks/factost.py --backbone PATH          # another pretrained FactoST folder
+    python benchmarks/factost.py --aggregate              # tables, paired intervals, summary JSON
+    python benchmarks/factost.py --list                   # the units and which are done
+    python benchmarks/factost.py --quick                  # smoke test on one data set, own folder
 
-- data: ``los-loop``, ``sz-taxi`` and ``nyc-bike`` (not in the shipped backbone's pretraining corpus),
-  12 steps in, 12 out, chronological 7:1:2 splits (STID and GWNet scale with the training
-  span's statistics, FactoST normalises every window itself);
-  few-shot keeps the latest 10% of the training windows (``build_splits(..., few_shot=0.1)``);
-  seeds change initialisation and batch order;
-- evaluation: every ``--eval-stride``-th window of the test split (12 = non-overlapping
-  horizons), masked MAE / RMSE / MAPE in original units averaged over the 12 steps; model
-  selection on every ``--val-stride``-th validation window;
-- methods: last value and seasonal naive; the shipped FactoST backbone zero-shot (and, as an
-  extra row outside the 12-in protocol, zero-shot with a ``--long-history`` history ending at
-  the same step, so the targets are the same); the
-  backbone + FACTOST adapter trained on 10% and 100% of the training windows; STID and a
-  narrow Graph WaveNet trained from scratch on the same windows; three seeds for every
-  trained method;
-- training (all trained methods alike): Adam, the models' own loss (masked MAE in original
-  units; FactoST's ``config.loss`` is ``"mae"``), batches of
-  ``--batch-size`` windows, at most ``--few-steps`` / ``--full-steps`` optimiser steps,
-  validation every ``--eval-every`` steps, the best validation state kept, stop after
-  ``--patience`` evaluations without improvement. FactoST batches cover ``--train-nodes``
-  random nodes (its backbone forecasts each series on its own; the adapter gets the
-  ``node_index``), STID and GWNet see the whole graph. FactoST batches use the memory-replay
-  sampler (20% earliest windows, 30% of every batch);
-- ablation: few-shot FactoST with each adapter part off in turn, seed 0;
-- cost: trainable share of parameters, and forward time of one test batch (full graph)
-  for FactoST + adapter, STID and GWNet, median of ``--timing-repeats`` runs, side by side.
+Protocol (issue 24), on the protocol of ``benchmarks/st_lora_convergence.py`` (whose splits,
+training loop and bootstrap it imports):
 
-Prints markdown tables and writes ``benchmarks/results/factost.json``.
+- Held-out data: los-loop (5 min), sz-taxi (15 min) and nyc-bike (1 h), none of them in the
+  pretraining corpus. Windows of 12 steps in, 12 out, chronological 7:1:2 splits; every method is
+  scored on the same targets: every ``TEST_STRIDE``-th test window (12 = horizons that do not
+  overlap), masked MAE / RMSE in original units over all horizons and at horizons 3, 6 and 12.
+- Contexts. The 12-step window is the ST benchmark's. FactoST and fracast may see a longer
+  history ending at the same step, taken from the series and marked missing where the series
+  has none (a test window of los-loop, a week of data, has at most about 5.6 days behind it):
+  zero-shot rows use the backbone's whole ``max_context_length`` (``long``) and also 12 steps;
+  adapter rows use one day plus 12 steps (``day``), which keeps their training affordable. Every
+  row names its context.
+- Rows:
+  - ``last value`` and ``seasonal naive`` (the value one day earlier, or one week where the data
+    has it and it is better on validation);
+  - ``zero-shot FactoST`` at each context, and ``fracast`` (an 85k-parameter pretrained forecaster
+    shipped in its Apache-2.0 wheel, ``pip install fracast``, benchmark use only) at the long context;
+  - ``FACTOST`` adapter (defaults of ``FactoSTAdapterConfig``, backbone frozen and in evaluation
+    mode) trained on the most recent 5% and 10% of the training windows;
+  - ``STID`` trained from scratch on the same 5% and 10%, and on 100%.
+- Training, every trained row alike: the study's loop (``st_lora_convergence.train``): an epoch is
+  one pass over the shuffled training windows, validation MAE on every ``VAL_STRIDE``-th
+  validation window after each epoch and before the first, the best state kept, stop 10 epochs
+  after the best; STID with its paper recipe (Adam 2e-3, weight decay 1e-4, batch 32, lr halved
+  after epochs 1, 50 and 80, at most 200 epochs), FACTOST with Adam ``ADAPTER_LR``, batch 32, no
+  weight decay, constant lr, at most 200 epochs. Seeds 0, 1, 2.
+- Statistics: paired changes of pooled MAE with 95% intervals of the study's two-level bootstrap
+  (seeds with replacement, test windows in moving blocks of 24 steps).
+
+Every finished unit is a JSON (with an ``.npz`` of per-window error sums) under
+``benchmarks/results/factost/``; units already there are skipped, so the benchmark resumes. A
+FactoST unit records the SHA-256 of the backbone's weights and is run again for another backbone.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
-import platform
-import statistics
+import sys
 import time
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from peft import get_peft_model
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, parameter_count  # noqa: E402
+from st_lora_convergence import (  # noqa: E402
+    RECIPES,
+    Recipe,
+    bootstrap_indices,
+    build_backbone,
+    interval,
+    load_splits,
+    paired_change,
+    train,
+)
+
 import st_peft
-from st_peft.backbones import STID, GWNet
-from st_peft.baselines import last_value_forecast, seasonal_naive_forecast
-from st_peft.data import build_splits, load
-from st_peft.metrics import horizon_metrics
+from st_peft.baselines import last_value_forecast, seasonal_naive_forecast, split_starts
+from st_peft.data import ForecastingSplits, build_splits
+from st_peft.data.windows import WindowCollator
 from st_peft.models.factost import FactoSTModel
-from st_peft.outputs import TARGET_NAMES, prediction_of
+from st_peft.outputs import prediction_of
+from st_peft.runs import write_json_atomic
 from st_peft.tuners.factost import FactoSTAdapterConfig
 
-SHIPPED = Path(st_peft.__file__).parent / "checkpoints" / "factost-cpu"
-RESULTS = Path(__file__).parent / "results" / "factost.json"
-GWNET_SIZE = {"residual_channels": 16, "dilation_channels": 16, "skip_channels": 64, "end_channels": 128}
-ABLATIONS = {
-    "no metadata fusion": {"use_metadata": False},
-    "no interaction filtering": {"use_interaction": False},
-    "no domain prompts": {"use_prompts": False},
-    "no memory replay": {"use_memory_replay": False},
-}
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "factost"
+QUICK_RESULTS = ROOT / "benchmarks" / "results" / "factost_quick"
+SUMMARY = ROOT / "benchmarks" / "results" / "factost_summary.json"
+SHIPPED = st_peft.shipped_checkpoint()
+
+HELD_OUT = ("los-loop", "sz-taxi", "nyc-bike")
+SEEDS = (0, 1, 2)
+FEW_SHOT = (0.05, 0.1)
+TEST_STRIDE = 12
+FRACAST_CONTEXT = 2048  # fracast's own window W
+QUICK_TEST_STRIDE = 240  # three test windows of sz-taxi: fracast costs about 0.2 CPU s per series
+VAL_STRIDE = 3
+ADAPTER_LR = 1e-3
+ADAPTER_RECIPE = Recipe("adam", ADAPTER_LR, 0.0, 32, 200)
+HORIZONS = (3, 6, 12)
+COLUMNS = ("abs", "abs@3", "abs@6", "abs@12", "squared")
+FORECAST_INPUTS = ("past_values", "past_observed_mask", "past_time_features", "future_time_features")
 
 
-def strided_starts(splits, split: str, stride: int) -> np.ndarray:
-    """Every ``stride``-th window start of a split."""
-    return np.asarray(splits.split(split)["start"], dtype=np.int64)[::stride]
+@dataclass
+class LongHistoryCollator(WindowCollator):
+    """A collator whose windows keep their targets but carry ``context`` steps of history.
 
+    The history ends where the 12-step window's does; steps before the series' start are zeros
+    marked missing, with the calendar of its first step.
+    """
 
-def without_targets(batch: dict) -> dict:
-    """The batch's inputs: a model given no targets computes no loss."""
-    return {k: v for k, v in batch.items() if k not in TARGET_NAMES}
+    context: int = 12
 
-
-def predict(model: nn.Module, splits, starts: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
-    """Forecasts in original units, targets and masks ``(W, H, N, C)`` for the windows ``starts``."""
-    model.eval()
-    predictions, targets, masks = [], [], []
-    with torch.no_grad():
-        for begin in range(0, len(starts), batch_size):
-            batch = splits.collator.gather(starts[begin : begin + batch_size])
-            predictions.append(prediction_of(model(**without_targets(batch))).numpy())
-            targets.append(batch["future_values"].numpy())
-            masks.append(batch["future_observed_mask"].numpy())
-    return np.concatenate(predictions), np.concatenate(targets), np.concatenate(masks)
-
-
-def score(model: nn.Module, splits, starts: np.ndarray, batch_size: int) -> dict[str, float]:
-    prediction, target, mask = predict(model, splits, starts, batch_size)
-    return horizon_metrics(prediction, target, mask)
-
-
-def node_subset(batch: dict, nodes: int, rng: np.random.Generator) -> dict:
-    """The batch restricted to ``nodes`` random nodes, with their ``node_index``."""
-    total = batch["past_values"].shape[2]
-    if nodes >= total:
+    def gather(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of ``starts`` ``(B,)``, with ``past_*`` of ``context`` steps ``(B, context, N, C)``."""
+        batch = super().gather(starts)
+        steps = np.asarray(starts, dtype=np.int64)[:, None] + self.input_len - self.context + np.arange(self.context)
+        present = steps >= 0
+        steps = np.maximum(steps, 0)
+        mask = self.input_mask[steps] & present[:, :, None, None]
+        batch["past_values"] = torch.from_numpy(np.where(mask, self.inputs[steps], 0.0).astype(np.float32))
+        batch["past_observed_mask"] = torch.from_numpy(mask)
+        batch["past_time_features"] = torch.from_numpy(self.calendar[steps])
         return batch
-    index = torch.from_numpy(np.sort(rng.choice(total, size=nodes, replace=False)))
-    per_node = ("past_values", "past_observed_mask", "future_values", "future_observed_mask")
-    subset = {key: batch[key][:, :, index] for key in per_node if key in batch}
-    return {**batch, **subset, "node_index": index}
 
 
-def batches(order: Callable[[int], Iterator[list[int]]], starts: np.ndarray) -> Iterator[np.ndarray]:
-    """Endless stream of window-start batches; ``order(epoch)`` yields row-index lists."""
-    epoch = 0
-    while True:
-        for rows in order(epoch):
-            yield starts[np.asarray(rows)]
-        epoch += 1
+def with_context(splits: ForecastingSplits, context: int) -> ForecastingSplits:
+    """The same splits whose batches carry ``context`` steps of history (see :class:`LongHistoryCollator`)."""
+    if context == splits.input_len:
+        return splits
+    base = splits.collator
+    collator = LongHistoryCollator(base.inputs, base.input_mask, base.targets, base.target_mask, base.calendar,
+                                   base.input_len, base.horizon, context=context)
+    return dataclasses.replace(splits, collator=collator)
 
 
-def fit(
-    model: nn.Module,
-    splits,
-    val_starts: np.ndarray,
-    args: argparse.Namespace,
-    steps: int,
-    lr: float,
-    seed: int,
-    train_nodes: int | None = None,
-    sampler=None,
-) -> dict:
-    """Train the trainable parameters of ``model``; keep the best validation state. Returns a log."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    starts = np.asarray(splits.train["start"], dtype=np.int64)
-    if sampler is not None:
-
-        def order(epoch: int) -> Iterator[list[int]]:
-            sampler.set_epoch(epoch)
-            return iter(sampler)
-
-    else:
-
-        def order(epoch: int) -> Iterator[list[int]]:
-            permutation = np.random.default_rng([seed, epoch]).permutation(len(starts))
-            return (permutation[i : i + args.batch_size].tolist() for i in range(0, len(starts), args.batch_size))
-
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    best = (float("inf"), copy.deepcopy(model.state_dict()), 0)
-    stale, done = 0, 0
-    started = time.perf_counter()
-    stream = batches(order, starts)
-    while done < steps:
-        model.train()
-        batch = splits.collator.gather(next(stream))
-        if train_nodes is not None:
-            batch = node_subset(batch, train_nodes, rng)
-        # every model's own loss: masked MAE in original units by default
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 5.0)
-        optimizer.step()
-        done += 1
-        if done % args.eval_every == 0 or done == steps:
-            val_mae = score(model, splits, val_starts, args.eval_batch)["mae"]
-            if val_mae < best[0]:
-                best, stale = (val_mae, copy.deepcopy(model.state_dict()), done), 0
-            else:
-                stale += 1
-                if stale >= args.patience:
-                    break
-    model.load_state_dict(best[1])
-    return {"steps": done, "best_step": best[2], "val_mae": best[0], "train_seconds": time.perf_counter() - started}
+def strided(splits: ForecastingSplits, split: str, stride: int) -> ForecastingSplits:
+    """The splits with every ``stride``-th window of ``split`` only."""
+    starts = split_starts(splits, split)[::stride]
+    return dataclasses.replace(splits, **{split: datasets.Dataset.from_dict({"start": starts})})
 
 
-def factost_model(backbone: FactoSTModel, splits, **switches) -> nn.Module:
-    config = FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day, **switches)
-    return get_peft_model(copy.deepcopy(backbone), config)
+def few_shot_splits(dataset: str, fraction: float) -> ForecastingSplits:
+    """The study's splits with the most recent ``fraction`` of training windows (the scaler fitted on them)."""
+    full = load_splits(dataset)
+    splits = build_splits(full.data, input_len=full.input_len, horizon=full.horizon, few_shot=fraction)
+    return strided(splits, "val", VAL_STRIDE)
 
 
-def expert(name: str, splits) -> nn.Module:
-    kwargs = dict(splits.model_kwargs())
-    if name == "STID":
-        return STID(**kwargs, steps_per_day=splits.steps_per_day)
-    return GWNet(**kwargs, adjacency=splits.adjacency, **GWNET_SIZE)
+def test_errors(predictions: np.ndarray, splits: ForecastingSplits, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window error sums and counts ``(W, 5)`` of ``predictions`` ``(W, H, N, C)`` on every ``stride``-th test target.
 
-
-def run_factost(backbone, splits, val, test, args, seed, steps, **switches) -> dict:
-    model = factost_model(backbone, splits, **switches)
-    config = model.peft_config["default"]
-    sampler = config.replay_sampler(np.asarray(splits.train["start"]), batch_size=args.batch_size, seed=seed)
-    log = fit(model, splits, val, args, steps, args.factost_lr, seed, train_nodes=args.train_nodes, sampler=sampler)
-    return {**score(model, splits, test, args.eval_batch), **log}
-
-
-def run_expert(name, splits, val, test, args, seed, steps) -> dict:
-    torch.manual_seed(seed)
-    model = expert(name, splits)
-    log = fit(model, splits, val, args, steps, args.expert_lr, seed)
-    return {**score(model, splits, test, args.eval_batch), **log}
-
-
-def baselines(splits, stride: int) -> dict[str, dict[str, float]]:
-    test_rows = slice(None, None, stride)
-    target = splits.collator.targets
-    starts = strided_starts(splits, "test", stride)
+    Columns: absolute error over all, at horizons 3, 6, 12; squared error over all.
+    """
+    starts = split_starts(splits, "test")[::stride]
     future = starts[:, None] + splits.input_len + np.arange(splits.horizon)
-    truth, mask = target[future], splits.collator.target_mask[future]
-    return {
-        "last value": horizon_metrics(last_value_forecast(splits)[test_rows], truth, mask),
-        "seasonal naive": horizon_metrics(seasonal_naive_forecast(splits)[test_rows], truth, mask),
-    }
+    target = splits.collator.targets[future].astype(np.float64)
+    mask = splits.collator.target_mask[future]
+    error = np.where(mask, np.abs(predictions.astype(np.float64) - target), 0.0)
+    sums = [error.sum(axis=(1, 2, 3))] + [error[:, h - 1].sum(axis=(1, 2)) for h in HORIZONS]
+    counts = [mask.sum(axis=(1, 2, 3))] + [mask[:, h - 1].sum(axis=(1, 2)) for h in HORIZONS]
+    sums.append((error**2).sum(axis=(1, 2, 3)))
+    counts.append(counts[0])
+    return np.stack(sums, axis=1), np.stack(counts, axis=1).astype(np.int64)
 
 
-def forward_seconds(model: nn.Module, batch: dict, repeats: int) -> float:
-    """Median forward time of ``model`` on ``batch`` (no gradients), after one warm-up call."""
-    inputs = without_targets(batch)
+def metrics_of(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """MAE over all and at horizons 3, 6, 12, and RMSE, from per-window sums."""
+    total, count = sums.sum(axis=0), np.maximum(counts.sum(axis=0), 1)
+    out = {"mae": total[0] / count[0], "rmse": float(np.sqrt(total[4] / count[4]))}
+    out.update({f"mae@{h}": total[1 + i] / count[1 + i] for i, h in enumerate(HORIZONS)})
+    return {key: float(value) for key, value in out.items()}
+
+
+@torch.no_grad()
+def model_predictions(model: nn.Module, splits: ForecastingSplits, stride: int, batch_size: int = 16) -> np.ndarray:
+    """Forecasts ``(W, H, N, C)`` in original units of every ``stride``-th test window."""
     model.eval()
-    times = []
-    with torch.no_grad():
-        model(**inputs)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    starts = split_starts(splits, "test")[::stride]
+    pieces = []
+    for begin in range(0, len(starts), batch_size):
+        batch = splits.collator.gather(starts[begin : begin + batch_size])
+        pieces.append(prediction_of(model(**{key: batch[key] for key in FORECAST_INPUTS})).double().numpy())
+    return np.concatenate(pieces)
 
 
-def summarise(runs: list[dict]) -> dict[str, float]:
-    maes = [run["mae"] for run in runs]
-    return {
-        "mae": statistics.median(maes),
-        "mae_min": min(maes),
-        "mae_max": max(maes),
-        "rmse": statistics.median(run["rmse"] for run in runs),
-        "mape": statistics.median(run["mape"] for run in runs),
-        "seeds": len(runs),
-    }
+def naive_predictions(splits: ForecastingSplits, method: str, stride: int) -> tuple[np.ndarray, dict]:
+    """Last value, or seasonal naive with the day or (where better on validation) the week as season."""
+    if method == "last value":
+        return last_value_forecast(splits)[::stride], {}
+    day = splits.steps_per_day
+    periods = [day] + ([7 * day] if split_starts(splits, "val")[0] + splits.input_len >= 7 * day else [])
+    val_future = split_starts(splits, "val")[:, None] + splits.input_len + np.arange(splits.horizon)
+    truth, mask = splits.collator.targets[val_future], splits.collator.target_mask[val_future]
+
+    def val_mae(period: int) -> float:
+        forecast = seasonal_naive_forecast(splits, "val", period)
+        return float(np.abs(forecast - truth)[mask].mean())
+
+    scores = {period: val_mae(period) for period in periods}
+    period = min(scores, key=scores.get)
+    return seasonal_naive_forecast(splits, "test", period)[::stride], {"period": period, "val_mae": scores}
 
 
-def benchmark_dataset(name: str, backbone: FactoSTModel, args: argparse.Namespace) -> dict:
-    data = load(name)
-    full = build_splits(data, input_len=12, horizon=12)
-    val, test = strided_starts(full, "val", args.val_stride), strided_starts(full, "test", args.eval_stride)
-    result = {"baselines": baselines(full, args.eval_stride), "runs": {}, "ablation": {}}
-    result["zero-shot FactoST"] = score(backbone, full, test, args.eval_batch)
-    if args.long_history:
-        # Same target steps as the 12-step test windows, with a longer history for the backbone.
-        long = build_splits(data, input_len=args.long_history, horizon=12)
-        shifted = test - (args.long_history - 12)
-        result[f"zero-shot FactoST, {args.long_history}-step history"] = score(backbone, long, shifted, args.eval_batch)
-    runs = result["runs"]
-    few = build_splits(data, input_len=12, horizon=12, few_shot=0.1)
-    for seed in args.seeds:
-        plans = [
-            ("FactoST 10%", "factost", few, args.few_steps),
-            ("FactoST 100%", "factost", full, args.full_steps),
-            ("STID 10%", "STID", few, args.few_steps),
-            ("STID 100%", "STID", full, args.full_steps),
-            ("GWNet 10%", "GWNet", few, args.few_steps),
-            ("GWNet 100%", "GWNet", full, args.full_steps),
-        ]
-        for method, kind, splits, steps in plans:
-            if kind == "factost":
-                metrics = run_factost(backbone, splits, val, test, args, seed, steps)
-            else:
-                metrics = run_expert(kind, splits, val, test, args, seed, steps)
-            runs.setdefault(method, []).append({"seed": seed, **metrics})
-            print(f"{name} seed {seed} {method}: MAE {metrics['mae']:.3f} ({metrics['train_seconds']:.0f} s)", flush=True)
-        if seed == args.seeds[0] and not args.no_ablation:
-            for label, switches in ABLATIONS.items():
-                result["ablation"][label] = run_factost(backbone, few, val, test, args, seed, args.few_steps, **switches)
-                print(f"{name} ablation {label}: MAE {result['ablation'][label]['mae']:.3f}", flush=True)
-    result["summary"] = {method: summarise(method_runs) for method, method_runs in runs.items()}
-    result["cost"] = cost(backbone, full, test, args)
-    return result
+def fracast_predictions(splits: ForecastingSplits, context: int, stride: int, batch_size: int = 128,
+                        ) -> tuple[np.ndarray, dict]:
+    """fracast's median forecasts ``(W, H, N, C)``; a series with fewer than 8 observed steps gets its last observation."""
+    from fracast import FracastModel
+
+    model = FracastModel.from_pretrained(weights="fp32")
+    contextual = with_context(splits, context)
+    starts = split_starts(splits, "test")[::stride]
+    batch = contextual.collator.gather(starts)
+    values = torch.where(batch["past_observed_mask"], batch["past_values"], torch.nan).numpy()
+    windows, steps, nodes, channels = values.shape
+    series = values.transpose(0, 2, 3, 1).reshape(-1, steps)
+    enough = np.isfinite(series).sum(axis=1) >= 8
+    median = model.quantiles.index(0.5)
+    forecast = np.zeros((len(series), splits.horizon))
+    rows = np.flatnonzero(enough)
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin : begin + batch_size]
+        forecast[chunk] = model.forecast_batch(series[chunk], horizon=splits.horizon)[:, :, median]
+    for row in np.flatnonzero(~enough):
+        seen = series[row][np.isfinite(series[row])]
+        forecast[row] = seen[-1] if len(seen) else 0.0
+    forecast = forecast.reshape(windows, nodes, channels, splits.horizon).transpose(0, 3, 1, 2)
+    return forecast, {"series_with_fewer_than_8_observations": int((~enough).sum()), "series": int(len(series))}
 
 
-def cost(backbone: FactoSTModel, splits, test: np.ndarray, args: argparse.Namespace) -> dict:
-    adapted = factost_model(backbone, splits)
-    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in adapted.parameters())
-    batch = splits.collator.gather(test[: args.batch_size])
-    models = {"FactoST + adapter": adapted, "STID": expert("STID", splits), "GWNet": expert("GWNet", splits)}
-    seconds = {label: forward_seconds(model, batch, args.timing_repeats) for label, model in models.items()}
-    return {
-        "adapter_parameters": trainable,
-        "total_parameters": total,
-        "adapter_share": trainable / total,
-        "forward_seconds": seconds,
-        "forward_batch_windows": int(len(batch["past_values"])),
-        "expert_parameters": {
-            label: sum(p.numel() for p in model.parameters()) for label, model in models.items() if label != "FactoST + adapter"
-        },
-    }
+def weights_digest(folder: Path) -> str:
+    """SHA-256 of a backbone's ``model.safetensors``."""
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def markdown(results: dict, args: argparse.Namespace) -> str:
-    lines = [
-        f"FactoST, 12 in / 12 out, test = every {args.eval_stride}th test window, median MAE over seeds "
-        f"{list(args.seeds)} (min-max); trained methods: at most {args.few_steps} (10%) / {args.full_steps} (100%) "
-        f"steps of {args.batch_size} windows, best of validation every {args.eval_every} steps.",
-        "",
-    ]
-    for name, result in results["datasets"].items():
-        lines += [f"### {name}", "", "| method | MAE | RMSE | MAPE |", "|---|---|---|---|"]
-        for label, metrics in result["baselines"].items():
-            lines.append(f"| {label} | {metrics['mae']:.3f} | {metrics['rmse']:.3f} | {metrics['mape']:.3f} |")
-        zero = result["zero-shot FactoST"]
-        lines.append(f"| FactoST zero-shot | {zero['mae']:.3f} | {zero['rmse']:.3f} | {zero['mape']:.3f} |")
-        if args.long_history:
-            long = result[f"zero-shot FactoST, {args.long_history}-step history"]
-            lines.append(
-                f"| FactoST zero-shot, {args.long_history}-step history (same targets) | {long['mae']:.3f} "
-                f"| {long['rmse']:.3f} | {long['mape']:.3f} |"
-            )
-        for label, summary in result["summary"].items():
-            lines.append(
-                f"| {label} | {summary['mae']:.3f} ({summary['mae_min']:.3f}-{summary['mae_max']:.3f}) "
-                f"| {summary['rmse']:.3f} | {summary['mape']:.3f} |"
-            )
-        if result["ablation"]:
-            lines += ["", f"Ablation (few-shot, seed {args.seeds[0]}):", "", "| adapter | MAE |", "|---|---|"]
-            lines.append(f"| all parts | {result['runs']['FactoST 10%'][0]['mae']:.3f} |")
-            for label, metrics in result["ablation"].items():
-                lines.append(f"| {label} | {metrics['mae']:.3f} |")
-        cost_ = result["cost"]
-        lines += [
-            "",
-            f"Adapter: {cost_['adapter_parameters']:,} trainable of {cost_['total_parameters']:,} parameters "
-            f"({100 * cost_['adapter_share']:.1f}%). Forward time of {cost_['forward_batch_windows']} test windows "
-            f"(median of {args.timing_repeats}):",
-            "",
-            "| model | seconds | ratio to STID |",
-            "|---|---|---|",
-        ]
-        stid = cost_["forward_seconds"]["STID"]
-        for label, seconds in cost_["forward_seconds"].items():
-            lines.append(f"| {label} | {seconds:.4f} | {seconds / stid:.1f} |")
-        lines.append("")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Unit:
+    """One row's run on one data set: ``method`` at a ``setting`` (context or fraction) and ``seed``."""
+
+    method: str
+    dataset: str
+    setting: str
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.replace(' ', '-')}_{self.dataset}_{self.setting}_s{self.seed}"
+
+    @property
+    def uses_backbone(self) -> bool:
+        return self.method in ("zero-shot", "factost")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["los-loop", "sz-taxi", "nyc-bike"])
-    parser.add_argument("--backbone", default=str(SHIPPED), help="pretrained FactoST folder")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--few-steps", type=int, default=30)
-    parser.add_argument("--full-steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-batch", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=15)
-    parser.add_argument("--eval-stride", type=int, default=12, help="every n-th test window is scored")
-    parser.add_argument("--val-stride", type=int, default=24, help="every n-th validation window selects models")
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--train-nodes", type=int, default=32)
-    parser.add_argument("--factost-lr", type=float, default=3e-3)
-    parser.add_argument("--expert-lr", type=float, default=3e-3)
-    parser.add_argument("--timing-repeats", type=int, default=5)
-    parser.add_argument(
-        "--long-history", type=int, default=96, help="extra zero-shot row with this history (0: off)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation runs")
-    parser.add_argument("--output", default=str(RESULTS))
-    return parser.parse_args()
+def units(datasets_: tuple[str, ...], seeds: tuple[int, ...]) -> list[Unit]:
+    """Every unit of the benchmark, cheapest first."""
+    out = []
+    for dataset in datasets_:
+        out += [Unit("last value", dataset, "12"), Unit("seasonal naive", dataset, "12"),
+                Unit("zero-shot", dataset, "12"), Unit("zero-shot", dataset, "long"), Unit("fracast", dataset, "long")]
+    for seed in seeds:
+        for dataset in datasets_:
+            for fraction in FEW_SHOT:
+                out += [Unit("stid", dataset, f"{fraction:g}", seed), Unit("factost", dataset, f"{fraction:g}", seed)]
+            out.append(Unit("stid", dataset, "1", seed))
+    return out
+
+
+def context_of(unit: Unit, splits: ForecastingSplits, backbone: FactoSTModel | None) -> int:
+    """Steps of history a unit's model sees."""
+    if unit.method == "factost":
+        return min(splits.steps_per_day + splits.input_len, backbone.config.max_context_length)
+    if unit.setting == "long":
+        return backbone.config.max_context_length if backbone is not None else 2048
+    return splits.input_len
+
+
+def run_unit(unit: Unit, backbone: FactoSTModel | None, backbone_path: Path, stride: int = TEST_STRIDE,
+             max_epochs: int | None = None) -> dict:
+    """Run one unit on every ``stride``-th test window; return its record and its per-window error sums.
+
+    ``max_epochs`` caps a trained unit's epochs below its recipe's (the quick smoke test).
+    """
+    splits = load_splits(unit.dataset)
+    record: dict = {"unit": dataclasses.asdict(unit), "test_stride": stride}
+    started, cpu = time.perf_counter(), time.process_time()
+    if unit.method in ("last value", "seasonal naive"):
+        predictions, extra = naive_predictions(splits, unit.method, stride)
+        record.update(extra)
+    elif unit.method == "fracast":
+        context = FRACAST_CONTEXT
+        predictions, extra = fracast_predictions(splits, context, stride)
+        record.update(extra, context=context)
+    elif unit.method == "zero-shot":
+        context = context_of(unit, splits, backbone)
+        predictions = model_predictions(backbone, with_context(splits, context), stride)
+        record["context"] = context
+    else:
+        fraction = float(unit.setting)
+        train_splits = few_shot_splits(unit.dataset, fraction) if fraction < 1 else strided(splits, "val", VAL_STRIDE)
+        if unit.method == "stid":
+            model = build_backbone("stid", train_splits, unit.seed)
+            recipe, keep_eval = RECIPES["stid"], False
+        else:
+            context = context_of(unit, splits, backbone)
+            train_splits = with_context(train_splits, context)
+            torch.manual_seed(unit.seed)
+            model = get_peft_model(copy.deepcopy(backbone), FactoSTAdapterConfig(
+                **train_splits.size_kwargs(), steps_per_day=train_splits.steps_per_day))
+            recipe, keep_eval = ADAPTER_RECIPE, True
+            record["context"] = context
+        epochs = min(recipe.max_epochs, max_epochs or recipe.max_epochs)
+        result, _ = train(model, train_splits, recipe, recipe.optimizer, recipe.lr, recipe.weight_decay, unit.seed,
+                          epochs, keep_eval_mode=keep_eval)
+        predictions = model_predictions(model, with_context(splits, record.get("context", splits.input_len)), stride)
+        record.update(
+            training_windows=len(train_splits.train), best_val_mae=result.best_val_mae, best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run, stopped_early=result.stopped_early,
+            trainable_parameters=parameter_count(model, trainable_only=True), total_parameters=parameter_count(model),
+        )
+    sums, counts = test_errors(predictions, splits, stride)
+    record.update(metrics=metrics_of(sums, counts), wall_seconds=time.perf_counter() - started,
+                  cpu_seconds=time.process_time() - cpu)
+    if unit.uses_backbone:
+        record.update(backbone=str(backbone_path), backbone_sha256=weights_digest(backbone_path))
+    return {"record": record, "sums": sums, "counts": counts}
+
+
+def is_done(folder: Path, unit: Unit, digest: str) -> bool:
+    """The unit has a result, made with this backbone where it uses one."""
+    path = folder / f"{unit.key}.json"
+    if not path.exists():
+        return False
+    return not unit.uses_backbone or json.loads(path.read_text()).get("backbone_sha256") == digest
+
+
+def run_all(folder: Path, datasets_: tuple[str, ...], seeds: tuple[int, ...], backbone_path: Path,
+            stride: int = TEST_STRIDE, max_epochs: int | None = None) -> None:
+    """Run every unit that is not done yet, saving each as it finishes (trained units capped at ``max_epochs``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone = FactoSTModel.from_pretrained(backbone_path).eval()
+    digest = weights_digest(backbone_path)
+    for unit in units(datasets_, seeds):
+        if is_done(folder, unit, digest):
+            continue
+        result = run_unit(unit, backbone, backbone_path, stride, max_epochs)
+        np.savez(folder / f"{unit.key}.npz", sums=result["sums"], counts=result["counts"])
+        write_json_atomic(folder / f"{unit.key}.json", result["record"])
+        print(f"{unit.key}: MAE {result['record']['metrics']['mae']:.4f} "
+              f"({result['record']['cpu_seconds']:.0f} CPU s)", flush=True)
+
+
+ROWS = [
+    ("last value", "12", "last value"),
+    ("seasonal naive", "12", "seasonal naive"),
+    ("zero-shot", "12", "zero-shot FactoST, 12-step history"),
+    ("zero-shot", "long", "zero-shot FactoST, long history"),
+    ("fracast", "long", "fracast zero-shot, long history"),
+    ("factost", "0.05", "FACTOST adapter, 5% of training windows"),
+    ("factost", "0.1", "FACTOST adapter, 10%"),
+    ("stid", "0.05", "STID from scratch, 5%"),
+    ("stid", "0.1", "STID from scratch, 10%"),
+    ("stid", "1", "STID, 100%"),
+]
+COMPARISONS = [
+    (("zero-shot", "long"), ("seasonal naive", "12"), "zero-shot (long) vs seasonal naive"),
+    (("zero-shot", "long"), ("fracast", "long"), "zero-shot (long) vs fracast"),
+    (("factost", "0.1"), ("stid", "0.1"), "FACTOST 10% vs STID 10%"),
+    (("factost", "0.1"), ("stid", "1"), "FACTOST 10% vs STID 100%"),
+    (("factost", "0.05"), ("stid", "0.05"), "FACTOST 5% vs STID 5%"),
+]
+
+
+def load_results(folder: Path, dataset: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """Finished units of one data set: ``{(method, setting): {seed: {"record", "sums", "counts"}}}``."""
+    found: dict[tuple[str, str], dict[int, dict]] = {}
+    for path in sorted(folder.glob(f"*_{dataset}_*.json")):
+        record = json.loads(path.read_text())
+        unit = Unit(**record["unit"])
+        if unit.dataset != dataset:
+            continue
+        arrays = np.load(path.with_suffix(".npz"))
+        found.setdefault((unit.method, unit.setting), {})[unit.seed] = {
+            "record": record, "sums": arrays["sums"], "counts": arrays["counts"]}
+    return found
+
+
+def paired(found: dict, arm: tuple[str, str], reference: tuple[str, str], draw_seed: int) -> dict | None:
+    """Change (%) of pooled MAE of ``arm`` against ``reference`` with a bootstrap interval.
+
+    Seeds are paired where both rows have several; a row of one seed (the untrained rows) is
+    paired with every seed of the other.
+    """
+    if arm not in found or reference not in found:
+        return None
+    a, b = found[arm], found[reference]
+    seeds = sorted(set(a) & set(b)) if len(a) > 1 and len(b) > 1 else sorted(a if len(a) > 1 else b)
+    pick = lambda rows, seed: rows[seed] if seed in rows else next(iter(rows.values()))  # noqa: E731
+    arm_sums = np.stack([pick(a, seed)["sums"][:, 0] for seed in seeds])
+    reference_sums = np.stack([pick(b, seed)["sums"][:, 0] for seed in seeds])
+    stride = next(iter(a.values()))["record"]["test_stride"]
+    weights = bootstrap_indices(arm_sums.shape[1], stride, len(seeds), np.random.default_rng(draw_seed))
+    point, draws = paired_change(arm_sums, reference_sums, weights)
+    low, high = interval(draws)
+    return {"change": point, "low": low, "high": high, "seeds": seeds}
+
+
+def aggregate(folder: Path, datasets_: tuple[str, ...]) -> dict:
+    """The table of every row and the paired comparisons, printed and written to the summary JSON."""
+    summary: dict = {"protocol": {"test_stride": TEST_STRIDE, "val_stride": VAL_STRIDE, "adapter_lr": ADAPTER_LR,
+                                  "few_shot": FEW_SHOT, "seeds": SEEDS}, "datasets": {}}
+    header = ["row", *datasets_]
+    table = []
+    for method, setting, label in ROWS:
+        cells = []
+        for dataset in datasets_:
+            runs = load_results(folder, dataset).get((method, setting), {})
+            if not runs:
+                cells.append("-")
+                continue
+            maes = [run["record"]["metrics"]["mae"] for run in runs.values()]
+            context = next(iter(runs.values()))["record"].get("context")
+            text = f"{np.mean(maes):.3f}" + (f" ± {np.std(maes):.3f}" if len(maes) > 1 else "")
+            cells.append(text + (f" (ctx {context})" if context else ""))
+            summary["datasets"].setdefault(dataset, {})[label] = {
+                "mae": float(np.mean(maes)), "seeds": sorted(runs), "context": context,
+                "runs": {seed: run["record"] for seed, run in runs.items()}}
+        table.append([label, *cells])
+    lines = [markdown_table(header, table), ""]
+    comparison_rows = []
+    for index, (arm, reference, label) in enumerate(COMPARISONS):
+        cells = []
+        for dataset in datasets_:
+            change = paired(load_results(folder, dataset), arm, reference, draw_seed=index)
+            cells.append("-" if change is None else f"{change['change']:+.1f}% [{change['low']:+.1f}, {change['high']:+.1f}]")
+            if change is not None:
+                summary["datasets"][dataset].setdefault("comparisons", {})[label] = change
+        comparison_rows.append([label, *cells])
+    lines.append(markdown_table(["MAE change (95% interval)", *datasets_], comparison_rows))
+    text = "\n".join(lines)
+    summary["table"] = text
+    print(text)
+    return summary
 
 
 def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    backbone = FactoSTModel.from_pretrained(args.backbone).eval()
-    started = time.perf_counter()
-    results = {"protocol": vars(args), "datasets": {}}
-    for name in args.datasets:
-        results["datasets"][name] = benchmark_dataset(name, backbone, args)
-    results["wall_minutes"] = (time.perf_counter() - started) / 60
-    results["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads}
-    table = markdown(results, args)
-    results["table"] = table
-    print(table)
-    print(f"wall time {results['wall_minutes']:.1f} min")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", type=Path, default=SHIPPED, help="pretrained FactoST folder")
+    parser.add_argument("--aggregate", action="store_true", help="print the tables and write the summary JSON")
+    parser.add_argument("--list", action="store_true", help="the units and which are done")
+    parser.add_argument("--quick", action="store_true", help="one data set, one seed, a short STID run, own folder")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    datasets_, seeds, folder = HELD_OUT, SEEDS, RESULTS
+    if args.quick:
+        datasets_, seeds, folder = ("sz-taxi",), (0,), QUICK_RESULTS
+    if args.list:
+        digest = weights_digest(args.backbone)
+        todo = [unit.key for unit in units(datasets_, seeds) if not is_done(folder, unit, digest)]
+        print(f"{len(units(datasets_, seeds)) - len(todo)} of {len(units(datasets_, seeds))} units done")
+        print("\n".join(todo))
+        return
+    if not args.aggregate:
+        run_all(folder, datasets_, seeds, args.backbone, stride=QUICK_TEST_STRIDE if args.quick else TEST_STRIDE,
+                max_epochs=2 if args.quick else None)
+    summary = aggregate(folder, datasets_)
+    if not args.quick:
+        write_json_atomic(SUMMARY, summary)
 
 
 if __name__ == "__main__":
