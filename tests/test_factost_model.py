@@ -269,7 +269,7 @@ def test_save_and_load_round_trip_is_exact(tmp_path):
 def test_named_sizes():
     tiny = FactoSTModel(FactoSTConfig.from_size("tiny"))
     assert abs(tiny.num_parameters() - 4.4e6) / 4.4e6 < 0.05
-    assert set(FACTOST_SIZES) == {"cpu", "tiny", "base"}
+    assert set(FACTOST_SIZES) == {"cpu", "small", "medium", "tiny-long", "tiny", "base"}
     with pytest.raises(ValueError, match="unknown FactoST size 'huge'"):
         FactoSTConfig.from_size("huge")
 
