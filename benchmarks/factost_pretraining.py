@@ -122,6 +122,7 @@ def status(root: Path) -> dict:
             "cpu_hours": state["cpu_seconds"] / 3600,
             "windows": state["windows"],
             "windows_per_cpu_second": state["windows"] / max(state["cpu_seconds"], 1e-9),
+            "peak_rss_mib": state.get("peak_rss_mib"),
             "validation": state["validation"][-1] if state["validation"] else None,
             "calibration": calibration,
         }

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import time
 import warnings
@@ -295,8 +296,8 @@ def pretrain(
         cpu: force the CPU even when an accelerator is present.
 
     Returns:
-        The log: steps done, whether the run is finished, CPU hours, windows per second, the
-        training losses and the validation scores.
+        The log: steps done, whether the run is finished, CPU hours, windows per CPU second, peak
+        resident memory, the training losses and the validation scores.
     """
     options = options or PretrainingOptions()
     if corpus.config.max_context_length > config.max_context_length or corpus.config.max_horizon > config.max_horizon:
@@ -351,6 +352,9 @@ def pretrain(
         state["cpu_seconds"] += now_cpu - cpu_mark
         state["wall_seconds"] += now_wall - wall_mark
         cpu_mark, wall_mark = now_cpu, now_wall
+        # the largest resident memory of any session of the run (Linux reports ru_maxrss in KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        state["peak_rss_mib"] = max(state.get("peak_rss_mib", 0.0), peak)
 
     def checkpoint() -> None:
         account()
@@ -403,6 +407,7 @@ def pretrain(
         "wall_hours": state["wall_seconds"] / 3600,
         "windows": state["windows"],
         "windows_per_cpu_second": state["windows"] / max(state["cpu_seconds"], 1e-9),
+        "peak_rss_mib": state.get("peak_rss_mib"),
         "losses": state["losses"],
         "validation": state["validation"],
     }
