@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py                    # run or resume the study
     OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --max-minutes 90   # stop (checkpointed) after 90 min
     python benchmarks/factost_pretraining.py --status                              # steps done, validation, choice
+    python benchmarks/factost_pretraining.py --ship                                # the chosen size into the package
     OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --quick            # 2-minute smoke test, own folder
 
 Protocol (issue 24):
@@ -27,13 +28,15 @@ Protocol (issue 24):
 The sizes run one after another in the order above; every run folder under
 ``benchmarks/results/factost_pretraining/<size>/`` checkpoints every 10 minutes and at a stop, and
 is resumed bit for bit by the next invocation. ``--status`` writes
-``benchmarks/results/factost_pretraining.json``.
+``benchmarks/results/factost_pretraining.json``. ``--ship`` copies the chosen size's model into
+``st_peft/checkpoints/factost-<size>/`` with a model card written from the study's records.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -134,13 +137,100 @@ def status(root: Path) -> dict:
             "sizes": rows, "chosen": choice}
 
 
+MAX_SHIPPED_BYTES = 20 * 1024 * 1024
+CARD = """# factost-{size}: the shipped FactoST backbone
+
+A `FactoSTModel` (model type `factost`) of the named size `{size}`: patches of {patch} steps, width
+{width}, {layers} rotary encoder layers, {heads} heads, 9 quantiles (the median is the point
+forecast), histories up to {context} steps, horizons up to {horizon} steps in one pass (longer by
+rollout), a codebook of domain prompts; {parameters:,} parameters. Load it with
+
+```python
+from transformers import AutoModel
+import st_peft  # registers the model type
+
+model = AutoModel.from_pretrained(st_peft.shipped_checkpoint("factost-{size}"))
+```
+
+## Pretraining
+
+- Corpus (`st_peft/models/factost/corpus.py`, streamed, seed 0): synthetic series (weight
+  {synthetic}), real series (weight {real}) and TSMixup mixtures of real stretches (weight {mixup}).
+  Real series: {real_sources}. Skipped series: {skipped}.
+- **Held out**: los-loop, sz-taxi and nyc-bike are in no part of the corpus; `benchmarks/factost.py`
+  evaluates zero- and few-shot forecasting on them.
+- {steps:,} steps of AdamW (peak lr {lr:g}, cosine to 10%), {windows:,} windows,
+  {cpu_hours:.2f} CPU-hours on one thread ({throughput:.0f} windows per CPU second), peak memory
+  {peak_rss}.
+- Chosen by the equal-CPU-time scaling study (`benchmarks/factost_pretraining.py`, {budget:g}
+  CPU-hours per size) as the size with the lowest pinball loss on the corpus's validation slice:
+
+{sizes_table}
+
+## Reproducing this checkpoint
+
+```bash
+OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py     # resumable; repeat until every size is done
+python benchmarks/factost_pretraining.py --ship
+```
+"""
+
+
+def ship(root: Path, checkpoints: Path) -> Path:
+    """Copy the chosen size's model into ``checkpoints/factost-<size>`` with its card; return the folder.
+
+    Raises:
+        SystemExit: the study is not finished, or the weights exceed ``MAX_SHIPPED_BYTES``.
+    """
+    summary = status(root)
+    size = summary["chosen"]
+    if size is None:
+        unfinished = [name for name, row in summary["sizes"].items() if not row.get("finished")]
+        raise SystemExit(f"the scaling study is not finished ({', '.join(unfinished)} still to run); nothing shipped")
+    source = root / size
+    weights = source / "model.safetensors"
+    if weights.stat().st_size > MAX_SHIPPED_BYTES:
+        raise SystemExit(f"{weights} has {weights.stat().st_size:,} bytes, more than the {MAX_SHIPPED_BYTES:,} a wheel may carry")
+    target = checkpoints / f"factost-{size}"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "pretraining_log.json"):
+        shutil.copyfile(source / name, target / name)
+    options = json.loads((source / "options.json").read_text())
+    row = summary["sizes"][size]
+    config = FactoSTConfig.from_size(size)
+    sizes_table = "\n".join(
+        ["| size | parameters | steps | CPU-hours | validation pinball |", "|---|---|---|---|---|"]
+        + [f"| {name} | {other['parameters']:,} | {other['steps']:,} | {other['cpu_hours']:.2f} | "
+           f"{other['validation']['all']:.4f} |" for name, other in summary["sizes"].items()]
+    )
+    corpus = options["corpus"]
+    (target / "README.md").write_text(CARD.format(
+        size=size, patch=config.patch_length, width=config.hidden_size, layers=config.num_hidden_layers,
+        heads=config.num_attention_heads, context=config.max_context_length, horizon=config.max_horizon,
+        parameters=row["parameters"], synthetic=corpus["synthetic_weight"], real=corpus["real_weight"],
+        mixup=corpus["mixup_weight"],
+        real_sources=", ".join(f"{name} ({count})" for name, count in options["real_sources"].items()),
+        skipped=options["skipped_series"] or "none", steps=row["steps"], lr=options["options"]["learning_rate"],
+        windows=row["windows"], cpu_hours=row["cpu_hours"], throughput=row["windows_per_cpu_second"],
+        peak_rss=f"{row['peak_rss_mib']:.0f} MiB" if row.get("peak_rss_mib") else "not recorded",
+        budget=summary["budget_cpu_hours_per_size"], sizes_table=sizes_table,
+    ))
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop, checkpointed, after this wall time")
     parser.add_argument("--status", action="store_true", help="print and write the study's state")
     parser.add_argument("--quick", action="store_true", help="a smoke test of a few CPU seconds per size")
+    parser.add_argument("--ship", action="store_true", help="copy the chosen size into the package, with its card")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "st_peft" / "checkpoints",
+                        help="where --ship puts the chosen backbone")
     args = parser.parse_args()
     root = QUICK_RESULTS if args.quick else RESULTS
+    if args.ship:
+        print(f"shipped {ship(root, args.checkpoints)}")
+        return
     if args.status:
         summary = status(root)
         print(json.dumps(summary, indent=1))
