@@ -258,3 +258,17 @@ def test_the_study_sizes_span_150k_to_the_papers_tiny():
     assert 140_000 < counts["small"] < 160_000 < counts["medium"] < counts["tiny-long"]
     assert abs(counts["tiny-long"] - 4.4e6) < 0.05e6
     assert {FactoSTConfig.from_size(size).max_context_length for size in counts} == {2048}  # 7 days at 5 minutes
+
+
+def test_the_command_line_refuses_bad_options_and_changed_resumes_in_one_line(tmp_path, capsys):
+    from st_peft import cli
+
+    common = ["pretrain", "--size", "cpu", "--data", "chickenpox", "--output", str(tmp_path), "--cpu"]
+    assert cli.main([*common, "--real-weight", "-1"]) == 2
+    assert "CorpusConfig.real_weight must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "options.json").exists()
+    assert cli.main([*common, "--max-steps", "2", "--warmup-steps", "1", "--validate-every", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main([*common, "--max-steps", "3", "--warmup-steps", "1", "--validate-every", "0"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "options.max_steps: 2 -> 3" in error[0]

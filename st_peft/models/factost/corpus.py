@@ -45,9 +45,13 @@ SPLITS = {"train": 0, "validation": 1}
 """Seed-stream tag of each split."""
 
 
+class PretrainingOptionError(ValueError):
+    """An option of the corpus, the synthetic generator or the pretraining loop is out of range."""
+
+
 def _check_probability(owner: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"{owner}.{name} must be a probability in [0, 1], got {value!r}.")
+        raise PretrainingOptionError(f"{owner}.{name} must be a probability in [0, 1], got {value!r}.")
 
 
 def _check_range(owner: str, name: str, value: Sequence[float], low: float, high: float) -> None:
@@ -56,7 +60,7 @@ def _check_range(owner: str, name: str, value: Sequence[float], low: float, high
         or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
         or not low <= value[0] <= value[1] <= high
     ):
-        raise ValueError(f"{owner}.{name} must be a pair (low, high) with {low} <= low <= high <= {high}, got {value!r}.")
+        raise PretrainingOptionError(f"{owner}.{name} must be a pair (low, high) with {low} <= low <= high <= {high}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,9 @@ class SyntheticSeriesConfig:
         if not self.steps_per_day or any(
             not isinstance(s, int) or isinstance(s, bool) or not 2 <= s <= 86400 for s in self.steps_per_day
         ):
-            raise ValueError(f"{owner}.steps_per_day must be whole numbers in [2, 86400], got {self.steps_per_day!r}.")
+            raise PretrainingOptionError(f"{owner}.steps_per_day must be whole numbers in [2, 86400], got {self.steps_per_day!r}.")
         if not isinstance(self.harmonics, int) or not 1 <= self.harmonics <= 16:
-            raise ValueError(f"{owner}.harmonics must be a whole number in [1, 16], got {self.harmonics!r}.")
+            raise PretrainingOptionError(f"{owner}.harmonics must be a whole number in [1, 16], got {self.harmonics!r}.")
         for item in fields(self):
             if item.name.endswith("_probability"):
                 _check_probability(owner, item.name, getattr(self, item.name))
@@ -167,34 +171,34 @@ class CorpusConfig:
                      "min_batch_size", "max_batch_size", "mixup_max_series", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"{owner}.{name} must be a positive whole number, got {value!r}.")
+                raise PretrainingOptionError(f"{owner}.{name} must be a positive whole number, got {value!r}.")
         if self.min_context_length < self.patch_length:
-            raise ValueError(
+            raise PretrainingOptionError(
                 f"{owner}.min_context_length ({self.min_context_length}) must be at least patch_length "
                 f"({self.patch_length}): a history shorter than one patch cannot be forecast from."
             )
         if self.max_context_length < self.min_context_length:
-            raise ValueError(
+            raise PretrainingOptionError(
                 f"{owner}.max_context_length ({self.max_context_length}) must be at least min_context_length "
                 f"({self.min_context_length})."
             )
         if self.max_batch_size < self.min_batch_size:
-            raise ValueError(
+            raise PretrainingOptionError(
                 f"{owner}.max_batch_size ({self.max_batch_size}) must be at least min_batch_size ({self.min_batch_size})."
             )
         if self.mixup_max_series < 2:
-            raise ValueError(f"{owner}.mixup_max_series must be at least 2, got {self.mixup_max_series}.")
+            raise PretrainingOptionError(f"{owner}.mixup_max_series must be at least 2, got {self.mixup_max_series}.")
         for name in ("synthetic_weight", "real_weight", "mixup_weight", "mixup_alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+                raise PretrainingOptionError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
         if self.mixup_alpha <= 0:
-            raise ValueError(f"{owner}.mixup_alpha must be above 0, got {self.mixup_alpha}.")
+            raise PretrainingOptionError(f"{owner}.mixup_alpha must be above 0, got {self.mixup_alpha}.")
         if self.synthetic_weight + self.real_weight + self.mixup_weight <= 0:
-            raise ValueError(f"{owner}: synthetic_weight, real_weight and mixup_weight are all 0; no window can be drawn.")
+            raise PretrainingOptionError(f"{owner}: synthetic_weight, real_weight and mixup_weight are all 0; no window can be drawn.")
         _check_probability(owner, "long_context_probability", self.long_context_probability)
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"{owner}.validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
+            raise PretrainingOptionError(f"{owner}.validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
 
 
 @dataclass
@@ -357,7 +361,7 @@ class PretrainingCorpus:
                 continue
             self.series.setdefault(series.source, []).append(values)
         if not self.series and (config.real_weight > 0 or config.mixup_weight > 0):
-            raise ValueError(
+            raise PretrainingOptionError(
                 "the pretraining corpus has no usable real series (all were missing, too short, or none was given); "
                 "give some or set real_weight and mixup_weight to 0."
             )
@@ -510,16 +514,19 @@ def _csv_columns(path: Path) -> np.ndarray:
     """``(T, K)`` float32 of a CSV's numeric columns (dates and text columns left out), NaN where empty."""
     import pandas as pd
 
+    from st_peft.data.errors import DataError
+
     frame = pd.read_csv(path)
     numeric = frame.select_dtypes(include="number")
     if numeric.shape[1] == 0:
-        raise ValueError(f"{path} has no numeric column to pretrain on.")
+        raise DataError(f"{path} has no numeric column to pretrain on.")
     return numeric.to_numpy(dtype=np.float32)
 
 
 __all__ = [
     "CorpusBatch",
     "CorpusConfig",
+    "PretrainingOptionError",
     "PretrainingCorpus",
     "RealSeries",
     "SyntheticSeriesConfig",

@@ -50,6 +50,7 @@ from st_peft.models.factost.corpus import (
     CorpusBatch,
     CorpusConfig,
     PretrainingCorpus,
+    PretrainingOptionError,
     RealSeries,
     SyntheticSeriesConfig,
     read_real_series,
@@ -90,15 +91,15 @@ class PretrainingOptions:
         for name in ("max_steps", "warmup_steps", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "max_steps" else 0):
-                raise ValueError(f"{owner}.{name} must be a whole number >= {1 if name == 'max_steps' else 0}, got {value!r}.")
+                raise PretrainingOptionError(f"{owner}.{name} must be a whole number >= {1 if name == 'max_steps' else 0}, got {value!r}.")
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+                raise PretrainingOptionError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
         for name in ("final_learning_rate_ratio", "prompt_probability"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{owner}.{name} must be in [0, 1], got {value!r}.")
+                raise PretrainingOptionError(f"{owner}.{name} must be in [0, 1], got {value!r}.")
 
     def learning_rate_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``final_learning_rate_ratio`` of the peak at ``max_steps``."""
@@ -189,18 +190,22 @@ def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+class ResumeRefused(ValueError):
+    """A pretraining folder was started with other options than those given now."""
+
+
 def check_resumable(saved: dict, current: dict) -> None:
     """Refuse to resume a run whose options changed, naming every option that did.
 
     Raises:
-        ValueError: the options differ.
+        ResumeRefused: the options differ.
     """
     before, after = _flatten("", saved, {}), _flatten("", current, {})
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key, "<absent>") != after.get(key, "<absent>"))
     if changed:
         details = "; ".join(f"{key}: {before.get(key, '<absent>')!r} -> {after.get(key, '<absent>')!r}" for key in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise ValueError(
+        raise ResumeRefused(
             f"this pretraining folder was started with other options, so it cannot be resumed: {details}{more}. "
             "Use a new output folder, or the options it was started with."
         )
@@ -301,13 +306,13 @@ def pretrain(
     """
     options = options or PretrainingOptions()
     if corpus.config.max_context_length > config.max_context_length or corpus.config.max_horizon > config.max_horizon:
-        raise ValueError(
+        raise PretrainingOptionError(
             f"the corpus draws contexts up to {corpus.config.max_context_length} and horizons up to "
             f"{corpus.config.max_horizon} steps, more than the backbone takes ({config.max_context_length}, "
             f"{config.max_horizon})."
         )
     if corpus.config.min_context_length < config.patch_length:
-        raise ValueError(
+        raise PretrainingOptionError(
             f"the corpus's min_context_length ({corpus.config.min_context_length}) is shorter than the backbone's "
             f"patch_length ({config.patch_length})."
         )
@@ -489,15 +494,18 @@ def run_pretrain(args: argparse.Namespace) -> dict:
     else:
         real, data = read_real_series(args.data), [str(name) for name in args.data]
     config = FactoSTConfig.from_size(args.size)
-    corpus = build_corpus(
-        config, real, tokens_per_batch=args.tokens_per_batch, max_batch_size=args.max_batch_size,
-        long_context_probability=args.long_context_probability, synthetic_weight=args.synthetic_weight,
-        real_weight=args.real_weight, mixup_weight=args.mixup_weight, seed=args.seed,
-    )
-    options = PretrainingOptions(max_steps=args.max_steps, learning_rate=args.learning_rate,
-                                 warmup_steps=min(args.warmup_steps, args.max_steps), seed=args.seed)
-    return pretrain(config, corpus, args.output, options, data=data, max_minutes=args.max_minutes,
-                    validate_every=args.validate_every, log_every=args.log_every, cpu=args.cpu)
+    try:
+        corpus = build_corpus(
+            config, real, tokens_per_batch=args.tokens_per_batch, max_batch_size=args.max_batch_size,
+            long_context_probability=args.long_context_probability, synthetic_weight=args.synthetic_weight,
+            real_weight=args.real_weight, mixup_weight=args.mixup_weight, seed=args.seed,
+        )
+        options = PretrainingOptions(max_steps=args.max_steps, learning_rate=args.learning_rate,
+                                     warmup_steps=min(args.warmup_steps, args.max_steps), seed=args.seed)
+        return pretrain(config, corpus, args.output, options, data=data, max_minutes=args.max_minutes,
+                        validate_every=args.validate_every, log_every=args.log_every, cpu=args.cpu)
+    except (ResumeRefused, PretrainingOptionError) as error:
+        raise SystemExit(f"st-peft pretrain: error: {error}") from None
 
 
 if __name__ == "__main__":
