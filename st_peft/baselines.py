@@ -72,19 +72,84 @@ def seasonal_naive_forecast(splits: ForecastingSplits, split: str = "test", peri
     return splits.collator.targets[future - period]
 
 
+def seasonal_period(splits: ForecastingSplits) -> int | None:
+    """The season the reports use: the data's day, or its week where that scores a lower MAE on validation.
+
+    Daily or coarser data also tries a year. A candidate must cover the horizon and fit the
+    history of the first validation window (and so of every later one); without one, None.
+    """
+    day = splits.steps_per_day
+    candidates = [day, 7 * day]
+    stamps = splits.data.timestamps
+    if day == 1 and stamps is not None and len(stamps) > 1:
+        candidates.append(round(365.25 / ((stamps[1] - stamps[0]) / np.timedelta64(1, "D"))))
+    first_target = int(split_starts(splits, "val")[0]) + splits.input_len
+    fitting = [period for period in candidates if splits.horizon <= period <= first_target]
+    if len(fitting) < 2:
+        return fitting[0] if fitting else None
+    target, mask = split_targets(splits, "val")
+    weight = mask.sum()
+
+    def val_mae(period: int) -> float:
+        error = np.abs(seasonal_naive_forecast(splits, "val", period) - target)
+        return float((error * mask).sum() / weight) if weight else np.inf
+
+    # the first of equal scores wins: the day, the shorter and more recent season
+    return min(fitting, key=val_mae)
+
+
 def baseline_metrics(
-    splits: ForecastingSplits, split: str = "test", horizons: tuple[int, ...] = (3, 6, 12)
+    splits: ForecastingSplits, split: str = "test", horizons: tuple[int, ...] = (3, 6, 12),
+    period: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Masked metrics of the last-value and seasonal-naive forecasts on a split.
 
     A metric with no observed target to score is NaN with a warning, as in
     :func:`~st_peft.metrics.horizon_metrics`, never 0.0.
 
+    Args:
+        splits: the data's splits.
+        split: which split's windows to score.
+        horizons: the 1-based steps reported.
+        period: the seasonal-naive season in steps (default :func:`seasonal_period`).
+
     Returns:
-        ``{"last value": {...}, "seasonal naive": {...}}`` with :func:`~st_peft.metrics.horizon_metrics` keys.
+        ``{"last value": {...}, "seasonal naive": {...}}`` with :func:`~st_peft.metrics.horizon_metrics`
+        keys; without a season that fits the data, only ``"last value"``.
     """
     target, mask = split_targets(splits, split)
-    return {
-        "last value": horizon_metrics(last_value_forecast(splits, split), target, mask, horizons=horizons),
-        "seasonal naive": horizon_metrics(seasonal_naive_forecast(splits, split), target, mask, horizons=horizons),
-    }
+    period = period or seasonal_period(splits)
+    forecasts = {"last value": last_value_forecast(splits, split)}
+    if period is not None:
+        forecasts["seasonal naive"] = seasonal_naive_forecast(splits, split, period)
+    return {name: horizon_metrics(forecast, target, mask, horizons=horizons) for name, forecast in forecasts.items()}
+
+
+def verdict(name: str, mae: float, baselines: dict[str, dict[str, float]]) -> str:
+    """One line: whether the forecaster ``name``, of mean MAE ``mae``, beats each baseline of
+    :func:`baseline_metrics`, e.g. ``stid beats last value (MAE 2.1 vs 2.9) but loses to seasonal naive
+    (MAE 2.1 vs 1.8)``."""
+    beaten = [f"{baseline} (MAE {mae:.4g} vs {scores['mae']:.4g})" for baseline, scores in baselines.items()
+              if mae < scores["mae"]]
+    lost = [f"{baseline} (MAE {mae:.4g} vs {scores['mae']:.4g})" for baseline, scores in baselines.items()
+            if not mae < scores["mae"]]
+    if not lost:
+        return f"{name} beats {' and '.join(beaten)}"
+    if not beaten:
+        return f"{name} loses to {' and '.join(lost)}: it is no better than a forecast without training"
+    return f"{name} beats {' and '.join(beaten)} but loses to {' and '.join(lost)}"
+
+
+def with_baselines(metrics: dict[str, float], splits: ForecastingSplits, split: str, name: str,
+                   horizons: tuple[int, ...]) -> dict:
+    """``metrics`` of the forecaster ``name`` on ``split``, with the baselines scored on the same windows and
+    mask beside them and the :func:`verdict`: what a run's ``metrics.json`` holds.
+
+    Returns:
+        ``metrics`` plus ``"baselines"`` (``{"season_steps": ..., "last value": {...}, "seasonal naive": {...}}``)
+        and ``"verdict"`` (one line).
+    """
+    period = seasonal_period(splits)
+    baselines = baseline_metrics(splits, split, horizons, period)
+    return {**metrics, "baselines": {"season_steps": period, **baselines},
+            "verdict": verdict(name, metrics["mae"], baselines)}

@@ -293,8 +293,9 @@ def train(options: argparse.Namespace) -> None:
     """Train ``--model`` (+ ``--adapter``) on ``--dataset`` and write the run into ``--output-dir``."""
     from transformers import PrinterCallback, set_seed
 
+    from st_peft.baselines import with_baselines
     from st_peft.progress import ProgressPrinter
-    from st_peft.training import STTrainer, st_training_args
+    from st_peft.training import STTrainer, default_horizons, st_training_args
 
     _require(options, "dataset", "output_dir")
     _check_budget(options)
@@ -328,7 +329,8 @@ def train(options: argparse.Namespace) -> None:
                                 early_stopping_patience=options.patience, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # ProgressPrinter prints one line per epoch instead
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            metrics = trainer.evaluate_test(splits.test)
+            metrics = with_baselines(trainer.evaluate_test(splits.test), splits, "test", forecaster_name(options),
+                                     default_horizons(splits.horizon))
         except BaseException as error:
             if main:
                 folder.fail(run, error)
@@ -338,15 +340,25 @@ def train(options: argparse.Namespace) -> None:
             print_metrics(metrics, options, splits, f"Test metrics of the run in {folder.path} (also in metrics.json)")
 
 
-def print_metrics(metrics: dict[str, float], options: argparse.Namespace, splits: Any, title: str) -> None:
-    """Print ``metrics`` as the demo's table: MAE / RMSE / MAPE at steps 3, 6, 12 (those that fit) and averaged."""
+def forecaster_name(options: argparse.Namespace) -> str:
+    """The model and adapter of a run, as its reports name them: ``stid`` or ``stid + st_lora``."""
+    return options.model if options.adapter == "none" else f"{options.model} + {options.adapter}"
+
+
+def print_metrics(metrics: dict[str, Any], options: argparse.Namespace, splits: Any, title: str) -> None:
+    """Print ``metrics`` (of :func:`~st_peft.baselines.with_baselines`) as the demo's table: MAE / RMSE / MAPE
+    at steps 3, 6, 12 (those that fit) and averaged, the model's row above the baselines', then the verdict."""
     from st_peft.progress import format_table
     from st_peft.training import default_horizons
 
-    name = options.model if options.adapter == "none" else f"{options.model} + {options.adapter}"
+    baselines = {name: scores for name, scores in metrics["baselines"].items() if isinstance(scores, dict)}
+    season = metrics["baselines"]["season_steps"]
+    seasonal = f"seasonal naive repeats the value {season} steps earlier" if season else \
+        "no season of a day or a week fits before the validation span, so no seasonal naive"
     print(f"\n{title}: {card_dataset(options.dataset)}, {splits.input_len} steps in, {splits.horizon} out, "
-          "original units, MAPE in %")
-    print(format_table({name: metrics}, default_horizons(splits.horizon)))
+          f"original units, MAPE in %; {seasonal}")
+    print(format_table({forecaster_name(options): metrics, **baselines}, default_horizons(splits.horizon)))
+    print(f"verdict: {metrics['verdict']}")
 
 
 def evaluate(options: argparse.Namespace) -> None:
@@ -356,7 +368,8 @@ def evaluate(options: argparse.Namespace) -> None:
     """
     import tempfile
 
-    from st_peft.training import STTrainer, st_training_args
+    from st_peft.baselines import with_baselines
+    from st_peft.training import STTrainer, default_horizons, st_training_args
 
     folder = _run_dir(options)
     with folder.locked() if is_main_process() else nullcontext(), tempfile.TemporaryDirectory() as scratch:
@@ -364,7 +377,8 @@ def evaluate(options: argparse.Namespace) -> None:
         args = st_training_args(scratch, batch_size=options.batch_size, eval_strategy="no", save_strategy="no",
                                 load_best_model_at_end=False, disable_tqdm=True)
         trainer = STTrainer(model, args, data_collator=splits.collator)
-        metrics = trainer.evaluate_test(splits.split(options.split))
+        metrics = with_baselines(trainer.evaluate_test(splits.split(options.split)), splits, options.split,
+                                 forecaster_name(run), default_horizons(splits.horizon))
         if trainer.is_world_process_zero():
             if options.output:
                 output = Path(options.output)

@@ -13,6 +13,7 @@ from st_peft.baselines import (
     default_season,
     last_value_forecast,
     seasonal_naive_forecast,
+    seasonal_period,
     split_targets,
 )
 from st_peft.data import DataError, build_splits, load
@@ -72,3 +73,20 @@ def test_a_test_span_with_no_observed_target_scores_nan_not_zero():
     for name in ("last value", "seasonal naive"):
         assert all(math.isnan(value) for value in metrics[name].values()), name
     assert all(math.isfinite(value) for value in baseline_metrics(splits, "val")["last value"].values())
+
+
+@pytest.mark.parametrize(("name", "period"), [("nyc-bike", 7 * 24), ("sz-taxi", 96)])
+def test_the_reported_season_is_the_week_only_where_it_is_better_on_validation(name, period):
+    splits = build_splits(load(name), input_len=12, horizon=12)
+    assert seasonal_period(splits) == period
+    day, week = (baseline_metrics(splits, "val", (3,), p)["seasonal naive"]["mae"]
+                 for p in (splits.steps_per_day, 7 * splits.steps_per_day))
+    assert (week < day) == (period == 7 * splits.steps_per_day)
+
+
+def test_without_a_season_that_fits_only_last_value_is_scored():
+    splits = build_splits(load("los-loop"), input_len=12, horizon=12)  # one week: no week of history
+    short = build_splits(dataclasses.replace(splits.data, values=splits.data.values[:400],
+                                             mask=splits.data.mask[:400], timestamps=None), input_len=12, horizon=12)
+    assert seasonal_period(splits) == 288 and seasonal_period(short) is None
+    assert list(baseline_metrics(short, "test")) == ["last value"]

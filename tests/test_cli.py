@@ -4,6 +4,7 @@ cannot lie (locks, resume, overwrite, partial checkpoints, non-finite losses) an
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import st_peft.data as std
 from st_peft import cli
+from st_peft.baselines import baseline_metrics, seasonal_period
 from st_peft.runs import CHECKPOINT_MARK, LOCK_FILE, RunFolder
 
 torch.set_num_threads(1)
@@ -151,7 +153,17 @@ def test_train_then_evaluate_round_trip(tmp_path, capsys):
     saved = load_file(out / "model.safetensors")
     assert torch.equal(saved["scaler.future_loc"], torch.tensor(splits.scaling_statistics()["future_loc"]))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"loss", "mae@3", "rmse@3", "mape@3", "wape@3", "mae", "rmse", "mape", "wape"}
+    scores = {"mae@3", "rmse@3", "mape@3", "wape@3", "mae", "rmse", "mape", "wape"}
+    assert set(metrics) == {"loss", *scores, "baselines", "verdict"}
+    # the baselines are scored on the same test windows and mask as the model, with the season validation chose
+    expected = baseline_metrics(splits, "test", (3,), seasonal_period(splits))
+    assert metrics["baselines"]["season_steps"] == seasonal_period(splits) == 52  # weekly data: a year
+    for name in ("last value", "seasonal naive"):
+        assert metrics["baselines"][name] == pytest.approx(expected[name], rel=1e-6), name
+    printed = capsys.readouterr().out
+    assert re.search(r"^\| stid \|.*\n\| last value \|.*\n\| seasonal naive \|", printed, re.M), printed
+    assert f"verdict: {metrics['verdict']}\n" in printed
+    assert re.fullmatch(r"stid (beats|loses to) .*MAE [\d.]+ vs [\d.]+\)", metrics["verdict"])
     run = run_json(out)
     assert run["status"] == "finished" and run["options"]["epochs"] == 1
     assert run["options"]["model_args"]["embed_dim"] == 8
@@ -166,9 +178,10 @@ def test_train_then_evaluate_round_trip(tmp_path, capsys):
 
     assert cli.main(["evaluate", "--model-dir", str(out), "--batch-size", "7"]) == 0
     again = json.loads((out / "metrics-test.json").read_text())
-    for key in metrics:
-        if key != "loss":  # the loss is a mean of batch means, so it depends on the batch size
-            assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+    for key in scores:  # the loss is a mean of batch means, so it depends on the batch size
+        assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+    assert again["baselines"] == metrics["baselines"] and again["verdict"] == metrics["verdict"]
+    assert f"verdict: {metrics['verdict']}" in capsys.readouterr().out
 
 
 def test_registered_adapter_trains_and_reloads(tmp_path, monkeypatch):
