@@ -23,22 +23,43 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from torch import nn
 
 from st_peft.data.errors import DataError
 from st_peft.hub import HubError, card_dataset, push_adapter, push_backbone, save_for_hub
-from st_peft.models.factost.pretraining import add_pretrain_arguments, run_pretrain
 from st_peft.models.st_link import STLinkForForecasting
-from st_peft.runs import RunFolder, RunFolderError, RunWarning, write_json_atomic
+from st_peft.options import (
+    DefaultsHelpFormatter,
+    EvaluateOptions,
+    OptionError,
+    OptionWarning,
+    PushOptions,
+    TrainOptions,
+    add_arguments,
+    check_graph,
+    did_you_mean,
+    recorded_options,
+    validate,
+    yaml_value,
+)
+from st_peft.runs import (
+    DATA_SUMMARY_FILE,
+    MODEL_FILE,
+    RunFolder,
+    RunFolderError,
+    RunWarning,
+    write_json_atomic,
+)
 from st_peft.training.trainer import NonFiniteLossError
 from st_peft.tuners.factost.model import factost_cli_adapter
 from st_peft.tuners.st_lora.model import st_lora_cli_adapter
@@ -66,96 +87,17 @@ ADAPTERS: dict[str, AdapterFn] = {
 # transformers models built from the data's shapes: ``builder(splits, **model_args)``
 MODELS: dict[str, Callable[..., nn.Module]] = {"st_link": STLinkForForecasting.from_splits}
 
-# options that do not change what a run computes
-NOT_RUN_OPTIONS = ("command", "config", "resume", "overwrite", "debug")
-
-
-def _mapping(text: str) -> dict[str, Any]:
-    """Parse a YAML / JSON mapping given on the command line, e.g. ``'{embed_dim: 16}'``."""
-    value = yaml.safe_load(text)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{embed_dim: 16}}', got {text!r}")
-    return value
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the data set and the windows."""
-    parser.add_argument("--dataset", help="built-in name (los-loop, sz-taxi, ...), a data file (.npz, .h5, .csv), "
-                        "a folder saved by datasets' save_to_disk, or a Hub dataset id (org/name)")
-    parser.add_argument("--steps-per-day", type=int, help="time steps per day of data without timestamps "
-                        "(288 for 5 minutes; required for .npz)")
-    parser.add_argument("--start", help="the first timestamp of data without timestamps, e.g. '2024-03-01 00:00'")
-    parser.add_argument("--adjacency", help="graph file: dense .csv / .npz / .npy, PEMS distance CSV (from,to,cost "
-                        "with a header), edge list, or DCRNN adj_mx.pkl")
-    parser.add_argument("--input-len", type=int, default=12, help="history steps L")
-    parser.add_argument("--horizon", type=int, default=12, help="forecast steps H")
-    parser.add_argument("--few-shot", type=float, default=1.0, help="fraction of training windows kept")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``st-peft train``."""
-    from st_peft.backbones import BACKBONES
-    from st_peft.losses import LOSSES
-
-    add_data_arguments(parser)
-    parser.add_argument("--model", default="stid", choices=sorted([*BACKBONES, *MODELS]), help="backbone")
-    parser.add_argument("--model-args", type=_mapping, default={}, help="backbone keyword arguments (YAML mapping)")
-    parser.add_argument("--backbone-from", help="folder of an earlier `st-peft train --adapter none` run to start from")
-    parser.add_argument("--adapter", default="none", choices=sorted(ADAPTERS))
-    parser.add_argument("--adapter-args", type=_mapping, default={}, help="adapter settings (YAML mapping)")
-    parser.add_argument("--epochs", type=float, default=10, help="passes over the training windows (> 0)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (> 0); overrides --epochs")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--loss", default="mae", choices=sorted(LOSSES),
-                        help="training loss in original units, an argument of the model")
-    parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in evaluations")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the unfinished run in --output-dir from its newest complete checkpoint")
-    parser.add_argument("--output-dir", help="the run folder: model, checkpoints, options and metrics")
-    parser.add_argument("--overwrite", action="store_true", help="remove the run in --output-dir and start over")
-
-
-def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
-    """The run folder to read: ``RUN_DIR``, or ``--model-dir`` (also a YAML key)."""
-    parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the --output-dir of an `st-peft train` run")
-    parser.add_argument("--model-dir", help="RUN_DIR as a flag or YAML key")
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``st-peft evaluate``."""
-    add_run_dir_argument(parser)
-    parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--output", help="metrics JSON file (default: <model-dir>/metrics-<split>.json)")
-
-
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``st-peft push``."""
-    add_run_dir_argument(parser)
-    parser.add_argument("--repo-id", help="Hub repository to push to, org/name")
-    parser.add_argument("--base-model", help="Hub id of the backbone an adapter belongs to (adapters only)")
-    parser.add_argument("--license", default="apache-2.0", help="licence identifier written to the card")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
-    parser.add_argument("--timeout", type=float, help="seconds without an answer before the push gives up "
-                        "(default: ST_PEFT_HUB_TIMEOUT or 30)")
-    parser.add_argument("--save-dir", help="write the upload folder here and do not upload")
-
 
 @contextmanager
 def _user_input(what: str) -> Iterator[None]:
-    """Report a ``ValueError`` / ``TypeError`` raised while building ``what`` from the options as a :class:`UsageError`."""
+    """Report a ``ValueError`` / ``TypeError`` raised while building ``what`` from the options as a :class:`UsageError`,
+    and a ``RuntimeError`` too: torch's answer to a size such as ``--model-args '{embed_dim: -1}'``."""
     try:
         yield
-    except DataError:
+    except (DataError, OptionError):
         raise
-    except (ValueError, TypeError) as error:
-        raise UsageError(f"{what}: {error}") from error
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise UsageError(f"{what}: {' '.join(str(error).split())}") from error
 
 
 def _require(options: argparse.Namespace, *names: str) -> None:
@@ -208,6 +150,8 @@ def build_backbone(options: argparse.Namespace, splits: Any) -> nn.Module:
     if unknown:
         raise UsageError(f"--model-args {unknown} are not arguments of {options.model}")
     settings = {**({"loss": options.loss} if "loss" in accepted else {}), **options.model_args}
+    check_graph(options.model, accepted, has_graph=splits.adjacency is not None, given=options.adjacency,
+                model_args=options.model_args)
     if options.model in MODELS:
         return MODELS[options.model](splits, **settings)
     kwargs: dict[str, Any] = dict(splits.model_kwargs())
@@ -226,15 +170,71 @@ def build_model(options: argparse.Namespace, splits: Any) -> nn.Module:
     return ADAPTERS[options.adapter](backbone, splits, options)
 
 
+def _reader_options(options: argparse.Namespace) -> dict[str, Any]:
+    """What ``--missing-value``, ``--date-column`` and ``--columns`` ask of the data set's reader."""
+    given = {}
+    missing = getattr(options, "missing_value", None)
+    if missing is not None:
+        given["missing_value"] = None if missing == "none" else missing
+    date_column = getattr(options, "date_column", None)
+    if date_column is not None:
+        given["date_column"] = None if date_column.lower() == "none" else date_column
+    if getattr(options, "columns", None):
+        given["columns"] = options.columns
+    csv_only = sorted({"date_column", "columns"} & set(given))
+    if csv_only and Path(str(options.dataset)).suffix.lower() != ".csv":
+        raise UsageError(f"{', '.join('--' + name.replace('_', '-') for name in csv_only)} choose columns of a .csv "
+                         f"file; {options.dataset} is not one")
+    return given
+
+
+def _channel_indices(channels: list[int | str] | None, data: Any, flag: str) -> list[int] | None:
+    """Channel indices of ``data`` for channels given by index or name (None: all)."""
+    if channels is None:
+        return None
+    indices = []
+    for channel in channels:
+        if isinstance(channel, str):
+            if channel not in data.channel_names:
+                raise UsageError(f"{flag}: no channel {channel!r}; the channels of {data.name} are "
+                                 f"{data.channel_names} (or their indices 0..{data.num_channels - 1})")
+            channel = data.channel_names.index(channel)
+        if not 0 <= channel < data.num_channels:
+            raise UsageError(f"{flag}: channel {channel} is out of range; {data.name} has {data.num_channels} "
+                             f"channels {data.channel_names}")
+        indices.append(channel)
+    return indices
+
+
 def splits_for(options: argparse.Namespace) -> Any:
-    """The windows of ``--dataset`` (with ``--steps-per-day``, ``--start``, ``--adjacency``) for
-    ``--input-len`` / ``--horizon`` / ``--few-shot``."""
+    """The windows of ``--dataset`` (with ``--steps-per-day``, ``--start``, ``--adjacency`` and the reader's
+    options) for ``--input-len`` / ``--horizon`` / ``--few-shot`` over ``--channels`` / ``--target-channels``."""
     import st_peft.data
 
     data = st_peft.data.load(options.dataset, steps_per_day=options.steps_per_day, start=options.start,
-                             adjacency=options.adjacency)
+                             adjacency=options.adjacency, **_reader_options(options))
+    inputs = _channel_indices(getattr(options, "channels", None), data, "--channels")
+    targets = _channel_indices(getattr(options, "target_channels", None), data, "--target-channels")
     return st_peft.data.build_splits(data, input_len=options.input_len, horizon=options.horizon,
-                                     few_shot=options.few_shot)
+                                     few_shot=options.few_shot, input_channels=inputs,
+                                     target_channels=targets if targets is not None else inputs)
+
+
+def summary_of(options: argparse.Namespace, splits: Any) -> dict[str, Any]:
+    """The data summary (:func:`st_peft.data.summary.data_summary`) of the run ``options`` describe."""
+    from st_peft.data import summary
+    from st_peft.data.builtin import BUILTIN_DATASETS, BUILTIN_MISSING
+
+    if options.steps_per_day is not None:
+        source = summary.STEPS_PER_DAY_GIVEN
+    elif options.dataset in BUILTIN_DATASETS:
+        source = summary.STEPS_PER_DAY_BUILT_IN
+    elif splits.data.timestamps is not None:
+        source = summary.STEPS_PER_DAY_FROM_DATES
+    else:
+        source = summary.STEPS_PER_DAY_STORED
+    missing = summary.missing_rule(options.dataset, getattr(options, "missing_value", None), BUILTIN_MISSING)
+    return summary.data_summary(splits, steps_per_day_from=source, missing=missing)
 
 
 def load_run(folder: RunFolder) -> tuple[nn.Module, Any, argparse.Namespace]:
@@ -245,7 +245,14 @@ def load_run(folder: RunFolder) -> tuple[nn.Module, Any, argparse.Namespace]:
     with _user_input(f"the run in {folder.path}"):
         splits = splits_for(options)
         model = build_model(options, splits)
-    folder.load_model(model)
+    from safetensors import SafetensorError
+
+    try:
+        folder.load_model(model)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as error:
+        raise RunFolderError(f"the model in {folder.path} does not load into the model its run.json describes "
+                             f"(a damaged or replaced {MODEL_FILE}, or changed data): "
+                             f"{' '.join(str(error).split())[:300]}") from error
     return model, splits, options
 
 
@@ -257,7 +264,7 @@ def run_options(options: argparse.Namespace) -> dict[str, Any]:
     """
     from st_peft.data import BUILTIN_DATASETS
 
-    recorded = {key: value for key, value in vars(options).items() if key not in NOT_RUN_OPTIONS}
+    recorded = recorded_options(TrainOptions, vars(options))
     for key in ("dataset", "adjacency", "backbone_from"):
         value = recorded.get(key)
         if value and value not in BUILTIN_DATASETS and Path(value).expanduser().exists():
@@ -277,13 +284,6 @@ def adapter_sampler(model: nn.Module, splits: Any, options: argparse.Namespace) 
     return config.replay_sampler(splits.train["start"], batch_size=options.batch_size, seed=options.seed)
 
 
-def _check_budget(options: argparse.Namespace) -> None:
-    if options.max_steps is not None and options.max_steps <= 0:
-        raise UsageError(f"--max-steps {options.max_steps} trains nothing; give a positive number of steps")
-    if options.max_steps is None and not options.epochs > 0:
-        raise UsageError(f"--epochs {options.epochs:g} trains nothing; give a positive number of epochs")
-
-
 def is_main_process() -> bool:
     """True in the process that writes the run folder (rank 0 of a launched run, or the only one)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -294,23 +294,28 @@ def train(options: argparse.Namespace) -> None:
     from transformers import PrinterCallback, set_seed
 
     from st_peft.baselines import with_baselines
+    from st_peft.data.summary import format_summary
     from st_peft.progress import ProgressPrinter
     from st_peft.training import STTrainer, default_horizons, st_training_args
 
     _require(options, "dataset", "output_dir")
-    _check_budget(options)
     if options.resume and options.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts over: pass one of them")
     set_seed(options.seed)
     # a mistake in the data or the model is reported before the run folder is touched
     with _user_input(f"--model {options.model} --adapter {options.adapter} on {options.dataset}"):
         splits = splits_for(options)
+        data_summary = summary_of(options, splits)
+        if is_main_process():
+            print(format_summary(data_summary), flush=True)
         model = build_model(options, splits)
     folder = RunFolder(options.output_dir)
     main = is_main_process()
     with folder.locked() if main else nullcontext():
         run = folder.begin(run_options(options), overwrite=options.overwrite, resume=options.resume) if main \
             else folder.read_run()
+        if main:
+            write_json_atomic(folder.path / DATA_SUMMARY_FILE, data_summary)
         try:
             checkpoint = folder.resume_checkpoint(run) if options.resume else None
             args = st_training_args(
@@ -429,29 +434,65 @@ def push(options: argparse.Namespace) -> None:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: what it runs, its one-line help and the function that declares its options."""
+    """A subcommand: what it runs, its one-line help and its options.
+
+    ``schema`` is the dataclass of :mod:`st_peft.options` that declares the options; a command of
+    another module may instead bring its own ``add_arguments(parser)``.
+    """
 
     run: Callable[[argparse.Namespace], None]
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    schema: type | None = None
+    add_arguments: Callable[[argparse.ArgumentParser], Any] | None = None
+
+
+def _pretrain(options: argparse.Namespace) -> None:
+    from st_peft.models.factost.pretraining import run_pretrain
+
+    run_pretrain(options)
+
+
+def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from st_peft.models.factost.pretraining import add_pretrain_arguments
+
+    add_pretrain_arguments(parser)
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(train, "train a backbone or an adapter and write model + metrics", add_train_arguments),
-    "evaluate": Command(evaluate, "evaluate a trained model folder and write metrics JSON", add_evaluate_arguments),
-    "pretrain": Command(run_pretrain, "pretrain a FactoST backbone on univariate series", add_pretrain_arguments),
-    "push": Command(push, "push a trained model folder to the Hub with its model card", add_push_arguments),
+    "train": Command(train, "train a backbone or an adapter and write model + metrics", TrainOptions),
+    "evaluate": Command(evaluate, "evaluate a trained model folder and write metrics JSON", EvaluateOptions),
+    "pretrain": Command(_pretrain, "pretrain a FactoST backbone on univariate series",
+                        add_arguments=_add_pretrain_arguments),
+    "push": Command(push, "push a trained model folder to the Hub with its model card", PushOptions),
 }
 
-USER_ERRORS = (UsageError, DataError, RunFolderError, HubError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (UsageError, OptionError, DataError, RunFolderError, HubError, FileExistsError, FileNotFoundError)
 """Errors in what the user gave: one line and exit status 2 (``--debug`` shows the traceback)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with the closest flag or choice when one is near;
+    ``--help`` shows every option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        choice = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if unknown:
+            message += did_you_mean(unknown.group(1).split("=")[0], self._option_string_actions)
+        elif choice:
+            message += did_you_mean(choice.group(2), re.findall(r"'([^']*)'", choice.group(3)))
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per entry of :data:`COMMANDS`."""
     from st_peft import __version__
 
-    parser = argparse.ArgumentParser(prog="st-peft", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="st-peft", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"st-peft {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     commands = {}
@@ -459,36 +500,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
         sub.add_argument("--config", help="YAML file of options; command-line flags override it")
         sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        command.add_arguments(sub)
+        if command.schema is not None:
+            add_arguments(sub, command.schema)
+        else:
+            command.add_arguments(sub)
         commands[name] = sub
     return parser, commands
 
 
-def _yaml_defaults(path: str, sub: argparse.ArgumentParser) -> dict[str, Any]:
+def _yaml_defaults(path: str, sub: argparse.ArgumentParser, schema: type | None) -> dict[str, Any]:
+    """The options of a ``--config`` YAML file, read like the flags (validated with them afterwards)."""
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             content = yaml.safe_load(handle) or {}
+    except UnicodeDecodeError as error:
+        sub.error(f"--config {path}: not a UTF-8 text file ({error.reason} at byte {error.start})")
     except (OSError, yaml.YAMLError) as error:
-        sub.error(f"--config {path}: {error}")
+        sub.error(f"--config {path}: {' '.join(str(error).split())}")
     if not isinstance(content, dict):
         sub.error(f"{path}: expected a mapping of options, got {type(content).__name__}")
-    settings = {key.replace("-", "_"): value for key, value in content.items()}
+    settings = {str(key).replace("-", "_"): value for key, value in content.items()}
     known = {action.dest for action in sub._actions} - {"help", "config"}
     unknown = sorted(set(settings) - known)
     if unknown:
-        sub.error(f"{path}: unknown options {unknown}; known: {sorted(known)}")
+        sub.error(f"{path}: unknown options {unknown}{did_you_mean(unknown[0], known)}")
     for action in sub._actions:
         if action.dest not in settings:
             continue
         value = settings[action.dest]
-        # YAML values get the flags' conversions and checks; PyYAML reads `1e-3` as a string
-        if isinstance(value, str) and action.type is not None:
-            try:
-                value = settings[action.dest] = action.type(value)
-            except (ValueError, argparse.ArgumentTypeError) as error:
-                sub.error(f"{path}: {action.dest}={value!r}: {error}")
-        if action.choices is not None and value not in action.choices:
-            sub.error(f"{path}: {action.dest}={value!r} is not one of {list(action.choices)}")
+        try:
+            if schema is not None:
+                settings[action.dest] = yaml_value(schema, action.dest, value)
+            elif isinstance(value, str) and action.type is not None:
+                # PyYAML reads `1e-3` as a string: it gets the flag's conversion
+                settings[action.dest] = action.type(value)
+        except (OptionError, ValueError, argparse.ArgumentTypeError) as error:
+            sub.error(f"{path}: {error}")
+        if schema is None and action.choices is not None and settings[action.dest] not in action.choices:
+            sub.error(f"{path}: {action.dest}={value!r} is not one of {list(action.choices)}"
+                      f"{did_you_mean(str(value), action.choices)}")
     return settings
 
 
@@ -499,11 +549,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         SystemExit: with status 2 after argparse's one-line message, for a bad flag or file.
     """
     parser, commands = build_parser()
-    options = parser.parse_args(argv)
+
+    def parse() -> argparse.Namespace:
+        options, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the subcommand, whose flags the closest match comes from
+            commands[options.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        return options
+
+    options = parse()
+    schema = COMMANDS[options.command].schema
     if options.config:
         sub = commands[options.command]
-        sub.set_defaults(**_yaml_defaults(options.config, sub))
-        options = parser.parse_args(argv)
+        sub.set_defaults(**_yaml_defaults(options.config, sub, schema))
+        options = parse()
+    if schema is not None:
+        try:
+            validate(schema, vars(options))
+        except OptionError as error:
+            commands[options.command].error(f"{f'{options.config}: ' if options.config else ''}{error}")
     return options
 
 
@@ -511,7 +574,7 @@ def _warnings_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     """A ``warnings.showwarning`` that prints a run folder's warnings as one line and leaves others to ``show``."""
 
     def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, RunWarning):
+        if issubclass(category, (RunWarning, OptionWarning)):
             print(f"st-peft: warning: {message}", file=sys.stderr)
         else:
             show(message, category, *args, **kwargs)
@@ -527,11 +590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from st_peft.training.distributed import leave_process_group
 
-    options = parse_args(argv)
+    try:
+        options = parse_args(argv)
+    except SystemExit as error:  # --help, --version, or a refused option already printed in one line
+        return error.code if isinstance(error.code, int) else USAGE_ERROR
     prefix = f"st-peft {options.command}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", RunWarning)
+            warnings.simplefilter("always", OptionWarning)
             if not options.debug:
                 warnings.showwarning = _warnings_as_lines(warnings.showwarning)
             COMMANDS[options.command].run(options)

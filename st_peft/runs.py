@@ -8,7 +8,8 @@ A run folder holds:
                             commit point of a run
 ``model.safetensors``       the trained model's whole state (scaling statistics included)
 ``adapter/``                a ``PeftModel``'s adapter, saved the PEFT way
-``metrics.json``            the test metrics
+``metrics.json``            the test metrics, the baselines' beside them and the verdict
+``data_summary.json``       the data summary printed before training
 ``checkpoints/checkpoint-N`` the Trainer's checkpoints; each complete one holds
                             ``st_peft_run.json`` naming the run that wrote it
 ``.lock``                   held (``flock``) by the process writing the run; names its id
@@ -43,6 +44,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+DATA_SUMMARY_FILE = "data_summary.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
@@ -51,7 +53,7 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 RUNNING, FAILED, FINISHED = "running", "failed", "finished"
-RUN_ENTRIES = (RUN_FILE, MODEL_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
+RUN_ENTRIES = (RUN_FILE, MODEL_FILE, METRICS_FILE, DATA_SUMMARY_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
 """What a run writes; ``--overwrite`` removes exactly these (and ``metrics-<split>.json``)."""
 
 

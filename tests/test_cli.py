@@ -2,6 +2,7 @@
 cannot lie (locks, resume, overwrite, partial checkpoints, non-finite losses) and user-input errors."""
 
 import ast
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 import st_peft.data as std
 from st_peft import cli
 from st_peft.baselines import baseline_metrics, seasonal_period
+from st_peft.options import TrainOptions
 from st_peft.runs import CHECKPOINT_MARK, LOCK_FILE, RunFolder
 
 torch.set_num_threads(1)
@@ -94,7 +96,7 @@ def test_bad_options_are_one_line_with_status_2(tmp_path, capsys):
     assert exit_info.value.code == 2 and "unknown options ['epoch']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.parse_args(["train", "--config", str(write_config(tmp_path / "b.yaml", model="mlp"))])
-    assert "model='mlp' is not one of" in capsys.readouterr().err
+    assert "--model (model in YAML): 'mlp' is not one of" in capsys.readouterr().err
     assert cli.main(["train"]) == 2
     assert capsys.readouterr().err.strip() == "st-peft train: error: missing --dataset, --output-dir (flag or --config key)"
     with pytest.raises(SystemExit):
@@ -102,13 +104,86 @@ def test_bad_options_are_one_line_with_status_2(tmp_path, capsys):
     assert "invalid choice: 'no-such-adapter'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("budget", [["--epochs", "0"], ["--max-steps", "0"], ["--epochs", "-1"]])
-def test_a_run_that_would_train_nothing_is_refused(budget, tmp_path, capsys):
+@pytest.mark.parametrize(("argv", "error"), [
+    (["train", "--epohcs", "3"], "st-peft train: error: unrecognized arguments: --epohcs 3; did you mean '--epochs'?"),
+    (["train", "--model", "stdi"], "invalid choice: 'stdi' (choose from 'gwnet', 'st_link', 'stgcn', 'stid'); "
+     "did you mean 'stid'?"),
+    (["tran"], "st-peft: error: argument command: invalid choice: 'tran' (choose from 'train', 'evaluate', "
+     "'pretrain', 'push'); did you mean 'train'?"),
+    (["train", "--config", "EPOHCS"], "unknown options ['epohcs']; did you mean 'epochs'?"),
+    (["train", "--config", "ADAPTER"], "--adapter (adapter in YAML): 'st-lora' is not one of ['factost', 'none', "
+     "'st_lora']; did you mean 'st_lora'?"),
+])
+def test_a_mistyped_option_is_one_line_that_says_what_was_meant(argv, error, tmp_path, capsys):
+    if "EPOHCS" in argv or "ADAPTER" in argv:
+        extra = {"epohcs": 3} if "EPOHCS" in argv else {"adapter": "st-lora"}
+        argv = [*argv[:-1], str(write_config(tmp_path / "run.yaml", **extra))]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(argv)
+    printed = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error in printed and printed.count("\n") == 1, printed
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["train", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    for default in ("history steps L (default: 12)", "(default: stid)", "(default: 10.0)", "(default: 0.001)"):
+        assert default in printed
+    assert printed.count("(default: ") == len(dataclasses.fields(TrainOptions)) + 2  # and --config, --debug
+
+
+@pytest.mark.parametrize(("budget", "message"), [
+    (["--epochs", "0"], "--epochs (epochs in YAML): must be above 0, got 0.0"),
+    (["--max-steps", "0"], "--max-steps (max_steps in YAML): must be at least 1, got 0"),
+    (["--epochs", "-1"], "--epochs (epochs in YAML): must be above 0, got -1.0"),
+])
+def test_a_run_that_would_train_nothing_is_refused(budget, message, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--config", str(write_config(tmp_path / "run.yaml")), *budget,
                      "--output-dir", str(out)]) == 2
-    assert "trains nothing" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+HOSTILE = [
+    (["train", "--epochs", "inf"], "--epochs (epochs in YAML): expected a finite number, got inf"),
+    (["train", "--batch-size", "0"], "--batch-size (batch_size in YAML): must be at least 1, got 0"),
+    (["train", "--batch-size", "-4"], "must be at least 1, got -4"),
+    (["train", "--lr", "nan"], "--lr (lr in YAML): expected a finite number, got nan"),
+    (["train", "--lr", "-1"], "--lr (lr in YAML): must be above 0, got -1.0"),
+    (["train", "--seed", "-1"], "--seed (seed in YAML): must be at least 0, got -1"),
+    (["train", "--patience", "-1"], "--patience (patience in YAML): must be at least 1, got -1"),
+    (["train", "--model-args", "{embed_dim: 8"], "argument --model-args: '{embed_dim: 8' is not a YAML mapping"),
+    (["train", "--output-dir", ""], "--output-dir (output_dir in YAML): expected a non-empty path, got ''"),
+    (["push", "--timeout", "inf"], "--timeout (timeout in YAML): expected a finite number, got inf"),
+    (["push", "--repo-id", "not a repo id", "--save-dir", "x"], "expected a repository id such as org/name, got "
+     "'not a repo id'"),
+    (["train", "YAML", "batch_size: 3.5"], "--batch-size (batch_size in YAML): expected a whole number, got 3.5"),
+    (["train", "YAML", "epochs: [1, 2]"], "--epochs (epochs in YAML): expected a number, got [1, 2]"),
+    (["train", "YAML", "resume: 'no'"], "--resume (resume in YAML): expected true or false, got 'no'"),
+    (["train", "YAML", b"dataset: \xff\n"], "not a UTF-8 text file"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), HOSTILE, ids=[" ".join(map(str, argv)) for argv, _ in HOSTILE])
+def test_a_hostile_option_is_one_line_with_status_2(argv, message, tmp_path, capsys):
+    if argv[1] == "YAML":
+        config = tmp_path / "run.yaml"
+        content = argv[2] if isinstance(argv[2], bytes) else f"dataset: chickenpox\n{argv[2]}\n".encode()
+        config.write_bytes(content)
+        argv = [argv[0], "--config", str(config)]
+    assert cli.main([*argv, *(["--output-dir", str(tmp_path / "run")] if "--output-dir" not in argv and
+                               argv[0] == "train" else [])]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and "Traceback" not in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_booleans_are_real_booleans(tmp_path):
+    options = cli.parse_args(["train", "--config", str(write_config(tmp_path / "run.yaml", resume="false",
+                                                                     overwrite="yes"))])
+    assert options.resume is False and options.overwrite is True
 
 
 def test_loss_is_an_argument_of_the_model(tmp_path):

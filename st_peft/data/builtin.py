@@ -77,3 +77,13 @@ BUILTIN_DATASETS: dict[str, Callable[[], STData]] = {
     "chickenpox": _chickenpox,
 }
 
+
+BUILTIN_MISSING: dict[str, str] = {
+    "los-loop": "0 (a speed of 0 is a sensor that did not report)",
+    "sz-taxi": "0 and values within 1e-3 of it (a speed that was not recorded)",
+    "nyc-taxi": "nothing: zeros are real demand",
+    "nyc-bike": "nothing: zeros are real demand",
+    "etth1": "empty cells only",
+    "chickenpox": "nothing: every value is observed",
+}
+"""What each built-in data set counts as missing: the ``missing_value`` its reader is given above."""

@@ -214,8 +214,8 @@ class STData:
         )
         timestamps = np.asarray(table["timestamp"][:]) if "timestamp" in dataset.column_names else None
         spd = steps_per_day or metadata.get("steps_per_day")
-        if spd is None and timestamps is not None:
-            spd = steps_per_day_of(pd.DatetimeIndex(timestamps), name or metadata.get("name", "data"))
+        if timestamps is not None and (spd is None or steps_per_day is not None):
+            spd = agreed_steps_per_day(steps_per_day, pd.DatetimeIndex(timestamps), name or metadata.get("name", "data"))
         if spd is None:
             raise DataError(
                 "steps_per_day is unknown: the dataset has neither st-peft metadata nor timestamps; "
@@ -247,6 +247,21 @@ def steps_per_day_of(timestamps: pd.DatetimeIndex, source: str = "data") -> int:
     _check_regular(stamps, source)
     step_seconds = np.median(np.diff(stamps).astype(np.int64)) / 1e9
     return max(1, int(SECONDS_PER_DAY // step_seconds))
+
+
+def agreed_steps_per_day(steps_per_day: int | None, timestamps: pd.DatetimeIndex, source: str = "data") -> int:
+    """The steps per day of dated data: ``steps_per_day`` when given and the dates agree, else the dates'.
+
+    Raises:
+        DataError: a given ``steps_per_day`` that contradicts the dates, naming both.
+    """
+    implied = steps_per_day_of(timestamps, source)
+    if steps_per_day is not None and steps_per_day != implied:
+        raise DataError(
+            f"{source}: steps_per_day {steps_per_day} contradicts the dates, which step every "
+            f"{pd.Timedelta(86400 / implied, unit='s')} ({implied} a day); drop --steps-per-day, the dates give it"
+        )
+    return implied
 
 
 def checked_steps_per_day(steps_per_day, source: str = "data") -> int:

@@ -20,6 +20,7 @@ FILE_READERS = {".npz": read_npz, ".h5": read_h5, ".hdf5": read_h5, ".csv": read
 # what Dataset.save_to_disk / DatasetDict.save_to_disk write
 _SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 # "org/name"; a leading dot ("./x", "../x") is a local path, never a repository
+_RELATIVE_DATES = {"now", "today", "tomorrow", "yesterday"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -159,13 +160,24 @@ def _regular_timestamps(start: str | datetime, data: STData, source: str) -> np.
             f"{source}: {data.steps_per_day} steps a day do not divide a day into whole nanoseconds; "
             "give timestamps in the file instead of start"
         )
+    # pandas reads "now" and "today" as the clock's time: a run would rebuild other dates on every read
+    if isinstance(start, str) and start.strip().lower() in _RELATIVE_DATES:
+        raise DataError(f"{source}: start {start!r} is relative to today; give the first step's date and time "
+                        "(e.g. '2024-01-01 00:00')")
     try:
         first = pd.Timestamp(start)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise DataError(f"{source}: start {start!r} is not a date and time (e.g. '2024-01-01 00:00')") from error
     if first is pd.NaT:
         raise DataError(f"{source}: start {start!r} is not a date and time (e.g. '2024-01-01 00:00')")
     if first.tzinfo is not None:
         first = first.tz_convert("UTC").tz_localize(None)
-    step = np.timedelta64(SECONDS_PER_DAY * 10**9 // data.steps_per_day, "ns")
+    step_ns = SECONDS_PER_DAY * 10**9 // data.steps_per_day
+    # datetime64[ns] ends in 2262 and wraps around silently past it
+    try:
+        first.as_unit("ns") + pd.Timedelta((data.num_steps - 1) * step_ns, unit="ns")
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):
+        raise DataError(f"{source}: {data.num_steps} steps from start {start!r} end after {pd.Timestamp.max:%Y-%m-%d}, "
+                        "the last date st-peft can represent; give the real first date") from None
+    step = np.timedelta64(step_ns, "ns")
     return first.to_datetime64().astype("datetime64[ns]") + np.arange(data.num_steps) * step

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from st_peft.data.container import STData, observed_mask, steps_per_day_of
+from st_peft.data.container import STData, agreed_steps_per_day, observed_mask
 from st_peft.data.errors import DataError
 
 
@@ -80,12 +80,23 @@ def read_wide_csv(
     steps_per_day: int | None = None,
     missing_value: float | None = None,
     name: str | None = None,
+    columns: list[str] | None = None,
     **metadata,
 ) -> STData:
     """Read a wide CSV: an optional date column and one column per node (or variable).
 
-    Empty cells are missing. With ``date_column=None`` every column is a node and
-    ``steps_per_day`` must be given; otherwise it is inferred from the timestamps.
+    Empty cells are missing, and so is ``missing_value`` when given. With ``date_column=None``
+    every column is a node and ``steps_per_day`` must be given; otherwise it is inferred from
+    the timestamps, and a ``steps_per_day`` that disagrees with them is refused.
+
+    Args:
+        columns: the node columns to keep, in this order (all but the date column by default).
+            A column that is not numeric, or that looks like a row id (consecutive whole
+            numbers, or named ``id`` / ``index`` / ``Unnamed: 0``), is refused naming it, so
+            it never becomes a sensor unnoticed.
+
+    Raises:
+        DataError: one line naming the file, the column and the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,11 +107,47 @@ def read_wide_csv(
         raise DataError(f"corrupt CSV file {path}: {error}") from error
     if date_column is not None:
         if date_column not in frame.columns:
-            raise DataError(f"{path}: no date column '{date_column}' (columns: {list(frame.columns)[:5]}...)")
-        frame = frame.set_index(pd.to_datetime(frame.pop(date_column)))
+            raise DataError(f"{path}: no date column '{date_column}' (columns: {_first_columns(frame)}); name it "
+                            "with --date-column, or --date-column none when the file has no dates")
+        try:
+            dates = pd.to_datetime(frame.pop(date_column))
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{path}: column '{date_column}' does not hold dates ({error}); name the date column "
+                            "with --date-column") from error
+        frame = frame.set_index(dates)
     elif steps_per_day is None:
         raise DataError(f"{path}: pass steps_per_day when the CSV has no date column")
+    if columns is not None:
+        unknown = [column for column in columns if column not in frame.columns]
+        if unknown or not columns:
+            raise DataError(f"{path}: no columns {unknown} (columns: {_first_columns(frame)})")
+        frame = frame[list(columns)]
+    _refuse_non_node_columns(frame, path, chosen=columns is not None)
     return _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day, **metadata)
+
+
+_ID_NAMES = {"id", "index", "row", "row_id", "rowid", "idx", "unnamed: 0"}
+
+
+def _first_columns(frame: pd.DataFrame, count: int = 8) -> str:
+    names = [str(column) for column in frame.columns]
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def _refuse_non_node_columns(frame: pd.DataFrame, path: Path, chosen: bool) -> None:
+    """Refuse a column that holds text, or (unless the user ``chosen`` the columns) that looks like a row id
+    rather than a signal, naming it."""
+    for column in frame.columns:
+        series = frame[column]
+        fix = "choose the node columns with --columns (Python: columns=[...])"
+        if not pd.api.types.is_numeric_dtype(series) and not series.isna().all():
+            example = series[pd.to_numeric(series, errors="coerce").isna() & series.notna()].iloc[0]
+            raise DataError(f"{path}: column '{column}' is not numeric (e.g. {example!r}); {fix}")
+        whole = series.dropna()
+        consecutive = len(whole) > 2 and (whole.diff().iloc[1:] == 1).all() and (whole % 1 == 0).all()
+        if not chosen and (str(column).strip().lower() in _ID_NAMES or consecutive):
+            raise DataError(f"{path}: column '{column}' looks like a row id ({', '.join(map(str, whole[:3].tolist()))}"
+                            f", ...), not a sensor; {fix}")
 
 
 def _from_frame(
@@ -119,7 +166,7 @@ def _from_frame(
     timestamps = None
     if isinstance(frame.index, pd.DatetimeIndex):
         timestamps = frame.index.to_numpy(dtype="datetime64[ns]")
-        steps_per_day = steps_per_day or steps_per_day_of(frame.index, str(path))
+        steps_per_day = agreed_steps_per_day(steps_per_day, frame.index, str(path))
     values = values[..., None]
     return STData(
         values=np.nan_to_num(values),

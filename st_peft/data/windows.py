@@ -257,6 +257,7 @@ def build_splits(
     kept = max(1, math.ceil(few_shot * len(starts["train"])))
     starts["train"] = starts["train"][-kept:]
     fit_span = slice(int(starts["train"][0]), int(starts["train"][-1]) + input_len + horizon)
+    refuse_dominant_values(data, fit_span)
     scaler = StandardScaler.fit(data.values[fit_span], data.mask[fit_span])
     collator = WindowCollator(
         inputs=np.ascontiguousarray(data.values[..., input_channels]),
@@ -278,6 +279,43 @@ def build_splits(
         target_channels=target_channels,
         **split_sets,
     )
+
+
+DOMINANT_DEVIATIONS = 1e6
+"""A value this many robust deviations from its channel's median would dominate the scaler: it is refused."""
+
+
+def refuse_dominant_values(data: STData, span: slice) -> None:
+    """Refuse an observed value of ``data.values[span]`` that would dominate the scaler fitted on it.
+
+    A value more than :data:`DOMINANT_DEVIATIONS` robust deviations (the median absolute deviation,
+    or the mean one where most values are equal) from its channel's median sets the channel's
+    standard deviation by itself and scales every other value to about 0.
+
+    Raises:
+        DataError: naming the step (and time), node, channel and value.
+    """
+    values, mask = data.values[span], data.mask[span]
+    for channel in range(data.num_channels):
+        observed = values[..., channel][mask[..., channel]].astype(np.float64)
+        if observed.size == 0:
+            continue
+        median = np.median(observed)
+        deviation = np.abs(observed - median)
+        robust = np.median(deviation) or deviation.mean()
+        if robust == 0 or deviation.max() <= DOMINANT_DEVIATIONS * robust:
+            continue
+        where = mask[..., channel] & (np.abs(values[..., channel].astype(np.float64) - median)
+                                      > DOMINANT_DEVIATIONS * robust)
+        step, node = (int(i) for i in np.argwhere(where)[0])
+        step += span.start or 0
+        when = f"step {step}" + ("" if data.timestamps is None else f" ({str(data.timestamps[step])[:19]})")
+        raise DataError(
+            f"{data.name}: value {data.values[step, node, channel]:.3g} at {when}, node '{data.node_ids[node]}', "
+            f"channel '{data.channel_names[channel]}' is {np.abs(data.values[step, node, channel] - median) / robust:.2g} "
+            f"robust deviations from the median {median:.4g} of the training span: it would dominate the scaling of "
+            "every node; correct it or mark it missing"
+        )
 
 
 def _channels(channels: Sequence[int] | None, data: STData) -> list[int]:
