@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 NODES = 8
 FAST = ["--input-len", "6", "--horizon", "3", "--max-steps", "1", "--batch-size", "64", "--steps-per-day", "24"]
 TINY_STID = ["--model-args", "{embed_dim: 8, node_dim: 4, tod_dim: 2, dow_dim: 2, num_layers: 1}"]
-TINY_GWNET = "residual_channels: 4, dilation_channels: 4, skip_channels: 8, end_channels: 8, blocks: 1"
+TINY_GWNET = "residual_channels: 4, dilation_channels: 4, skip_channels: 8, end_channels: 8"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 
 from st_peft.data.windows import ForecastingSplits
 
-STEPS_PER_DAY_GIVEN = "given (--steps-per-day)"
+STEPS_PER_DAY_GIVEN = "given with --steps-per-day"
 STEPS_PER_DAY_FROM_DATES = "inferred from the dates"
 STEPS_PER_DAY_BUILT_IN = "built into the data set"
 STEPS_PER_DAY_STORED = "stored with the data set"
