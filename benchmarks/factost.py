@@ -73,7 +73,7 @@ from st_lora_convergence import (  # noqa: E402
 )
 
 import st_peft
-from st_peft.baselines import last_value_forecast, seasonal_naive_forecast, split_starts
+from st_peft.baselines import last_value_forecast, seasonal_naive_forecast, seasonal_period, split_starts
 from st_peft.data import ForecastingSplits, build_splits
 from st_peft.data.windows import WindowCollator
 from st_peft.models.factost import FactoSTModel
@@ -188,18 +188,8 @@ def naive_predictions(splits: ForecastingSplits, method: str, stride: int) -> tu
     """Last value, or seasonal naive with the day or (where better on validation) the week as season."""
     if method == "last value":
         return last_value_forecast(splits)[::stride], {}
-    day = splits.steps_per_day
-    periods = [day] + ([7 * day] if split_starts(splits, "val")[0] + splits.input_len >= 7 * day else [])
-    val_future = split_starts(splits, "val")[:, None] + splits.input_len + np.arange(splits.horizon)
-    truth, mask = splits.collator.targets[val_future], splits.collator.target_mask[val_future]
-
-    def val_mae(period: int) -> float:
-        forecast = seasonal_naive_forecast(splits, "val", period)
-        return float(np.abs(forecast - truth)[mask].mean())
-
-    scores = {period: val_mae(period) for period in periods}
-    period = min(scores, key=scores.get)
-    return seasonal_naive_forecast(splits, "test", period)[::stride], {"period": period, "val_mae": scores}
+    period = seasonal_period(splits)
+    return seasonal_naive_forecast(splits, "test", period)[::stride], {"period": period}
 
 
 def fracast_predictions(splits: ForecastingSplits, context: int, stride: int, batch_size: int = 128,
