@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from st_peft.data.errors import DataError
@@ -129,6 +131,8 @@ def verdict(name: str, mae: float, baselines: dict[str, dict[str, float]]) -> st
     """One line: whether the forecaster ``name``, of mean MAE ``mae``, beats each baseline of
     :func:`baseline_metrics`, e.g. ``stid beats last value (MAE 2.1 vs 2.9) but loses to seasonal naive
     (MAE 2.1 vs 1.8)``."""
+    if not math.isfinite(mae):
+        return f"{name} has no observed target to score here, so nothing beats or loses"
     beaten = [f"{baseline} (MAE {mae:.4g} vs {scores['mae']:.4g})" for baseline, scores in baselines.items()
               if mae < scores["mae"]]
     lost = [f"{baseline} (MAE {mae:.4g} vs {scores['mae']:.4g})" for baseline, scores in baselines.items()
@@ -151,5 +155,8 @@ def with_baselines(metrics: dict[str, float], splits: ForecastingSplits, split: 
     """
     period = seasonal_period(splits)
     baselines = baseline_metrics(splits, split, horizons, period)
+    if "loss" in metrics and not math.isfinite(metrics["mae"]):
+        # nothing observed to score: the masked loss is an empty mean, reported as 0.0, not a score
+        metrics = {**metrics, "loss": math.nan}
     return {**metrics, "baselines": {"season_steps": period, **baselines},
             "verdict": verdict(name, metrics["mae"], baselines)}

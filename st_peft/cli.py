@@ -21,6 +21,7 @@ Extending the script:
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import os
 import re
@@ -36,6 +37,7 @@ import yaml
 from torch import nn
 
 from st_peft.data.errors import DataError
+from st_peft.data.fingerprint import changes, data_fingerprints
 from st_peft.hub import HubError, card_dataset, push_adapter, push_backbone, save_for_hub
 from st_peft.models.st_link import STLinkForForecasting
 from st_peft.options import (
@@ -53,6 +55,7 @@ from st_peft.options import (
     yaml_value,
 )
 from st_peft.runs import (
+    DATA_FINGERPRINTS,
     DATA_SUMMARY_FILE,
     MODEL_FILE,
     RunFolder,
@@ -237,10 +240,16 @@ def summary_of(options: argparse.Namespace, splits: Any) -> dict[str, Any]:
     return summary.data_summary(splits, steps_per_day_from=source, missing=missing)
 
 
-def load_run(folder: RunFolder) -> tuple[nn.Module, Any, argparse.Namespace]:
-    """Rebuild the finished run of ``folder``: its model with the trained weights, its splits and options."""
+def load_run(folder: RunFolder, allow_changed_data: bool = False) -> tuple[nn.Module, Any, argparse.Namespace]:
+    """Rebuild the finished run of ``folder``: its model with the trained weights, its splits and options.
+
+    Data files that changed since the run trained are refused (:func:`check_same_data`) unless
+    ``allow_changed_data``.
+    """
     run = folder.finished_run()
-    options = argparse.Namespace(command="train", **run.options)
+    check_same_data(run.options, folder, allow_changed_data, "evaluate")
+    options = argparse.Namespace(command="train", **{key: value for key, value in run.options.items()
+                                                      if key != DATA_FINGERPRINTS})
     options.backbone_from = None  # the weights come from the run folder, not from the run's starting point
     with _user_input(f"the run in {folder.path}"):
         splits = splits_for(options)
@@ -269,7 +278,28 @@ def run_options(options: argparse.Namespace) -> dict[str, Any]:
         value = recorded.get(key)
         if value and value not in BUILTIN_DATASETS and Path(value).expanduser().exists():
             recorded[key] = str(Path(value).expanduser().resolve())
+    recorded[DATA_FINGERPRINTS] = data_fingerprints(recorded["dataset"], recorded["adjacency"])
     return recorded
+
+
+def check_same_data(recorded: dict[str, Any], folder: RunFolder, allow: bool, doing: str) -> None:
+    """Refuse to ``doing`` (evaluate, resume) the run in ``folder`` on data that differs from what it read.
+
+    Args:
+        recorded: the run's options, with the ``data_fingerprints`` it was started with.
+        allow: ``--allow-changed-data``: warn instead.
+
+    Raises:
+        RunFolderError: naming each changed file and the flag that overrides.
+    """
+    sources = {"dataset": recorded.get("dataset"), "adjacency": recorded.get("adjacency")}
+    found = changes(recorded.get(DATA_FINGERPRINTS), data_fingerprints(**sources), sources)
+    if not found:
+        return
+    message = f"the data of the run in {folder.path} changed since it trained: {'; '.join(found)}"
+    if not allow:
+        raise RunFolderError(f"{message}; pass --allow-changed-data to {doing} it on the new data anyway")
+    warnings.warn(f"{message}; going on (--allow-changed-data)", RunWarning, stacklevel=2)
 
 
 def adapter_sampler(model: nn.Module, splits: Any, options: argparse.Namespace) -> Any:
@@ -312,7 +342,11 @@ def train(options: argparse.Namespace) -> None:
     folder = RunFolder(options.output_dir)
     main = is_main_process()
     with folder.locked() if main else nullcontext():
-        run = folder.begin(run_options(options), overwrite=options.overwrite, resume=options.resume) if main \
+        recorded = run_options(options)
+        previous = folder.read_run() if main and options.resume else None
+        if previous is not None:
+            check_same_data(previous.options, folder, options.allow_changed_data, "resume")
+        run = folder.begin(recorded, overwrite=options.overwrite, resume=options.resume) if main \
             else folder.read_run()
         if main:
             write_json_atomic(folder.path / DATA_SUMMARY_FILE, data_summary)
@@ -378,7 +412,7 @@ def evaluate(options: argparse.Namespace) -> None:
 
     folder = _run_dir(options)
     with folder.locked() if is_main_process() else nullcontext(), tempfile.TemporaryDirectory() as scratch:
-        model, splits, run = load_run(folder)
+        model, splits, run = load_run(folder, options.allow_changed_data)
         args = st_training_args(scratch, batch_size=options.batch_size, eval_strategy="no", save_strategy="no",
                                 load_best_model_at_end=False, disable_tqdm=True)
         trainer = STTrainer(model, args, data_collator=splits.collator)
@@ -406,7 +440,7 @@ def push(options: argparse.Namespace) -> None:
     _require(options, "repo_id")
     folder = _run_dir(options)
     with folder.locked():
-        model, splits, run = load_run(folder)
+        model, splits, run = load_run(folder, options.allow_changed_data)
         metrics = {key: value for key, value in folder.read_metrics().items()
                    if key != "loss" and isinstance(value, int | float)}
     card = {
@@ -570,6 +604,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return options
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""Errors of the disk a run writes to: a full disk or quota, a read-only or forbidden folder."""
+
+
+def disk_error(error: OSError, options: argparse.Namespace) -> str:
+    """One line for an ``OSError`` of :data:`DISK_ERRORS`: what could not be written and how to go on."""
+    where = error.filename or getattr(options, "output_dir", None) or "the output"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = "free some space, then continue the run with --resume" if options.command == "train" else \
+            "free some space and run it again"
+    else:
+        then = "make it writable or choose another --output-dir" if options.command == "train" else \
+            "make it writable or write elsewhere"
+    return f"cannot write {where}: {error.strerror}; {then}"
+
+
 def _warnings_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     """A ``warnings.showwarning`` that prints a run folder's warnings as one line and leaves others to ``show``."""
 
@@ -612,6 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prefix}: error: {error}", file=sys.stderr)
         return RUN_FAILED
+    except OSError as error:
+        if options.debug or error.errno not in DISK_ERRORS:
+            raise
+        print(f"{prefix}: error: {disk_error(error, options)}", file=sys.stderr)
+        return USAGE_ERROR
     except SystemExit as error:
         # subcommands of other modules (pretrain) say what is missing with SystemExit(message)
         if isinstance(error.code, str) and not options.debug:

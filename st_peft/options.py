@@ -175,6 +175,8 @@ class TrainOptions(DataOptions):
     output_dir: str | None = option(help="the run folder: model, checkpoints, options and metrics",
                                     pattern=re.compile(r".*\S.*"))
     overwrite: bool = option(False, "remove the run in --output-dir and start over", recorded=False)
+    allow_changed_data: bool = option(False, "--resume even if a data or graph file changed since the run started",
+                                      recorded=False)
 
 
 @dataclass
@@ -183,6 +185,8 @@ class RunDirOptions:
 
     run_dir: str | None = option(help="the --output-dir of an `st-peft train` run", positional=True)
     model_dir: str | None = option(help="RUN_DIR as a flag or YAML key")
+    allow_changed_data: bool = option(False, "read the run's data even if a data or graph file changed since it "
+                                      "trained")
 
 
 @dataclass

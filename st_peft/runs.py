@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,6 +46,9 @@ RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 DATA_SUMMARY_FILE = "data_summary.json"
+DATA_FINGERPRINTS = "data_fingerprints"
+"""The entry of a run's options that fingerprints its data files (:mod:`st_peft.data.fingerprint`); --resume
+checks it on its own, with its own message and override, so the options comparison leaves it out."""
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
@@ -90,14 +94,33 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so that it is strict JSON (``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_json_atomic(path: str | os.PathLike, content: Mapping[str, Any]) -> None:
-    """Write ``content`` as JSON to ``path`` through a temporary file renamed into place."""
+    """Write ``content`` as strict JSON (NaN as ``null``) to ``path`` through a temporary file renamed into place.
+
+    A failed write (a full disk, a read-only folder) leaves ``path`` as it was and no temporary file behind.
+    """
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False) as handle:
-        json.dump(content, handle, indent=2, allow_nan=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            json.dump(strict_json(content), handle, indent=2, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
     os.replace(handle.name, path)
 
 
@@ -185,6 +208,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         lock_path = self.path / LOCK_FILE
         handle = open(lock_path, "a+")  # noqa: SIM115  (closed in finally)
+        held = False
         try:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,17 +227,19 @@ class RunFolder:
                     "not holding it"
                 warnings.warn(f"{self.path}: recovered the stale lock of process {previous} ({state})",
                               RunWarning, stacklevel=3)
+            held = True
             handle.seek(0)
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
             yield self
         finally:
-            if not handle.closed:
+            # only the holder empties the file: a refused process must leave the holder's id for the next one
+            if held:
                 handle.seek(0)
                 handle.truncate()
                 handle.flush()
-                handle.close()
+            handle.close()
 
     # ---- how it is written --------------------------------------------------------------
 
@@ -236,7 +262,8 @@ class RunFolder:
                 raise RunFolderError(f"the run in {self.path} has finished: nothing to resume; pass --overwrite to "
                                      "start over")
             differing = sorted(key for key in set(options) | set(previous.options)
-                               if key != "output_dir" and options.get(key) != previous.options.get(key))
+                               if key not in ("output_dir", DATA_FINGERPRINTS)
+                               and options.get(key) != previous.options.get(key))
             if differing:
                 changes = ", ".join(f"{key}: {previous.options.get(key)!r} -> {options.get(key)!r}" for key in differing)
                 raise RunFolderError(f"--resume continues the run in {self.path} with its own options; these differ: "
@@ -272,8 +299,15 @@ class RunFolder:
         write_json_atomic(self.path / RUN_FILE, content)
 
     def fail(self, run: Run, error: BaseException) -> None:
-        """Record that ``run`` stopped with ``error``."""
-        self._write_run(Run(run.run_id, FAILED, run.options, f"{type(error).__name__}: {error}"))
+        """Record that ``run`` stopped with ``error``.
+
+        On a full disk or a read-only folder the record cannot be written either: it keeps saying
+        ``running``, which ``--resume`` continues just as it continues a failed run.
+        """
+        try:
+            self._write_run(Run(run.run_id, FAILED, run.options, f"{type(error).__name__}: {error}"))
+        except OSError:
+            pass
 
     def finish(self, run: Run, model: nn.Module, metrics: Mapping[str, float]) -> None:
         """Write the trained model and its metrics, then mark ``run`` finished.
@@ -354,6 +388,35 @@ def checkpoint_problem(path: Path, run_id: str) -> str | None:
         return f"unreadable {TRAINER_STATE}"
     if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):
         return f"no weights ({' or '.join(CHECKPOINT_WEIGHTS)})"
+    return damaged_file(path)
+
+
+def damaged_file(path: Path) -> str | None:
+    """Why a file of the checkpoint ``path`` cannot be read back, or None.
+
+    A safetensors file must hold every byte its header declares; the torch files (optimizer,
+    scheduler, random states, training arguments) are zip archives whose every member must
+    match its checksum. Both checks read the files but build no tensor.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError, ValueError) as error:
+                return f"unreadable {file.name} ({' '.join(str(error).split())})"
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    broken = archive.testzip()
+            except (zipfile.BadZipFile, OSError) as error:
+                return f"unreadable {file.name} ({error})"
+            if broken is not None:
+                return f"unreadable {file.name} (member {broken} is damaged)"
     return None
 
 

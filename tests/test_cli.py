@@ -330,20 +330,29 @@ def test_kill_during_a_checkpoint_save_then_resume(tmp_path, capsys):
     assert_same_weights(crashed, straight)
 
 
-def test_resume_skips_a_checkpoint_without_trainer_state(tmp_path, capsys):
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda last: (last / "trainer_state.json").unlink(), "no trainer_state.json"),
+    (lambda last: truncate(last / "model.safetensors"), "unreadable model.safetensors"),
+    (lambda last: truncate(last / "optimizer.pt"), "unreadable optimizer.pt"),
+], ids=["no trainer state", "truncated weights", "truncated optimizer"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(damage, problem, tmp_path, capsys):
     config = str(write_config(tmp_path / "run.yaml", patience=10, epochs=2))
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert cli.main(["train", "--config", config, "--output-dir", str(straight)]) == 0
-    # the same run, stopped after epoch 2's checkpoint lost its trainer_state.json
+    # the same run, stopped after epoch 2's checkpoint was damaged
     assert cli.main(["train", "--config", config, "--output-dir", str(crashed)]) == 0
     last = crashed / "checkpoints" / f"checkpoint-{checkpoint_steps(crashed)[-1]}"
-    (last / "trainer_state.json").unlink()
+    damage(last)
     run = run_json(crashed)
     run["status"] = "running"
     (crashed / "run.json").write_text(json.dumps(run))
     capsys.readouterr()
     assert cli.main(["train", "--config", config, "--output-dir", str(crashed), "--resume"]) == 0
-    assert f"skipping {last}: no trainer_state.json" in capsys.readouterr().err
+    assert f"skipping {last}: {problem}" in capsys.readouterr().err
     assert_same_weights(crashed, straight)
 
 

@@ -8,6 +8,9 @@ user's ``.npz`` and dense adjacency ``.csv``.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import pickle
 from pathlib import Path
 
@@ -46,9 +49,11 @@ def trained(bike, tmp_path_factory) -> Path:
 
 
 def one_line_error(capsys) -> str:
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
-    return error
+    """The error printed since the last read: one line (after any one-line warnings), no traceback."""
+    printed = capsys.readouterr().err.strip()
+    lines = [line for line in printed.splitlines() if not line.startswith("st-peft: warning: ")]
+    assert len(lines) == 1 and "Traceback" not in printed, printed
+    return lines[0]
 
 
 def test_a_graph_model_without_a_graph_is_refused_unless_a_learned_graph_is_asked_for(bike, tmp_path, capsys):
@@ -100,5 +105,114 @@ def test_evaluate_on_a_model_that_does_not_load_is_one_line(damage, trained, bik
             np.savez(tmp_path / "bike.npz", data=archive["data"][:, :5])
         run_json = run / "run.json"
         run_json.write_text(run_json.read_text().replace(str(bike / "bike.npz"), str(tmp_path / "bike.npz")))
-    assert cli.main(["evaluate", str(run)]) == 2
+    assert cli.main(["evaluate", str(run), *(["--allow-changed-data"] if damage == "other nodes" else [])]) == 2
     assert f"the model in {run} does not load into the model its run.json describes" in one_line_error(capsys)
+
+
+def replace_values(path: Path) -> None:
+    """Rewrite the data file ``path`` with the same shape and other values, as a user replacing a file would."""
+    with np.load(path) as archive:
+        values = archive["data"]
+    np.savez(path, data=values[::-1].copy())
+
+
+def test_evaluate_on_changed_data_is_refused_naming_the_file_unless_allowed(trained, bike, tmp_path, capsys):
+    import shutil
+
+    run, data = tmp_path / "run", tmp_path / "bike.npz"
+    shutil.copytree(trained, run)
+    shutil.copy(bike / "bike.npz", data)
+    run_json = run / "run.json"
+    run_json.write_text(run_json.read_text().replace(str(bike / "bike.npz"), str(data)))
+    assert cli.main(["evaluate", str(run)]) == 0
+    replace_values(data)
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run)]) == 2
+    error = one_line_error(capsys)
+    assert f"the data of the run in {run} changed since it trained: --dataset {data} changed (" in error
+    assert error.endswith("pass --allow-changed-data to evaluate it on the new data anyway")
+    assert cli.main(["evaluate", str(run), "--allow-changed-data"]) == 0
+    assert "; going on (--allow-changed-data)" in capsys.readouterr().err
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(bike, tmp_path, capsys):
+    import shutil
+
+    data, out = tmp_path / "bike.npz", tmp_path / "run"
+    shutil.copy(bike / "bike.npz", data)
+    args = ["train", "--dataset", str(data), *FAST, *TINY_STID, "--output-dir", str(out)]
+    assert cli.main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["options"]["data_fingerprints"]["dataset"]["bytes"] == data.stat().st_size
+    record["status"] = "running"  # as if the process had died before the end
+    (out / "run.json").write_text(json.dumps(record))
+    replace_values(data)
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 2
+    assert "pass --allow-changed-data to resume it on the new data anyway" in one_line_error(capsys)
+    assert cli.main([*args, "--resume", "--allow-changed-data"]) == 0
+
+
+def test_a_refused_second_run_leaves_the_holders_id_for_the_next(bike, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", str(bike / "bike.npz"), *FAST, *TINY_STID, "--output-dir", str(out)]
+    with cli.RunFolder(out).locked():
+        for _ in range(2):
+            assert cli.main(args) == 2
+            assert f"is in use by another st-peft process (pid {os.getpid()})" in one_line_error(capsys)
+
+
+def test_metrics_with_nothing_to_score_are_strict_json(bike, tmp_path, capsys):
+    with np.load(bike / "bike.npz") as archive:
+        values = archive["data"].copy()
+    values[-110:] = 0  # the test span (the last 101 steps) is all missing: 0 in an .npz
+    np.savez(tmp_path / "bike.npz", data=values)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", str(tmp_path / "bike.npz"), *FAST, *TINY_STID,
+                     "--output-dir", str(out)]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"metrics.json holds {constant}, which is not JSON")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["mae"] is None and metrics["loss"] is None  # not a loss of 0.0 beside unscored metrics
+    assert metrics["baselines"]["last value"]["mae"] is None
+    assert metrics["verdict"] == "stid has no observed target to score here, so nothing beats or loses"
+
+
+@pytest.mark.parametrize(("where", "code", "message"), [
+    ("begin", errno.EROFS, "cannot write {out}: Read-only file system; make it writable or choose another "
+     "--output-dir"),
+    ("finish", errno.ENOSPC, "cannot write {out}/model.safetensors: No space left on device; free some space, then "
+     "continue the run with --resume"),
+])
+def test_a_full_disk_or_read_only_folder_is_one_line_and_the_run_resumes(where, code, message, bike, tmp_path,
+                                                                          monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", str(bike / "bike.npz"), *FAST, *TINY_STID, "--output-dir", str(out)]
+    original = getattr(cli.RunFolder, where)
+
+    def failing(self, *rest, **kwargs):
+        name = out if where == "begin" else out / "model.safetensors"
+        raise OSError(code, os.strerror(code), str(name))
+
+    monkeypatch.setattr(cli.RunFolder, where, failing)
+    assert cli.main(args) == 2
+    assert one_line_error(capsys) == f"st-peft train: error: {message.format(out=out)}"
+    monkeypatch.setattr(cli.RunFolder, where, original)
+    if where == "finish":  # the run's record says it is not finished, and --resume finishes it
+        assert json.loads((out / "run.json").read_text())["status"] != "finished"
+        assert cli.main([*args, "--resume"]) == 0
+        assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_saved_dataset_with_nan_where_its_mask_says_observed_is_refused(tmp_path, capsys):
+    import datasets
+
+    values = np.ones((200, 3, 1), dtype=np.float32)
+    values[50, 2, 0] = np.nan
+    dataset = datasets.Dataset.from_dict({"values": values, "mask": np.ones_like(values, dtype=bool)})
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    capsys.readouterr()
+    assert cli.main(["train", "--dataset", str(tmp_path / "saved"), *FAST, "--output-dir", str(tmp_path / "run")]) == 2
+    assert "NaN or inf at step 50, node '2', channel 'c0', an observed position" in one_line_error(capsys)

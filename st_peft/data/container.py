@@ -223,7 +223,8 @@ class STData:
             )
         adjacency = metadata.get("adjacency")
         return cls(
-            values=np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) * mask,
+            # a NaN where the mask says observed stays NaN, and is refused naming its position
+            values=np.where(mask, values, 0.0),
             mask=mask,
             steps_per_day=spd,
             name=name or metadata.get("name", "data"),

@@ -156,6 +156,16 @@ def read_edge_list(
     else:
         sources = _node_indices(frame[0], lines, num_nodes, path)
         targets = _node_indices(frame[1], lines, num_nodes, path)
+    if len(sources) == 0:
+        raise DataError(f"{path}: the edge list has no edge{' after its header' if has_header else ''}; a graph "
+                        "model would train on no graph")
+    pairs = pd.Series(list(zip(sources.tolist(), targets.tolist(), strict=True)))
+    repeated = np.flatnonzero(pairs.duplicated().to_numpy())
+    if repeated.size:
+        row = int(repeated[0])
+        first = int(np.flatnonzero((pairs == pairs.iloc[row]).to_numpy())[0])
+        raise DataError(f"{path}: line {lines[row]} repeats the edge {frame.iloc[row, 0]} -> {frame.iloc[row, 1]} of "
+                        f"line {lines[first]}; keep one row per edge")
     weights = np.ones(len(sources))
     if weight != "binary":
         costs = pd.to_numeric(frame[2], errors="coerce").to_numpy(dtype=np.float64)
@@ -167,6 +177,10 @@ def read_edge_list(
     adjacency[sources, targets] = weights
     if symmetric:
         adjacency[targets, sources] = weights
+    if not adjacency.any():
+        matched = "" if node_ids is None else f" ({len(sources)} of its rows join two of the data's node ids)"
+        raise DataError(f"{path}: no edge keeps a weight{matched}: the {weight} weights are all 0, which is an empty "
+                        "graph; check the node ids and the distances")
     return _checked_square(adjacency, path)
 
 
@@ -248,6 +262,15 @@ def _read_text_graph(path: Path, num_nodes: int | None, node_ids: list[str] | No
             matrix = frame.to_numpy(dtype=np.float32)
         except ValueError as error:
             raise DataError(f"corrupt adjacency file {path}: {error}; {_READERS_HINT}") from error
+        nodes = num_nodes if num_nodes is not None else (len(node_ids) if node_ids is not None else None)
+        endpoints = matrix[:, :2]
+        # 2 or 3 rows of node indices (and costs) read as well as an edge list: refuse to guess
+        if columns in (2, 3) and nodes is not None and \
+                (endpoints == np.round(endpoints)).all() and ((endpoints >= 0) & (endpoints < nodes)).all():
+            raise DataError(
+                f"{path}: {rows} rows of {columns} numbers could be a dense {rows}x{rows} matrix or an edge list of "
+                f"{nodes} nodes; add the header from,to,cost for an edge list, or save a matrix as .npy"
+            )
         return _checked_square(matrix, path)
     elif columns in (2, 3):
         weight = "binary" if columns == 2 else "cost"
