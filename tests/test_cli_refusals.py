@@ -15,6 +15,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -216,3 +217,36 @@ def test_a_saved_dataset_with_nan_where_its_mask_says_observed_is_refused(tmp_pa
     capsys.readouterr()
     assert cli.main(["train", "--dataset", str(tmp_path / "saved"), *FAST, "--output-dir", str(tmp_path / "run")]) == 2
     assert "NaN or inf at step 50, node '2', channel 'c0', an observed position" in one_line_error(capsys)
+
+
+GRAPHS = {
+    "an edge list that reads as a matrix": ("0,1,2.5\n1,2,3.0\n0,2,1.5\n", 3,
+                                             "3 rows of 3 numbers could be a dense 3x3 matrix or an edge list of 3 "
+                                             "nodes; add the header from,to,cost"),
+    "a distance file without rows": ("from,to,cost\n", NODES, "the edge list has no edge after its header"),
+    "an edge listed twice": ("from,to,cost\n0,1,1.5\n2,3,0.7\n0,1,5.0\n", NODES,
+                             "lines 2 and 4 list the edge 0 -> 1 with costs 1.5 and 5; keep one row per edge"),
+    "ids that match one edge": ("from,to,distance\n1001,1002,310.5\n9001,9002,12.0\n9003,1001,40.0\n", "ids",
+                                "no edge keeps a weight (1 of its rows join two of the data's node ids): the gaussian "
+                                "weights are all 0"),
+}
+
+
+@pytest.mark.parametrize("case", GRAPHS)
+def test_a_graph_file_that_would_be_misread_is_one_line(case, bike, tmp_path, capsys):
+    text, nodes, message = GRAPHS[case]
+    with np.load(bike / "bike.npz") as archive:
+        values = archive["data"][..., 0]
+    if nodes == "ids":  # a CSV whose sensors have ids, as PEMS distance files name them
+        frame = pd.DataFrame(values, columns=[str(1001 + i) for i in range(NODES)])
+        frame.insert(0, "date", pd.date_range("2014-04-01", periods=len(frame), freq="h"))
+        frame.to_csv(tmp_path / "data.csv", index=False)
+        dataset = ["--dataset", str(tmp_path / "data.csv")]
+    else:
+        np.savez(tmp_path / "data.npz", data=values[:, :nodes])
+        dataset = ["--dataset", str(tmp_path / "data.npz"), "--steps-per-day", "24"]
+    (tmp_path / "graph.csv").write_text(text)
+    fast = [arg for arg in FAST if arg not in ("--steps-per-day", "24")]
+    assert cli.main(["train", *dataset, *fast, "--model", "stgcn", "--adjacency", str(tmp_path / "graph.csv"),
+                     "--output-dir", str(tmp_path / "run")]) == 2
+    assert message in one_line_error(capsys)

@@ -159,19 +159,13 @@ def read_edge_list(
     if len(sources) == 0:
         raise DataError(f"{path}: the edge list has no edge{' after its header' if has_header else ''}; a graph "
                         "model would train on no graph")
-    pairs = pd.Series(list(zip(sources.tolist(), targets.tolist(), strict=True)))
-    repeated = np.flatnonzero(pairs.duplicated().to_numpy())
-    if repeated.size:
-        row = int(repeated[0])
-        first = int(np.flatnonzero((pairs == pairs.iloc[row]).to_numpy())[0])
-        raise DataError(f"{path}: line {lines[row]} repeats the edge {frame.iloc[row, 0]} -> {frame.iloc[row, 1]} of "
-                        f"line {lines[first]}; keep one row per edge")
     weights = np.ones(len(sources))
     if weight != "binary":
         costs = pd.to_numeric(frame[2], errors="coerce").to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(costs))
         if bad.size:
             raise DataError(f"{path}: line {lines[bad[0]]} has cost {frame.iloc[bad[0], 2]!r}, not a finite number")
+        _refuse_conflicting_rows(sources, targets, costs, lines, path)
         weights = costs if weight == "cost" else _gaussian_kernel(costs, threshold)
     adjacency = np.zeros((num_nodes, num_nodes), dtype=np.float32)
     adjacency[sources, targets] = weights
@@ -291,6 +285,22 @@ def _read_text_graph(path: Path, num_nodes: int | None, node_ids: list[str] | No
         node_ids=node_ids if by_id else None,
         weight=weight,
     )
+
+
+def _refuse_conflicting_rows(sources: np.ndarray, targets: np.ndarray, costs: np.ndarray, lines: np.ndarray,
+                             path: Path) -> None:
+    """Refuse an edge listed twice with two costs, naming both lines (the later row would silently win).
+
+    The same row twice, as PEMS08's published file has, writes the same weight twice and is kept.
+    """
+    rows = pd.DataFrame({"source": sources, "target": targets, "cost": costs})
+    costs_per_edge = rows.groupby(["source", "target"])["cost"].transform("nunique").to_numpy()
+    conflicting = np.flatnonzero(costs_per_edge > 1)
+    if conflicting.size:
+        first = int(conflicting[0])
+        second = int(next(i for i in conflicting[1:] if sources[i] == sources[first] and targets[i] == targets[first]))
+        raise DataError(f"{path}: lines {lines[first]} and {lines[second]} list the edge {sources[first]} -> "
+                        f"{targets[first]} with costs {costs[first]:g} and {costs[second]:g}; keep one row per edge")
 
 
 def _node_indices(column: pd.Series, lines: np.ndarray, num_nodes: int, path: Path) -> np.ndarray:
