@@ -426,3 +426,26 @@ def check_graph(model: str, accepted: set[str], *, has_graph: bool, given: str |
         raise OptionError(f"--model {model} is a graph model and the data has no graph: pass --adjacency{learned}")
     if "adjacency" not in accepted and given is not None:
         warnings.warn(f"--adjacency {given}: {model} reads no graph and ignores it", OptionWarning, stacklevel=2)
+
+
+COMMAND_SCHEMAS = {"train": TrainOptions, "evaluate": EvaluateOptions, "push": PushOptions}
+
+
+def options_markdown() -> str:
+    """``docs/options.md``: one table per subcommand, generated from the schema (``python -m st_peft.options``)."""
+    parts = [
+        "# Command-line options",
+        "",
+        "Generated from `st_peft/options.py` by `python -m st_peft.options > docs/options.md`; "
+        "`tests/test_options_docs.py` fails when they differ. Every option is also a key of a "
+        "`--config` YAML file (`input_len` or `input-len`); flags override the file. Values are checked "
+        "for type, range and finiteness wherever they come from, and YAML booleans must be `true` / `false`. "
+        "`pretrain` declares its own options: `st-peft pretrain --help`.",
+    ]
+    for name, schema in COMMAND_SCHEMAS.items():
+        parts += ["", f"## st-peft {name}", "", option_table(schema)]
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,23 @@ def test_a_graph_file_that_would_be_misread_is_one_line(case, bike, tmp_path, ca
     assert cli.main(["train", *dataset, *fast, "--model", "stgcn", "--adjacency", str(tmp_path / "graph.csv"),
                      "--output-dir", str(tmp_path / "run")]) == 2
     assert message in one_line_error(capsys)
+
+
+def test_a_slow_epoch_shows_its_steps_and_an_eta_and_early_stopping_says_what_it_kept(bike, tmp_path, monkeypatch,
+                                                                                       capsys):
+    from types import SimpleNamespace
+
+    from st_peft import progress
+
+    # every reading of the progress clock is 6 s after the previous one: each step is slower than the 5 s interval
+    ticks = iter(range(0, 10**6, 6))
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
+    fast = [arg for arg in FAST if arg not in ("--max-steps", "1")]
+    assert cli.main(["train", "--dataset", str(bike / "bike.npz"), *fast, *TINY_STID, "--epochs", "40", "--lr",
+                     "0.3", "--patience", "1", "--output-dir", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    steps = re.findall(r"^  step (\d+)/(\d+) \(epoch [\d.]+/40\)  \d+ s  ETA [\d.]+ (?:s|min|h)$", printed, re.M)
+    assert steps and steps[0][0] == "1"  # the first step of the run already shows
+    stopped = re.search(r"^early stopping after epoch (\d+): no better val MAE for 1 evaluations; kept epoch (\d+) "
+                        r"\(val MAE [\d.]+\)$", printed, re.M)
+    assert stopped and int(stopped[2]) == int(stopped[1]) - 1, printed[-2000:]
