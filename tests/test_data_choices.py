@@ -9,6 +9,7 @@ published three-channel ``.npz`` (inflow, outflow and a time-of-day fraction), a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,26 @@ def test_a_contradiction_in_the_data_is_one_line_with_status_2(case, args, messa
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error.split("usage:")[-1].strip(), (case, error)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+DEMAND_COMMAND = ('st-peft train --dataset NYCBike1.npz --steps-per-day 24 --start "2014-04-01 00:00" '
+                  "--channels 0 1 --missing-value none --model stid --epochs 5 --batch-size 64 --output-dir runs/stid-bike")
+
+
+def test_the_readme_demand_example_runs_and_shows_the_summary_and_the_verdict(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    text = README.read_text()
+    section = text[text.index("### Your own data"):text.index("### Choosing a method")]
+    assert DEMAND_COMMAND in section.replace(" \\\n    ", " ")
+    assert "verdict: stid beats last value" in section and "the model reads c0, c1; it forecasts" in section
+    # the same command on three weeks of eight stations of the same file, one step
+    with np.load(BUILTIN_ROOT / "nyc-bike" / "NYCBike1.npz") as archive:
+        np.savez(tmp_path / "NYCBike1.npz", data=archive["data"][: 21 * 24, :8])
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*shlex.split(DEMAND_COMMAND)[1:], "--max-steps", "1", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "the model reads c0, c1; it forecasts and is scored on c0, c1" in printed
+    assert "missing: nothing: zeros are real values; observed 100.0% of entries" in printed
+    assert re.search(r"^verdict: stid (beats|loses to) ", printed, re.M)
