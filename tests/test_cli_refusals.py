@@ -75,14 +75,17 @@ def test_a_graph_given_to_a_model_that_ignores_it_is_a_one_line_warning(bike, tm
     assert warning == [f"st-peft: warning: --adjacency {bike / 'graph.csv'}: stid reads no graph and ignores it"]
 
 
-def test_a_value_that_would_dominate_the_scaler_is_refused_naming_it(bike, tmp_path, capsys):
+@pytest.mark.parametrize("value", [1e19, 1e30])
+def test_a_value_that_would_dominate_the_scaler_is_refused_naming_it(value, bike, tmp_path, capsys):
     with np.load(bike / "bike.npz") as archive:
         values = archive["data"].copy()
-    values[100, 5, 1] = 1e19
+    values[100, 5, 1] = value
     np.savez(tmp_path / "bike.npz", data=values)
     assert cli.main(["train", "--dataset", str(tmp_path / "bike.npz"), *FAST, "--start", "2014-04-01",
                      "--output-dir", str(tmp_path / "run")]) == 2
-    assert "value 1e+19 at step 100 (2014-04-05T04:00:00), node '5', channel 'c1' is" in one_line_error(capsys)
+    error = one_line_error(capsys)
+    assert f"value {value:.3g} at step 100 (2014-04-05T04:00:00), node '5', channel 'c1' is" in error
+    assert "it would dominate the scaling of every node; correct it or mark it missing" in error
 
 
 def test_an_impossible_model_size_is_one_line(bike, tmp_path, capsys):
