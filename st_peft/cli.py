@@ -240,14 +240,15 @@ def summary_of(options: argparse.Namespace, splits: Any) -> dict[str, Any]:
     return summary.data_summary(splits, steps_per_day_from=source, missing=missing)
 
 
-def load_run(folder: RunFolder, allow_changed_data: bool = False) -> tuple[nn.Module, Any, argparse.Namespace]:
+def load_run(folder: RunFolder, allow_changed_data: bool = False,
+             doing: str = "evaluate") -> tuple[nn.Module, Any, argparse.Namespace]:
     """Rebuild the finished run of ``folder``: its model with the trained weights, its splits and options.
 
-    Data files that changed since the run trained are refused (:func:`check_same_data`) unless
-    ``allow_changed_data``.
+    Data files that changed since the run trained are refused (:func:`check_same_data`, whose message
+    says what the caller was ``doing``) unless ``allow_changed_data``.
     """
     run = folder.finished_run()
-    check_same_data(run.options, folder, allow_changed_data, "evaluate")
+    check_same_data(run.options, folder, allow_changed_data, doing)
     options = argparse.Namespace(command="train", **{key: value for key, value in run.options.items()
                                                       if key != DATA_FINGERPRINTS})
     options.backbone_from = None  # the weights come from the run folder, not from the run's starting point
@@ -440,7 +441,7 @@ def push(options: argparse.Namespace) -> None:
     _require(options, "repo_id")
     folder = _run_dir(options)
     with folder.locked():
-        model, splits, run = load_run(folder, options.allow_changed_data)
+        model, splits, run = load_run(folder, options.allow_changed_data, "push")
         metrics = {key: value for key, value in folder.read_metrics().items()
                    if key != "loss" and isinstance(value, int | float)}
     card = {

@@ -4,8 +4,8 @@ A run folder holds:
 
 ==========================  ==============================================================
 ``run.json``                the run's id, status (``running``, ``failed``, ``finished``) and
-                            options; written first, rewritten last: ``finished`` is the
-                            commit point of a run
+                            options (with ``data_fingerprints`` of its data and graph files);
+                            written first, rewritten last: ``finished`` is the commit point
 ``model.safetensors``       the trained model's whole state (scaling statistics included)
 ``adapter/``                a ``PeftModel``'s adapter, saved the PEFT way
 ``metrics.json``            the test metrics, the baselines' beside them and the verdict
@@ -19,7 +19,8 @@ Every file is written to a temporary name and renamed into place, so a reader ne
 half-written file. One process at a time writes a folder: :meth:`RunFolder.locked` refuses a
 second one, naming the holder's process id, and takes over a lock whose holder died (with a
 warning). ``--resume`` continues the run named in ``run.json`` from its newest complete
-checkpoint; checkpoints of earlier runs, and partial ones, are skipped with a warning.
+checkpoint; checkpoints of earlier runs, partial ones and ones with a damaged file are skipped
+with a warning. JSON is written strict: a NaN metric is ``null``.
 """
 
 from __future__ import annotations
