@@ -279,7 +279,7 @@ def _check_number(value: Any, whole: bool, meta: dict[str, Any]) -> str | None:
     """Why ``value`` is not allowed for a number option, or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"expected a {'whole ' if whole else ''}number, got {value!r}"
-    if whole and not float(value).is_integer():
+    if whole and not isinstance(value, int):  # 64.0 too: a batch size or a seed must be an int downstream
         return f"expected a whole number, got {value!r}"
     if not math.isfinite(value):
         return f"expected a finite number, got {value!r}"
