@@ -51,6 +51,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from st_peft.hub_http import HubError, hub_requests
+from st_peft.tuners.registration import ST_PEFT_TYPES
 
 # st_peft/hub_cards links to the repository's hub_cards/, so a wheel ships the templates too
 CARD_TEMPLATE_DIR = Path(__file__).resolve().parent / "hub_cards"
@@ -61,7 +62,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 BACKBONE_CONFIG_NAME = "config.json"
 HUB_FILE_SUFFIXES = (".json", ".safetensors")
-ST_PEFT_TYPES = ("STLORA", "FACTOST")
 TASK = "time-series-forecasting"
 BASE_TAGS = ("spatio-temporal", TASK, "st-peft")
 

@@ -7,8 +7,6 @@ import copy
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import st_peft  # noqa: F401  (registers STLORA)
-from _st_peft_import_hint import PeftTypeMapping
 from st_peft.backbones import BACKBONES
 from st_peft.data import build_splits, load
 from st_peft.forecasting import forecast_loss
@@ -629,53 +626,6 @@ def test_layer_type_nall_cannot_wrap_is_named():
         get_peft_model(TinyForecaster(), config(target_modules=["act"]))
     with pytest.raises(TypeError, match="'conv'.*node_axis=1"):
         get_peft_model(ConvForecaster(), config(target_modules=["conv"], node_axis=1))
-
-
-# registration ---------------------------------------------------------------------------------------------
-
-
-LOAD_WITHOUT_IMPORT = """
-import sys, torch
-from peft import PeftModel
-try:
-    PeftModel.from_pretrained(torch.nn.Linear(2, 2), sys.argv[1])
-except KeyError as error:
-    print("KeyError:", error.args[0])
-print("st_peft imported:", "st_peft" in sys.modules)
-"""
-
-
-def test_loading_without_import_st_peft_says_to_import_it(tmp_path):
-    """A fresh interpreter that never imports st_peft gets a KeyError that names the fix.
-
-    The installed start-up hook (``_st_peft_import_hint``) gives PEFT's type mapping that message;
-    it registers nothing, so st_peft stays unimported.
-    """
-    get_peft_model(TinyForecaster(), config()).save_pretrained(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_IMPORT, str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert "KeyError: PEFT type 'STLORA' is an st-peft method and is not registered: run `import st_peft`" in (
-        result.stdout
-    )
-    assert "st_peft imported: False" in result.stdout
-
-
-@pytest.mark.parametrize("name", ["STLORA", "FACTOST"])
-def test_peft_type_mapping_names_st_peft_only_for_its_own_types(name):
-    mapping = PeftTypeMapping({"LORA": object})
-    with pytest.raises(KeyError, match=f"PEFT type '{name}' is an st-peft method.*import st_peft"):
-        mapping[name]
-    with pytest.raises(KeyError) as error:
-        mapping["NOT_A_METHOD"]
-    assert error.value.args == ("NOT_A_METHOD",)
-    assert mapping["LORA"] is object
-
-
-def test_peft_type_mapping_is_the_one_peft_uses():
-    assert type(PEFT_TYPE_TO_CONFIG_MAPPING) is PeftTypeMapping
-    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.STLORA] is STLoraConfig
 
 
 # reference backbones and training -------------------------------------------------------------------------
