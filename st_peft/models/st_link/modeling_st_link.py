@@ -31,7 +31,7 @@ from transformers import GPT2Config, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput, cached_file, has_file
 
 from st_peft.checks import check_node_index, check_observed_mask, check_past_values, check_time_features
 from st_peft.forecasting import forecast_output
@@ -493,23 +493,20 @@ def _read_gpt2_state_dict(name_or_path: str | os.PathLike, keep: set[str]) -> di
     Keys are read without the ``transformer.`` prefix that ``GPT2LMHeadModel`` checkpoints carry,
     so the token embedding table ``wte`` is never loaded.
     """
-    safetensors_file = cached_file(
-        name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False
-    )
-    if safetensors_file is not None:
+    if has_file(name_or_path, "model.safetensors"):
         tensors = {}
+        safetensors_file = cached_file(name_or_path, "model.safetensors")
         with safe_open(safetensors_file, framework="pt") as handle:
             for key in handle.keys():
                 short = key.removeprefix("transformer.")
                 if short in keep:
                     tensors[short] = handle.get_tensor(key)
         return tensors
-    bin_file = cached_file(name_or_path, "pytorch_model.bin", _raise_exceptions_for_missing_entries=False)
-    if bin_file is None:
+    if not has_file(name_or_path, "pytorch_model.bin"):
         raise FileNotFoundError(
             f"No model.safetensors or pytorch_model.bin found for GPT-2 checkpoint {name_or_path!r}."
         )
-    state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    state = torch.load(cached_file(name_or_path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     return {
         key.removeprefix("transformer."): value
         for key, value in state.items()
@@ -568,36 +565,36 @@ class STLinkPreTrainedModel(PreTrainedModel):
                 parameter.requires_grad_(not frozen or name.startswith(("ln_1.", "ln_2.")))
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """[`PreTrainedModel.from_pretrained`], then the configured freezing.
+    def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,
+                        **kwargs):
+        """[`PreTrainedModel.from_pretrained`], refusing a scaler of another graph, then the configured freezing.
 
-        Loading replaces every parameter by a new trainable one, so the freezing applied at
-        construction has to be applied again.
+        A forecaster with another graph's statistics forecasts the wrong units, so a saved scaler
+        whose shape differs from the model's is refused, naming both node counts, even with
+        ``ignore_mismatched_sizes=True`` (transformers would then swap the saved statistics for the
+        config's). transformers is asked to load with mismatches allowed and to report them, so
+        the refusal can name them; any other mismatch is refused as transformers refuses it unless
+        ``ignore_mismatched_sizes`` is set. Loading replaces every parameter by a new trainable one,
+        so the freezing applied at construction is applied again.
         """
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.apply_partial_freeze()
-        return loaded
-
-    @staticmethod
-    def _finalize_model_loading(model, load_config, loading_info):
-        """Refuse a checkpoint whose saved scaler describes another graph, then finish loading as transformers does.
-
-        transformers copies the checkpoint into the model itself (``STScaler._load_from_state_dict``
-        never runs) and reports a size mismatch only as a log table; with
-        ``ignore_mismatched_sizes=True`` it would even swap the saved statistics for the config's.
-        A forecaster with the wrong statistics forecasts the wrong units, so it is refused here,
-        naming both node counts.
-        """
-        for key, saved, expected in sorted(loading_info.mismatched_keys):
-            module_name, _, buffer_name = key.rpartition(".")
-            if isinstance(model.get_submodule(module_name), STScaler):
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True,
+                                              **kwargs)
+        mismatched = sorted(info["mismatched_keys"])
+        for key, saved, expected in mismatched:
+            if isinstance(model.get_submodule(key.rpartition(".")[0]), STScaler):
                 raise ValueError(
-                    f"{type(model).__name__}: the checkpoint's scaler ({key}, shape {tuple(saved)}) describes "
+                    f"{cls.__name__}: the checkpoint's scaler ({key}, shape {tuple(saved)}) describes "
                     f"{saved[0]} nodes but this model has {expected[0]} nodes (shape {tuple(expected)}); load it "
                     f"into a model of {saved[0]} nodes, or build one for the new graph with from_splits"
                 )
-        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        if mismatched and not ignore_mismatched_sizes:
+            shapes = ", ".join(f"{key} {tuple(saved)} vs {tuple(expected)}" for key, saved, expected in mismatched)
+            raise RuntimeError(
+                f"{cls.__name__}: the checkpoint's tensors differ in shape from the model's ({shapes}); pass "
+                "ignore_mismatched_sizes=True to initialise them instead"
+            )
+        model.apply_partial_freeze()
+        return (model, info) if output_loading_info else model
 
     @classmethod
     def from_gpt2(cls, name_or_path: str | os.PathLike, **config_kwargs) -> STLinkPreTrainedModel:
