@@ -329,15 +329,6 @@ def test_sizes_of_the_splits_are_accepted_and_checked():
         FactoSTAdapterConfig(num_nodes=NODES, horizon=0)
 
 
-def test_old_argument_names_are_refused_through_the_peft_model():
-    model = get_peft_model(backbone(), adapter_config())
-    inputs = batch()
-    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
-        model(x=inputs["past_values"])
-    with pytest.raises(TypeError, match="'x_time' is now 'past_time_features'"):
-        model(past_values=inputs["past_values"], x_time=inputs["past_time_features"])
-
-
 def test_non_factost_backbone_is_refused():
     with pytest.raises(TypeError, match="FACTOST adapters need a FactoSTModel backbone"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), adapter_config(target_modules=["0"]))

@@ -425,11 +425,9 @@ def test_backbone_repository_of_another_class_is_refused(hub, hub_env, splits, b
     prepare(
         hub, model, "org/stgcn-other", tmp_path, dataset=DATASET, metrics=card_metrics(model, batch, splits)
     )
-    with pytest.raises(ValueError, match=r"'org/stgcn-other' holds another model than STID.*adjacency"):
+    with pytest.raises(ValueError, match=r"'org/stgcn-other' holds a 'stgcn' model, not 'stid' \(STID\)"):
         load_backbone(STID, "org/stgcn-other")
-    with pytest.raises(
-        ValueError, match=r"holds a model without a model_type \(not a transformers model\), not 'factost'"
-    ):
+    with pytest.raises(ValueError, match=r"holds a 'stgcn' model, not 'factost' \(FactoSTModel\)"):
         load_backbone(FactoSTModel, "org/stgcn-other")
     with pytest.raises(HubError, match=r"no adapter_config.json in 'org/stgcn-other'.*use load_backbone"):
         load_adapter(build_backbone("stid", splits), "org/stgcn-other")

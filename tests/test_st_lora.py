@@ -212,13 +212,13 @@ def test_module_taking_exactly_past_values_trains_and_returns_loss(los_loop):
         assert torch.equal(model(**batch), batch["past_values"][:, -1:] + backbone.offset)
 
 
-def test_module_with_old_argument_name_is_told_the_new_one(batch):
-    class OldStyle(nn.Module):
+def test_module_without_past_values_is_told_the_contract(batch):
+    class OtherNames(nn.Module):
         def forward(self, x):
             return x
 
-    model = get_peft_model(OldStyle(), config())
-    with pytest.raises(TypeError, match="must take the history as past_values.*'x' is now 'past_values'"):
+    model = get_peft_model(OtherNames(), config())
+    with pytest.raises(TypeError, match="must take the history as past_values"):
         model(**batch)
 
 
@@ -230,16 +230,6 @@ def test_past_values_may_be_positional(batch):
     assert torch.equal(positional.prediction_outputs, keyword.prediction_outputs)
     assert torch.equal(positional.loss, keyword.loss)
 
-
-@pytest.mark.parametrize(("old", "new"), [("x", "past_values"), ("x_mask", "past_observed_mask"),
-                                          ("y", "future_values"), ("y_time", "future_time_features")])
-def test_old_argument_names_are_refused_with_the_new_name(batch, old, new):
-    model = get_peft_model(TinyForecaster(), config())
-    inputs = {"past_values": batch["past_values"], old: batch["past_values"]}
-    with pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
-        model(**inputs)
-    with model.disable_adapter(), pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
-        model(**inputs)
 
 
 # the predictor's space ------------------------------------------------------------------------------------
@@ -604,9 +594,12 @@ def test_num_nodes_differs_from_data(batch):
         model(past_values=wrong)
 
 
-def test_num_nodes_differs_from_backbone():
+def test_num_nodes_differs_from_backbone(chickenpox):
     with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster TinyForecaster has num_nodes=207"):
         get_peft_model(TinyForecaster(), STLoraConfig(num_nodes=7))
+    splits, _ = chickenpox
+    with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster STID has num_nodes=20"):
+        get_peft_model(make_backbone("stid", splits), STLoraConfig(**{**splits.size_kwargs(), "num_nodes": 7}))
 
 
 def test_num_nodes_differs_from_saved_adapter(tmp_path):

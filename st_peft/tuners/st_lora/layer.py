@@ -18,7 +18,7 @@ from torch import nn
 from st_peft.checks import check_future_values, check_observed_mask, check_past_values
 from st_peft.forecasting import forecast_loss, inputs_for
 from st_peft.losses import get_loss
-from st_peft.outputs import ForecastOutput, prediction_of, reject_renamed_inputs
+from st_peft.outputs import ForecastOutput, prediction_of
 from st_peft.tuners.st_lora.config import STLoraConfig
 from st_peft.tuners.st_lora.space import (
     PredictorSpace,
@@ -535,7 +535,6 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         model = type(module).__name__
-        reject_renamed_inputs(kwargs, model)
         self.selection.index = kwargs.get("node_index")
         self._call = None
         batch = dict(kwargs)

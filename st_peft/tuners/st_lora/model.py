@@ -137,7 +137,8 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
     def _check_forecaster(self, config: STLoraConfig, model: nn.Module) -> None:
         """Refuse a forecaster of another size, a space the predictor cannot build, unknown target
         names and layers a NALL cannot wrap."""
-        nodes = getattr(model, "num_nodes", None)
+        # an st-peft model says it in its config; a user's module may say it as an attribute
+        nodes = getattr(getattr(model, "config", None), "num_nodes", getattr(model, "num_nodes", None))
         if isinstance(nodes, int) and nodes != config.num_nodes:
             raise ValueError(
                 f"STLoraConfig.num_nodes={config.num_nodes} but the forecaster {type(model).__name__} has "
