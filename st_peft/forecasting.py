@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from st_peft.checks import check_future_values, check_observed_mask, check_past_values
 from st_peft.losses import LossFn, get_loss
@@ -134,6 +134,34 @@ class ScaledForecast:
     aux_loss: torch.Tensor | None = None
 
 
+@dataclass
+class ForecastContext:
+    """What the output seam may read besides the forecast, in the model's scaled space.
+
+    Attributes:
+        scaled_past: the history ``(B, L, n, C_in)`` as the network saw it (0 where not observed).
+        past_observed_mask: bool ``(B, L, n, C_in)``, True where observed.
+        node_index: int64 ``(n,)`` graph indices of the batch's nodes, or None for all of them.
+    """
+
+    scaled_past: torch.Tensor
+    past_observed_mask: torch.Tensor
+    node_index: torch.Tensor | None
+
+
+class ForecastSeam(nn.Module):
+    """The identity at every st-peft forecaster's output: where an adapter may refine the forecast.
+
+    ``forward`` passes the scaled forecast through it before turning it into original units. A
+    PEFT tuner (ST-LoRA's predictor) replaces this module by a tuner layer that wraps it, so the
+    adapted path and the forecaster's own differ only by what the seam returns.
+    """
+
+    def forward(self, forecast: ScaledForecast, context: ForecastContext) -> ScaledForecast:
+        """Return ``forecast`` unchanged."""
+        return forecast
+
+
 class STPreTrainedModel(PreTrainedModel):
     """Base of every st-peft forecaster ``(B, L, N, C_in) -> (B, H, N, C_out)``, in original units.
 
@@ -141,6 +169,10 @@ class STPreTrainedModel(PreTrainedModel):
     and :meth:`_scale`; ``forward`` is the one path through them. The default :meth:`_check`
     and :meth:`_scale` read ``num_nodes``, ``input_len``, ``in_channels`` from the config and
     use the model's ``scaler`` (:class:`~st_peft.scaling.STScaler`).
+
+    The scaled forecast passes through ``forecast_seam`` (:class:`ForecastSeam`, an identity
+    without parameters) before it is turned into original units; adapters that refine the
+    forecast replace it.
 
     The reference backbones build their own layers as torch initialises them (so a seed gives
     the same weights as ever); models with transformers-style initialisation (ST-LINK, FactoST)
@@ -151,6 +183,13 @@ class STPreTrainedModel(PreTrainedModel):
     # transformers.Trainer passes num_items_in_batch to models that take **kwargs unless told
     # not to; the loss here is a per-batch mean already
     accepts_loss_kwargs = False
+    # False for a model that is a part of a forecaster (ST-LINK's token encoder), not one itself
+    forecasts = True
+
+    def __init__(self, config: PreTrainedConfig, *inputs: Any, **kwargs: Any) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        if self.forecasts:
+            self.forecast_seam = ForecastSeam()
 
     def _init_weights(self, module: nn.Module) -> None:
         """Leave the layers as their constructors initialised them."""
@@ -229,6 +268,7 @@ class STPreTrainedModel(PreTrainedModel):
         forecast = self._forecast(scaled, past_time_features, future_time_features, node_index)
         if isinstance(forecast, torch.Tensor):
             forecast = ScaledForecast(forecast)
+        forecast = self.forecast_seam(forecast, ForecastContext(scaled, mask, node_index))
         return forecast_output(forecast.prediction, loc, scale, model=type(self).__name__, loss_fn=self.loss_fn,
                                future_values=future_values, future_observed_mask=future_observed_mask,
                                scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss)

@@ -33,7 +33,13 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from st_peft.checks import check_future_values, check_observed_mask
-from st_peft.forecasting import STPreTrainedModel, forecast_loss, forecast_output
+from st_peft.forecasting import (
+    ForecastContext,
+    ScaledForecast,
+    STPreTrainedModel,
+    forecast_loss,
+    forecast_output,
+)
 from st_peft.losses import get_loss
 from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import QUANTILE_LOSS, FactoSTConfig
@@ -294,6 +300,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
         if past_observed_mask is None and self.config.missing_value is not None:
             mask = mask & (past_values != self.config.missing_value)
         values = torch.where(mask, past_values, torch.zeros_like(past_values))
+        past_mask = mask
         history_time = past_time_features
         pieces = []
         loc = scale = None
@@ -320,13 +327,19 @@ class FactoSTModel(FactoSTPreTrainedModel):
                     (history_time, step_time), dim=1
                 )
         scaled_quantiles = torch.cat(pieces, dim=1)
+        # the history in the first pass's instance normalisation, the space of the forecast
+        scaled_past = torch.where(past_mask, (past_values - loc) / scale, torch.zeros_like(past_values))
+        forecast = self.forecast_seam(
+            ScaledForecast(scaled_quantiles[..., self.config.median_index], scaled_quantiles),
+            ForecastContext(scaled_past, past_mask, node_index),
+        )
         quantile_loss = self.config.loss == QUANTILE_LOSS
         # forecast_output scores the point forecast; the pinball loss scores every quantile, below
         output = forecast_output(
-            scaled_quantiles[..., self.config.median_index], loc, scale, model=name,
+            forecast.prediction, loc, scale, model=name,
             loss_fn=get_loss("mae" if quantile_loss else self.config.loss),
             future_values=None if quantile_loss else future_values, future_observed_mask=future_observed_mask,
-            scaled_quantiles=scaled_quantiles,
+            scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss,
         )
         if quantile_loss and future_values is not None:
             output["loss"] = self._quantile_loss(output, future_values, future_observed_mask)

@@ -656,6 +656,8 @@ class STLinkModel(STLinkPreTrainedModel):
     """
 
     main_input_name = "scaled_past_values"
+    # the token encoder of STLinkForForecasting, whose output seam is its parent's
+    forecasts = False
 
     def __init__(self, config: STLinkConfig):
         super().__init__(config)
