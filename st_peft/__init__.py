@@ -10,6 +10,7 @@ from st_peft.outputs import ForecastOutput
 from st_peft.shipped import shipped_checkpoint
 from st_peft.tuners.factost import FactoSTAdapterConfig
 from st_peft.tuners.st_lora import STLoraConfig
+from st_peft.tuners.st_lora.seamed import SeamedForecaster
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "STLinkConfig",
     "STLinkForForecasting",
     "STLoraConfig",
+    "SeamedForecaster",
     "__version__",
     "shipped_checkpoint",
 ]

@@ -199,6 +199,18 @@ class STPreTrainedModel(PreTrainedModel):
         """The training loss ``config.loss``, from :data:`st_peft.losses.LOSSES`."""
         return get_loss(self.config.loss)
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype of the network's first floating-point weight, in which it computes.
+
+        Weights behind the seam are an adapter's, not the network's: with PEFT's
+        ``autocast_adapter_dtype`` they are float32 on a bfloat16 forecaster (which is also why
+        this is not ``PreTrainedModel.dtype``).
+        """
+        for name, parameter in self.named_parameters():
+            if parameter.is_floating_point() and not name.startswith("forecast_seam."):
+                return parameter.dtype
+        return torch.float32
+
     def _check(
         self,
         past_values: torch.Tensor,
@@ -218,7 +230,7 @@ class STPreTrainedModel(PreTrainedModel):
         self, past_values: torch.Tensor, mask: torch.Tensor, node_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The scaled history ``(B, L, n, C_in)`` and the forecast's ``loc``, ``scale`` ``(B, 1, n, C_out)``."""
-        scaled = self.scaler.normalise_past(past_values, mask, node_index, dtype=self.dtype)
+        scaled = self.scaler.normalise_past(past_values, mask, node_index, dtype=self._compute_dtype())
         loc, scale = self.scaler.future_loc_scale(past_values.shape[0], node_index)
         return scaled, loc, scale
 

@@ -72,8 +72,9 @@ class STLoraConfig(PeftConfig):
             (and ``loss`` includes it).
         output_history_channels: for each of the ``out_channels`` forecast channels, the index of
             the history channel (in ``[0, in_channels)``) that holds the same variable. Only the
-            predictor's own normalisation (a forecaster without an ``STScaler``) uses it, to put a
-            forecast channel and its history in one space; None means channel ``j`` is history
+            per-window space of a ``SeamedForecaster`` whose module has no ``STScaler`` (and that
+            was built without its own mapping) uses it, to put a forecast channel and its history
+            in one space; None means channel ``j`` is history
             channel ``j``, which needs ``in_channels == out_channels``. With splits:
             ``[splits.input_channels.index(c) for c in splits.target_channels]``.
     """
