@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -602,6 +603,39 @@ def test_num_nodes_differs_from_backbone(chickenpox):
     splits, _ = chickenpox
     with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster STID has num_nodes=20"):
         get_peft_model(make_backbone("stid", splits), STLoraConfig(**{**splits.size_kwargs(), "num_nodes": 7}))
+
+
+def test_a_refused_adapter_leaves_the_backbone_bit_for_bit(tmp_path, chickenpox):
+    """A checkpoint that trained the backbone along, with one backbone tensor changed and one adapter
+    tensor of the wrong shape: refused before any write, and the backbone keeps its modules, its
+    weights, no hooks and its forward."""
+    splits, batch = chickenpox
+    torch.manual_seed(0)
+    model = get_peft_model(make_backbone("stid", splits).eval(),
+                           STLoraConfig(**splits.size_kwargs(), target_modules=["fc1"], train_backbone=True))
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    bias = next(key for key in weights if key.endswith("regression.bias"))
+    weights[bias] = weights[bias] + 1.0
+    misshapen = next(key for key in weights if "stlora_heads" in key and weights[key].dim() == 2)
+    weights[misshapen] = torch.zeros(1, 1)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+
+    torch.manual_seed(0)
+    backbone = make_backbone("stid", splits).eval()
+    modules = [(name, type(module)) for name, module in backbone.named_modules()]
+    state = {key: value.clone() for key, value in backbone.state_dict().items()}
+    with torch.no_grad():
+        expected = backbone(**batch).prediction_outputs
+    with pytest.raises(ValueError, match=r"tensors of other shapes than the model's .*\(1, 1\)"):
+        PeftModel.from_pretrained(backbone, tmp_path)
+    assert [(name, type(module)) for name, module in backbone.named_modules()] == modules
+    assert backbone.state_dict().keys() == state.keys()
+    assert all(torch.equal(value, state[key]) for key, value in backbone.state_dict().items())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in backbone.modules())
+    with torch.no_grad():
+        assert torch.equal(backbone(**batch).prediction_outputs, expected)
 
 
 def test_num_nodes_differs_from_saved_adapter(tmp_path):
