@@ -183,7 +183,7 @@ def test_adapter_without_parts_is_refused():
     with pytest.raises(ValueError, match="needs at least one of them"):
         adapter_config(use_metadata=False, use_interaction=False, use_prompts=False)
     with pytest.raises(ValueError, match="needs num_nodes"):
-        FactoSTAdapterConfig()
+        get_peft_model(backbone(), FactoSTAdapterConfig())
 
 
 def test_missing_calendar_is_refused_when_metadata_fusion_needs_it():

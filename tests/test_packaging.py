@@ -11,9 +11,14 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from st_peft.tuners.registration import ST_PEFT_TYPES, extend_peft_type
+from st_peft.tuners.st_lora import STLoraConfig
+from st_peft.tuners.st_lora.seamed import SeamedForecaster
 
 REPO = Path(__file__).resolve().parents[1]
 # what a fresh `pip install` builds from: the package and its declarative build files
@@ -101,3 +106,15 @@ def test_extension_adds_only_st_peft_types_once():
     assert list(PeftType).count(PeftType.STLORA) == 1
     with pytest.raises(ValueError, match="st-peft adds only the PEFT types"):
         extend_peft_type("SOMETHING_ELSE")
+
+
+def test_st_peft_configs_build_without_arguments_as_peft_builds_every_config():
+    """peft's own test_from_peft_type builds every registered type's config with no arguments: with
+    st-peft imported that includes STLORA and FACTOST, whose sizes are checked at injection instead."""
+    import st_peft  # noqa: F401  (registers STLORA and FACTOST)
+
+    for name in ST_PEFT_TYPES:
+        config = PeftConfig.from_peft_type(peft_type=PeftType[name])
+        assert type(config) is PEFT_TYPE_TO_CONFIG_MAPPING[name] and config.num_nodes is None
+    with pytest.raises(ValueError, match="STLoraConfig needs num_nodes"):
+        get_peft_model(SeamedForecaster(torch.nn.Linear(2, 2)), STLoraConfig())

@@ -52,7 +52,11 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {"factost": ["token_hook"]}
 
     def _prepare_model(self, peft_config: FactoSTAdapterConfig, model: nn.Module) -> None:
-        """Refuse backbones without a FactoST token hook, and layer indices that would not apply to it."""
+        """Refuse a config without num_nodes, backbones without a FactoST token hook, and layer indices that
+        would not apply to it."""
+        if peft_config.num_nodes is None:
+            raise ValueError("FactoSTAdapterConfig needs num_nodes, the number of nodes N of the graph "
+                             "(FactoSTAdapterConfig(**splits.size_kwargs(), ...) gives it)")
         hooks = [name for name, module in model.named_modules() if isinstance(module, FactoSTTokenHook)]
         if not hooks:
             raise TypeError(

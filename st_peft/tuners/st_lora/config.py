@@ -37,7 +37,8 @@ class STLoraConfig(PeftConfig):
     ``st_peft.tuners.st_lora.space``).
 
     Args:
-        num_nodes: nodes ``N`` of the graph the adapter is built for (required).
+        num_nodes: nodes ``N`` of the graph the adapter is built for (required when the adapter is
+            injected; a config without it can be built, as peft builds every config without arguments).
         input_len: history length ``L``.
         horizon: forecast length ``H``.
         in_channels: channels ``C_in`` of the history ``past_values``.
@@ -124,8 +125,6 @@ class STLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = STLORA
-        if self.num_nodes is None:
-            raise ValueError("STLoraConfig needs num_nodes, the number of nodes N of the graph")
         normalise_target_options(self)
         check_shared_options(self, "ST-LoRA")
         if not self.target_modules and (self.exclude_modules or self.layers_to_transform is not None):
@@ -133,8 +132,10 @@ class STLoraConfig(PeftConfig):
                 "STLoraConfig: exclude_modules and layers_to_transform narrow down target_modules, the forecaster "
                 "layers to wrap with NALLs; without target_modules only the predictor is added, so they cannot apply"
             )
+        # num_nodes may stay None here, as peft builds every config without arguments; the
+        # tuner refuses it when the adapter is injected
         positive = {
-            "num_nodes": self.num_nodes,
+            "num_nodes": 1 if self.num_nodes is None else self.num_nodes,
             "input_len": self.input_len,
             "horizon": self.horizon,
             "in_channels": self.in_channels,

@@ -105,6 +105,9 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
 
     def _prepare_model(self, peft_config: STLoraConfig, model: nn.Module) -> None:
         """Check the forecaster against the config: it must have the output seam, and fit the sizes."""
+        if peft_config.num_nodes is None:
+            raise ValueError("STLoraConfig needs num_nodes, the number of nodes N of the graph "
+                             "(STLoraConfig(**splits.size_kwargs()) gives it)")
         seam = model._modules.get(SEAM_NAME)
         if not isinstance(seam, (ForecastSeam, STLoraPredictorLayer)):
             raise TypeError(
