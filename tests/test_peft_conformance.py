@@ -159,7 +159,7 @@ class Case:
 
     @property
     def prefix(self) -> str:
-        return {"STLORA": "stlora_", "FACTOST": "factost_", "LORA": "lora_"}[self.tuner]
+        return {"STLORA": "stl_", "FACTOST": "factost_", "LORA": "lora_"}[self.tuner]
 
     def config(self, splits, **options: Any):
         """The case's adapter config; ``init_weights=False`` (a non-identity adapter) unless ``options`` say."""

@@ -114,7 +114,7 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "stlora_" in name and parameter.requires_grad:
+            if "stl_" in name and parameter.requires_grad:
                 parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
 
 
@@ -243,7 +243,7 @@ def test_scaled_space_of_a_backbone_with_a_scaler(los_loop):
     backbone = make_backbone("stid", splits).eval()
     model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs()))
     perturb(model)
-    head = model.base_model.model.forecast_seam.stlora_heads["default"]
+    head = model.base_model.model.forecast_seam.stl_heads["default"]
     seen = {}
     head.register_forward_pre_hook(lambda module, args: seen.update(history=args[0], prediction=args[1]))
     output = model(**batch)
@@ -362,8 +362,8 @@ def test_scaling_penalty_is_aux_loss_and_part_of_loss(batch):
     perturb(model)
     output = model(**batch)
     layer = model.base_model.model.forecaster.fc1
-    head = model.base_model.model.forecast_seam.stlora_heads["default"]
-    by_hand = (layer.stlora_node_scale["default"] - 1).pow(2).sum()
+    head = model.base_model.model.forecast_seam.stl_heads["default"]
+    by_hand = (layer.stl_node_scale["default"] - 1).pow(2).sum()
     for nall in head.blocks[0].layers:
         by_hand = by_hand + (head.node_embedding @ nall.generator).pow(2).sum()
     torch.testing.assert_close(output.aux_loss, 0.5 * by_hand)
@@ -405,9 +405,9 @@ def test_nall_matches_hand_computed_per_node_formula():
     x = torch.randn(2, 5, 6)  # nodes on axis -2
     out = layer(x)
     W, b = layer.base_layer.weight, layer.base_layer.bias
-    A = layer.stlora_A["default"].weight
-    B = layer.stlora_B["default"].weight
-    s = layer.stlora_node_scale["default"]
+    A = layer.stl_down["default"].weight
+    B = layer.stl_up["default"].weight
+    s = layer.stl_node_scale["default"]
     for i in range(5):
         A_i = torch.diag(s[i]) @ A
         expected = x[:, i] @ W.T + b + (4.0 / 2) * x[:, i] @ (B @ A_i).T
@@ -419,7 +419,7 @@ def test_conv_nall_is_node_specific(batch):
     perturb(model)
     before = model(**batch).prediction_outputs
     with torch.no_grad():
-        model.base_model.model.forecaster.conv.stlora_node_scale["default"][0] += 1.0
+        model.base_model.model.forecaster.conv.stl_node_scale["default"][0] += 1.0
     after = model(**batch).prediction_outputs
     assert not torch.allclose(after[:, :, 0], before[:, :, 0])
     assert torch.equal(after[:, :, 1:], before[:, :, 1:])
@@ -448,7 +448,7 @@ def test_stgcn_calls_a_wrapped_theta(chickenpox):
     torch.testing.assert_close(output.prediction_outputs, expected, rtol=1e-5, atol=1e-5)  # Clenshaw = recurrence
     output.loss.backward()
     for name, parameter in model.named_parameters():
-        if "stlora_B" in name:
+        if "stl_up" in name:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     perturb(model)
     assert not torch.allclose(model(**batch).prediction_outputs, expected)
@@ -474,7 +474,7 @@ def test_backbone_frozen_and_unchanged_by_training(batch):
     original = copy.deepcopy(backbone.state_dict())
     model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("stlora_" in name for name in trainable)
+    assert trainable and all("stl_" in name for name in trainable)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         loss = model(**batch).loss
@@ -497,6 +497,19 @@ def test_train_backbone_makes_backbone_trainable_and_saves_it(tmp_path, batch):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(SeamedForecaster(TinyForecaster()), tmp_path, is_trainable=True)
     assert torch.equal(reloaded(**batch).prediction_outputs, expected.prediction_outputs)
+
+
+def test_no_parameter_or_saved_key_is_named_like_lora(tmp_path, chickenpox):
+    """peft's LoRA-FA optimizer freezes every parameter whose name contains ``lora_A``; LoRA's own
+    helpers match ``lora_``. ST-LoRA's names contain neither, in the model or in its checkpoint."""
+    splits, _ = chickenpox
+    model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(**splits.size_kwargs(),
+                                                                        target_modules=["filter_conv"]))
+    names = [name for name, _ in model.named_parameters()]
+    assert any("stl_" in name for name in names)
+    assert not any("lora_" in name for name in names)
+    model.save_pretrained(tmp_path)
+    assert not any("lora_" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
 
 
 def test_print_trainable_parameters_counts_hand_computed(capsys):
@@ -618,7 +631,7 @@ def test_a_refused_adapter_leaves_the_backbone_bit_for_bit(tmp_path, chickenpox)
     weights = load_file(tmp_path / "adapter_model.safetensors")
     bias = next(key for key in weights if key.endswith("regression.bias"))
     weights[bias] = weights[bias] + 1.0
-    misshapen = next(key for key in weights if "stlora_heads" in key and weights[key].dim() == 2)
+    misshapen = next(key for key in weights if "stl_heads" in key and weights[key].dim() == 2)
     weights[misshapen] = torch.zeros(1, 1)
     save_file(weights, tmp_path / "adapter_model.safetensors")
 
@@ -707,7 +720,7 @@ def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpo
     # the zero-initialised correction, on the eval-mode backbone
     assert torch.equal(model(**batch).prediction_outputs, expected.prediction_outputs)
     assert modes == [False]
-    heads = model.base_model.model.forecast_seam.stlora_heads["default"]
+    heads = model.base_model.model.forecast_seam.stl_heads["default"]
     assert all(module.training for module in heads.modules())
     # between calls the forecaster is in the mode its user set, with no hook of ST-LoRA's
     assert all(module.training for module in backbone.layers.modules())

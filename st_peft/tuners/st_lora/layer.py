@@ -126,8 +126,8 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
             convolution).
     """
 
-    adapter_layer_names = ("stlora_A", "stlora_B", "stlora_node_scale")
-    other_param_names = ("stlora_dropout", "stlora_scaling", "stlora_node_axis")
+    adapter_layer_names = ("stl_down", "stl_up", "stl_node_scale")
+    other_param_names = ("stl_dropout", "stl_scaling", "stl_node_axis")
 
     def __init__(self, base_layer: nn.Module, name: str) -> None:
         super().__init__()
@@ -137,12 +137,12 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
         linear = isinstance(base_layer, nn.Linear)
         self.in_features = base_layer.in_features if linear else base_layer.in_channels
         self.out_features = base_layer.out_features if linear else base_layer.out_channels
-        self.stlora_A = nn.ModuleDict()
-        self.stlora_B = nn.ModuleDict()
-        self.stlora_node_scale = nn.ParameterDict()
-        self.stlora_dropout = nn.ModuleDict()
-        self.stlora_scaling: dict[str, float] = {}
-        self.stlora_node_axis: dict[str, int] = {}
+        self.stl_down = nn.ModuleDict()
+        self.stl_up = nn.ModuleDict()
+        self.stl_node_scale = nn.ParameterDict()
+        self.stl_dropout = nn.ModuleDict()
+        self.stl_scaling: dict[str, float] = {}
+        self.stl_node_axis: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -180,26 +180,26 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
             nn.init.zeros_(up.weight)
         else:
             node_scale = node_scale + 0.1 * torch.randn_like(node_scale)
-        self.stlora_A[adapter_name] = down
-        self.stlora_B[adapter_name] = up
-        self.stlora_node_scale[adapter_name] = nn.Parameter(node_scale)
-        self.stlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.stlora_scaling[adapter_name] = config.alpha / config.r
-        self.stlora_node_axis[adapter_name] = config.node_axis
+        self.stl_down[adapter_name] = down
+        self.stl_up[adapter_name] = up
+        self.stl_node_scale[adapter_name] = nn.Parameter(node_scale)
+        self.stl_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.stl_scaling[adapter_name] = config.alpha / config.r
+        self.stl_node_axis[adapter_name] = config.node_axis
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def _node_scale(self, adapter_name: str, low: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
         """Per-node scale of adapter ``adapter_name`` shaped to broadcast against ``low`` (the ``A`` output)."""
-        axis = self.stlora_node_axis[adapter_name] % low.dim()
+        axis = self.stl_node_axis[adapter_name] % low.dim()
         feature = self.feature_axis % low.dim()
         if axis == feature:
             raise ValueError(
-                f"{self.layer_name!r}: node_axis={self.stlora_node_axis[adapter_name]} is the feature axis of a "
+                f"{self.layer_name!r}: node_axis={self.stl_node_axis[adapter_name]} is the feature axis of a "
                 f"{low.dim()}-d input"
             )
         table = node_rows(
-            self.stlora_node_scale[adapter_name], low.shape[axis], node_index, f"ST-LoRA layer {self.layer_name!r}"
+            self.stl_node_scale[adapter_name], low.shape[axis], node_index, f"ST-LoRA layer {self.layer_name!r}"
         )
         shape = [1] * low.dim()
         shape[axis], shape[feature] = table.shape
@@ -216,16 +216,16 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
             return result
         result_dtype = result.dtype
         for name in self.active_adapters:
-            if name not in self.stlora_A:
+            if name not in self.stl_down:
                 continue
-            down = self.stlora_A[name]
-            low = down(self.stlora_dropout[name](self._cast_input_dtype(x, down.weight.dtype)))
-            result = result + self.stlora_scaling[name] * self.stlora_B[name](low * self._node_scale(name, low, node_index))
+            down = self.stl_down[name]
+            low = down(self.stl_dropout[name](self._cast_input_dtype(x, down.weight.dtype)))
+            result = result + self.stl_scaling[name] * self.stl_up[name](low * self._node_scale(name, low, node_index))
         return result.to(result_dtype)
 
     def scaling_penalty(self, adapter_name: str) -> torch.Tensor:
         """Squared distance of the per-node scales from one, ``sum_i ||s_i - 1||^2`` (a scalar)."""
-        return (self.stlora_node_scale[adapter_name] - 1).pow(2).sum()
+        return (self.stl_node_scale[adapter_name] - 1).pow(2).sum()
 
 
 class NodeAdaptiveLinear(nn.Module):
@@ -242,11 +242,11 @@ class NodeAdaptiveLinear(nn.Module):
     def __init__(self, dim: int, config: STLoraConfig) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, dim)
-        self.lora_A = nn.Linear(dim, config.r, bias=False)
-        self.lora_B = nn.Linear(config.r, dim, bias=False)
+        self.down = nn.Linear(dim, config.r, bias=False)
+        self.up = nn.Linear(config.r, dim, bias=False)
         generator = torch.zeros(config.node_embedding_dim, config.r)
         if config.init_weights:
-            nn.init.zeros_(self.lora_B.weight)
+            nn.init.zeros_(self.up.weight)
         else:
             generator = 0.1 * torch.randn_like(generator)
         self.generator = nn.Parameter(generator)
@@ -260,10 +260,10 @@ class NodeAdaptiveLinear(nn.Module):
     def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Map ``hidden`` ``(dim, B * n)`` with node embeddings ``(n, d_e)`` to ``(dim, B * n)``."""
         nodes = embedding.shape[0]
-        low = self.lora_A.weight @ self.dropout(hidden)
+        low = self.down.weight @ self.dropout(hidden)
         low = (low.view(low.shape[0], -1, nodes) * self.node_scale(embedding).t()[:, None, :]).view(low.shape)
         out = torch.addmm(self.linear.bias[:, None], self.linear.weight, hidden)
-        return torch.addmm(out, self.lora_B.weight, low, alpha=self.scaling)
+        return torch.addmm(out, self.up.weight, low, alpha=self.scaling)
 
 
 class PredictorBlock(nn.Module):
@@ -407,15 +407,15 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         out_features: features per node they return, ``H * C_out``.
     """
 
-    adapter_layer_names = ("stlora_heads",)
-    other_param_names = ("stlora_config",)
+    adapter_layer_names = ("stl_heads",)
+    other_param_names = ("stl_config",)
 
     def __init__(self, base_layer: nn.Module, num_nodes: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.num_nodes = num_nodes
-        self.stlora_heads = nn.ModuleDict()
-        self.stlora_config: dict[str, STLoraConfig] = {}
+        self.stl_heads = nn.ModuleDict()
+        self.stl_config: dict[str, STLoraConfig] = {}
         self.in_features = self.out_features = 0
         self._disable_adapters = False
         self.merged_adapters = []
@@ -438,9 +438,9 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         """
         self._forecaster_placement = (device, dtype)
         if config.num_blocks > 0:
-            self.stlora_heads[adapter_name] = NodeSpecificPredictor(config)
+            self.stl_heads[adapter_name] = NodeSpecificPredictor(config)
             self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.stlora_config[adapter_name] = config
+        self.stl_config[adapter_name] = config
         self.in_features = config.input_len * config.in_channels + config.horizon * config.out_channels
         self.out_features = config.horizon * config.out_channels
         self.set_adapter(self.active_adapters)
@@ -473,19 +473,19 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         prediction, aux_loss = result.prediction, result.aux_loss
         shift = None
         for name in self.active_adapters:
-            if name not in self.stlora_config:
+            if name not in self.stl_config:
                 continue
-            if name in self.stlora_heads:
-                head = self.stlora_heads[name]
+            if name in self.stl_heads:
+                head = self.stl_heads[name]
                 current = prediction if shift is None else prediction + shift
                 correction = head(context.scaled_past.to(head.dtype), current.to(head.dtype),
                                   context.node_index).to(prediction.dtype)
                 shift = correction if shift is None else shift + correction
-            weight = self.stlora_config[name].scaling_l2
+            weight = self.stl_config[name].scaling_l2
             if weight > 0:
                 terms = [] if layer_penalties is None or name not in layer_penalties else [layer_penalties[name]]
-                if name in self.stlora_heads:
-                    terms.append(self.stlora_heads[name].scaling_penalty())
+                if name in self.stl_heads:
+                    terms.append(self.stl_heads[name].scaling_penalty())
                 term = weight * torch.stack(terms).sum()
                 aux_loss = term if aux_loss is None else aux_loss + term
         if shift is None:

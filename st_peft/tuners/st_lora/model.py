@@ -51,7 +51,7 @@ SEAM_NAME = "forecast_seam"
 """Name of the output seam under the forecaster's root (every st-peft model's, and
 ``SeamedForecaster``'s), which the predictor layer replaces."""
 
-HEADS_NAME = "stlora_heads"
+HEADS_NAME = "stl_heads"
 
 
 class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
@@ -79,9 +79,9 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         state_dict: inject the adapters named by this state dict's keys.
     """
 
-    prefix: str = "stlora_"
+    prefix: str = "stl_"
     adapter_key_parts = (HEADS_NAME,)
-    per_node_key_suffixes = (f".{HEADS_NAME}.node_embedding", ".stlora_node_scale")
+    per_node_key_suffixes = (f".{HEADS_NAME}.node_embedding", ".stl_node_scale")
     method_label = "ST-LoRA"
     tuner_layer_cls = STLoraLayer
     target_module_mapping: dict[str, list[str]] = {}
@@ -162,9 +162,9 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
 
         handles = [layer.register_forward_pre_hook(give_node_index, with_kwargs=True) for layer in layers]
         penalties = {
-            name: torch.stack([layer.scaling_penalty(name) for layer in layers if name in layer.stlora_node_scale]).sum()
+            name: torch.stack([layer.scaling_penalty(name) for layer in layers if name in layer.stl_node_scale]).sum()
             for name in active
-            if self.peft_config[name].scaling_l2 > 0 and any(name in layer.stlora_node_scale for layer in layers)
+            if self.peft_config[name].scaling_l2 > 0 and any(name in layer.stl_node_scale for layer in layers)
         }
         seam = self.model._modules.get(SEAM_NAME)
         if penalties and isinstance(seam, STLoraPredictorLayer):
@@ -186,7 +186,7 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
             for module in frozen:
                 module.training = True
         silent = sorted(layer.layer_name for layer in layers
-                        if layer.layer_name not in ran and any(name in layer.stlora_A for name in active))
+                        if layer.layer_name not in ran and any(name in layer.stl_down for name in active))
         if silent:
             raise RuntimeError(
                 f"ST-LoRA wrapped {silent} of {type(self.model).__name__}, but its forward never called "
