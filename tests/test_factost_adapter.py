@@ -16,6 +16,7 @@ import st_peft  # noqa: F401  (registers FACTOST)
 from st_peft.data import build_splits, load
 from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.models.factost.modeling_factost import FactoSTAttention, FactoSTTokenContext
+from st_peft.shipped import shipped_checkpoint
 from st_peft.training.samplers import MemoryReplaySampler
 from st_peft.tuners.factost import (
     FactoSTAdapterConfig,
@@ -23,7 +24,6 @@ from st_peft.tuners.factost import (
     InteractionFilter,
     MetadataFusion,
 )
-from st_peft.tuners.factost.model import SHIPPED_BACKBONE
 
 NODES = 5
 STEPS_PER_DAY = 96
@@ -298,7 +298,7 @@ def test_plain_transformers_trainer_trains_the_adapter_on_real_data(tmp_path):
     splits = build_splits(load("chickenpox"), input_len=12, horizon=12, few_shot=0.5)
     train = splits.train.select(range(0, 16 * 2, 2))
     model = get_peft_model(
-        AutoModelForTimeSeriesPrediction.from_pretrained(SHIPPED_BACKBONE),
+        AutoModelForTimeSeriesPrediction.from_pretrained(shipped_checkpoint("factost-cpu")),
         FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day),
     )
     windows = splits.collator(list(train))

@@ -36,6 +36,7 @@ from st_peft.checks import check_past_values
 from st_peft.forecasting import ForecastSeam
 from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
 from st_peft.tuners.options import check_layer_indices_apply
+from st_peft.tuners.placement import forecaster_placement
 from st_peft.tuners.st_lora.config import STLoraConfig
 from st_peft.tuners.st_lora.layer import (
     MERGE_REFUSAL,
@@ -280,7 +281,7 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
             return
         if isinstance(target, ForecastSeam):
             new_module = STLoraPredictorLayer(target, peft_config.num_nodes)
-            new_module.update_layer(adapter_name, peft_config, *self._forecaster_placement())
+            new_module.update_layer(adapter_name, peft_config, *forecaster_placement(self.model, self.prefix))
             self._replace_module(parent, target_name, new_module, target)
             return
         new_module = NodeAdaptiveLayer(target, current_key)
@@ -300,14 +301,7 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
 
     def _layer_placement(self, layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None] | tuple[()]:
         """Where a new adapter of ``layer`` goes: the forecaster's placement for the predictor layer."""
-        return self._forecaster_placement() if isinstance(layer, STLoraPredictorLayer) else ()
-
-    def _forecaster_placement(self) -> tuple[torch.device | None, torch.dtype | None]:
-        """Device and dtype of the forecaster's first floating-point weight (None, None without any)."""
-        for name, parameter in self.model.named_parameters():
-            if self.prefix not in name and parameter.is_floating_point():
-                return parameter.device, parameter.dtype
-        return None, None
+        return forecaster_placement(self.model, self.prefix) if isinstance(layer, STLoraPredictorLayer) else ()
 
     def _check_merge_allowed(self) -> None:
         """ST-LoRA never merges; the error says why."""
