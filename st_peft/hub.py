@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from st_peft.hub_http import HubError, hub_requests
+from st_peft.tuners.checkpoint_keys import loading_backbone_weights
 from st_peft.tuners.registration import ST_PEFT_TYPES
 
 # st_peft/hub_cards links to the repository's hub_cards/, so a wheel ships the templates too
@@ -616,6 +617,7 @@ def load_adapter(
     peft_type: str | None = None,
     adapter_name: str = "default",
     is_trainable: bool = False,
+    load_backbone_weights: bool = False,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
@@ -633,6 +635,10 @@ def load_adapter(
         repo_id: ``"org/name"`` on the Hub, or a local folder (absolute or relative).
         peft_type: the expected type (``"STLORA"``, ``"FACTOST"``); by default any st-peft type.
         adapter_name, is_trainable: as in ``PeftModel.from_pretrained``.
+        load_backbone_weights: let an adapter saved with ``train_backbone=True`` overwrite
+            ``backbone``'s own weights with the ones it carries; without it such an adapter is
+            refused (the repository's config alone cannot allow it; see
+            :func:`st_peft.tuners.checkpoint_keys.loading_backbone_weights`).
         revision, cache_dir, token: as in ``hf_hub_download``.
         timeout: seconds without an answer from the server after which the pull gives up
             (default ``ST_PEFT_HUB_TIMEOUT`` or 30).
@@ -662,7 +668,9 @@ def load_adapter(
                    "an adapter repository holds it (a backbone holds config.json: use load_backbone)",
                    [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], check, timeout, revision=revision,
                    cache_dir=cache_dir, token=token)
-    return PeftModel.from_pretrained(backbone, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    with loading_backbone_weights() if load_backbone_weights else nullcontext():
+        return PeftModel.from_pretrained(backbone, str(folder), adapter_name=adapter_name,
+                                         is_trainable=is_trainable)
 
 
 def _check_backbone_config(model_class: type[nn.Module], config: Mapping[str, Any], repo_id: str) -> None:

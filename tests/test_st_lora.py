@@ -19,6 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import st_peft  # noqa: F401  (registers STLORA)
+from st_peft import loading_backbone_weights
 from st_peft.backbones import BACKBONES
 from st_peft.data import build_splits, load
 from st_peft.forecasting import ForecastSeam, forecast_loss
@@ -495,7 +496,14 @@ def test_train_backbone_makes_backbone_trainable_and_saves_it(tmp_path, batch):
     perturb(model)
     expected = model(**batch)
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(SeamedForecaster(TinyForecaster()), tmp_path, is_trainable=True)
+    # the file's own train_backbone=True is not enough: the caller allows the backbone's weights at load time
+    fresh = TinyForecaster()
+    state = {key: value.clone() for key, value in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"carries the forecaster's own weights .*loading_backbone_weights"):
+        PeftModel.from_pretrained(SeamedForecaster(fresh), tmp_path, is_trainable=True)
+    assert all(torch.equal(value, state[key]) for key, value in fresh.state_dict().items())
+    with loading_backbone_weights():
+        reloaded = PeftModel.from_pretrained(SeamedForecaster(fresh), tmp_path, is_trainable=True)
     assert torch.equal(reloaded(**batch).prediction_outputs, expected.prediction_outputs)
 
 
@@ -510,6 +518,25 @@ def test_no_parameter_or_saved_key_is_named_like_lora(tmp_path, chickenpox):
     assert not any("lora_" in name for name in names)
     model.save_pretrained(tmp_path)
     assert not any("lora_" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+
+
+def test_a_wrapped_layer_that_stops_running_later_is_refused(batch):
+    """The check that every wrapped layer ran is made in every call, not only the first."""
+
+    class SometimesSkips(TinyForecaster):
+        skip = False
+
+        def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+            if not self.skip:
+                return super().forward(past_values)
+            return past_values[:, -1:].expand(-1, HORIZON, -1, -1)
+
+    backbone = SometimesSkips()
+    model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"]))
+    model(**batch)
+    backbone.skip = True
+    with pytest.raises(RuntimeError, match=r"wrapped \['forecaster.fc1'\] of SeamedForecaster, but its forward never"):
+        model(**batch)
 
 
 def test_print_trainable_parameters_counts_hand_computed(capsys):
@@ -641,7 +668,7 @@ def test_a_refused_adapter_leaves_the_backbone_bit_for_bit(tmp_path, chickenpox)
     state = {key: value.clone() for key, value in backbone.state_dict().items()}
     with torch.no_grad():
         expected = backbone(**batch).prediction_outputs
-    with pytest.raises(ValueError, match=r"tensors of other shapes than the model's .*\(1, 1\)"):
+    with loading_backbone_weights(), pytest.raises(ValueError, match=r"tensors of other shapes than the model's .*\(1, 1\)"):
         PeftModel.from_pretrained(backbone, tmp_path)
     assert [(name, type(module)) for name, module in backbone.named_modules()] == modules
     assert backbone.state_dict().keys() == state.keys()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
@@ -13,6 +17,30 @@ from torch import nn
 
 PEFT_PREFIX = "base_model.model."
 """What ``PeftModel`` puts before the forecaster's own keys, in checkpoints and in its state dict."""
+
+_BACKBONE_WEIGHTS_ALLOWED: ContextVar[bool] = ContextVar("st_peft_backbone_weights_allowed", default=False)
+
+
+@contextmanager
+def loading_backbone_weights() -> Iterator[None]:
+    """Let the adapters loaded inside this block write the forecaster's own weights they carry.
+
+    An adapter saved with ``train_backbone=True`` holds the trained forecaster too, and loading
+    it overwrites the forecaster the caller passed in. The adapter's own config cannot decide
+    that (a downloaded ``adapter_config.json`` could say anything), so the caller does, at load
+    time::
+
+        with st_peft.loading_backbone_weights():
+            model = PeftModel.from_pretrained(backbone, "adapters/joint")
+
+    (``st_peft.hub.load_adapter(..., load_backbone_weights=True)`` does the same.) The permission
+    holds in this thread or task only, until the block ends.
+    """
+    token = _BACKBONE_WEIGHTS_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _BACKBONE_WEIGHTS_ALLOWED.reset(token)
 
 
 class PerNodeCheckpointMixin:
@@ -31,7 +59,8 @@ class PerNodeCheckpointMixin:
     refused, naming the keys:
 
     - a key of the forecaster itself, unless the adapter's config says ``train_backbone=True``
-      (then the checkpoint holds the trained forecaster on purpose);
+      (then the checkpoint holds the trained forecaster on purpose) and the caller allows it
+      with :func:`loading_backbone_weights`;
     - a key that is neither the adapter's nor the forecaster's;
     - a tensor of another shape than the model's;
     - a tensor holding NaN or infinity.
@@ -145,16 +174,24 @@ class PerNodeCheckpointMixin:
             if isinstance(module, AuxiliaryTrainingWrapper):
                 own.update(f"{name}.{key}" for key in module.adapter_state_dict_load_map(adapter_name).values())
         backbone, unknown, misshapen = [], [], []
+        trained_along = bool(getattr(config, "train_backbone", False))
         for key, value in state_dict.items():
             # a checkpoint's keys carry PEFT's prefix even when loaded into a bare forecaster
             target = key if key in model_state else key.removeprefix(PEFT_PREFIX)
             if target not in model_state:
                 unknown.append(key)
                 continue
-            if target not in own and not getattr(config, "train_backbone", False):
+            if target not in own and not (trained_along and _BACKBONE_WEIGHTS_ALLOWED.get()):
                 backbone.append(key)
             if tuple(value.shape) != tuple(model_state[target].shape):
                 misshapen.append(f"{key} {tuple(value.shape)} vs {tuple(model_state[target].shape)}")
+        if backbone and trained_along:
+            raise ValueError(
+                f"the saved {cls.method_label} adapter {adapter_name!r} carries the forecaster's own weights "
+                f"{backbone} (it was saved with train_backbone=True); loading them overwrites the forecaster you "
+                "passed in, so they load only when you ask at load time: `with st_peft.loading_backbone_weights(): "
+                "PeftModel.from_pretrained(...)`, or st_peft.hub.load_adapter(..., load_backbone_weights=True)"
+            )
         if backbone:
             raise ValueError(
                 f"the saved {cls.method_label} adapter {adapter_name!r} holds weights of the forecaster itself, "
