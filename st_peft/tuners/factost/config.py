@@ -120,13 +120,14 @@ class FactoSTAdapterConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        # before peft's own checks, so a refused option is named with the reason st-peft gives
+        check_shared_options(self, "FACTOST")
         super().__post_init__()
         self.peft_type = FACTOST
         if self.calendar_sizes is None:
             self.calendar_sizes = [self.steps_per_day, 7]
         self.calendar_sizes = [int(size) for size in self.calendar_sizes]
         normalise_target_options(self)
-        check_shared_options(self, "FACTOST")
         # num_nodes may stay None here, as peft builds every config without arguments; the
         # tuner refuses it when the adapter is injected
         positive = {

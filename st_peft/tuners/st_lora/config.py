@@ -123,10 +123,11 @@ class STLoraConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        # before peft's own checks, so a refused option is named with the reason st-peft gives
+        check_shared_options(self, "ST-LoRA")
         super().__post_init__()
         self.peft_type = STLORA
         normalise_target_options(self)
-        check_shared_options(self, "ST-LoRA")
         if not self.target_modules and (self.exclude_modules or self.layers_to_transform is not None):
             raise ValueError(
                 "STLoraConfig: exclude_modules and layers_to_transform narrow down target_modules, the forecaster "
