@@ -44,8 +44,8 @@ from st_peft.data import ForecastingSplits, build_splits, load  # noqa: E402
 from st_peft.forecasting import forecast_loss  # noqa: E402
 from st_peft.losses import masked_mae  # noqa: E402
 from st_peft.models.factost import FactoSTModel  # noqa: E402
+from st_peft.shipped import shipped_checkpoint  # noqa: E402
 from st_peft.tuners.factost import FactoSTAdapterConfig  # noqa: E402
-from st_peft.tuners.factost.model import SHIPPED_BACKBONE  # noqa: E402
 from st_peft.tuners.st_lora import STLoraConfig  # noqa: E402
 
 BATCH = 32
@@ -128,7 +128,7 @@ def accuracy(splits: ForecastingSplits, backbone_steps: int, adapter_steps: int)
     torch.manual_seed(1)
     lora = get_peft_model(copy.deepcopy(backbone), LoraConfig(target_modules=["fc1", "fc2"], r=4))
     rows.append(error_row("LORA on STID (control)", lora, splits, train(lora, splits, adapter_steps, 5e-3, 1)))
-    pretrained = FactoSTModel.from_pretrained(SHIPPED_BACKBONE).eval()
+    pretrained = FactoSTModel.from_pretrained(shipped_checkpoint("factost-cpu")).eval()
     rows.append(error_row("FactoST (shipped backbone, zero-shot)", pretrained, splits, 0.0))
     torch.manual_seed(1)
     factost = get_peft_model(copy.deepcopy(pretrained), FactoSTAdapterConfig(**sizes,

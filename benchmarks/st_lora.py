@@ -59,7 +59,7 @@ def adapted(backbone: torch.nn.Module, splits: ForecastingSplits) -> torch.nn.Mo
 
 def added_parameters(model: torch.nn.Module) -> int:
     """Parameters ST-LoRA added to the backbone."""
-    return sum(p.numel() for n, p in model.named_parameters() if "stlora_" in n)
+    return sum(p.numel() for n, p in model.named_parameters() if "stl_" in n)
 
 
 def paper_size_share(name: str, splits: ForecastingSplits) -> dict:

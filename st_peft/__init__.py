@@ -8,8 +8,10 @@ from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.models.st_link import STLinkConfig, STLinkForForecasting
 from st_peft.outputs import ForecastOutput
 from st_peft.shipped import shipped_checkpoint
+from st_peft.tuners.checkpoint_keys import loading_backbone_weights
 from st_peft.tuners.factost import FactoSTAdapterConfig
 from st_peft.tuners.st_lora import STLoraConfig
+from st_peft.tuners.st_lora.seamed import SeamedForecaster
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,8 @@ __all__ = [
     "STLinkConfig",
     "STLinkForForecasting",
     "STLoraConfig",
+    "SeamedForecaster",
     "__version__",
+    "loading_backbone_weights",
     "shipped_checkpoint",
 ]

@@ -137,7 +137,7 @@ def check_time_features(
     name: str,
     batch_size: int,
     steps: int,
-    steps_per_day: int,
+    steps_per_day: int | None,
     switch_off: str = "if_tod=False, if_dow=False",
 ) -> torch.Tensor:
     """Check calendar features ``(B, steps, 2)`` and return them.
@@ -152,7 +152,7 @@ def check_time_features(
         name: the argument's name (``past_time_features`` or ``future_time_features``).
         batch_size: B.
         steps: L or H.
-        steps_per_day: time-of-day slots per day.
+        steps_per_day: time-of-day slots per day; None when the model reads only the day of week.
         switch_off: how to build the model without calendar features.
     """
     expected = (batch_size, steps, 2)
@@ -169,6 +169,8 @@ def check_time_features(
             f"{model} expects integer {name} (time-of-day slot, day of week); got dtype {time_features.dtype}"
         )
     for column, label, limit in ((0, "time-of-day slot", steps_per_day), (1, "day of week", 7)):
+        if limit is None:
+            continue
         values = time_features[..., column]
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= limit:

@@ -129,13 +129,14 @@ def _run_dir(options: argparse.Namespace) -> RunFolder:
 
 
 def _model_arguments(model: str) -> set[str]:
-    """The keyword arguments ``--model`` takes: its constructor's, or its transformers config's fields."""
+    """The keyword arguments ``--model`` takes: its transformers config's fields, and ``adjacency`` for a graph model."""
     from st_peft.backbones import BACKBONES
 
     if model in MODELS:
-        config_class = MODELS[model].__self__.config_class
-        return set(inspect.signature(config_class).parameters)
-    return set(inspect.signature(BACKBONES[model]).parameters)
+        return set(inspect.signature(MODELS[model].__self__.config_class).parameters)
+    model_class = BACKBONES[model]
+    graph = {"adjacency"} & set(inspect.signature(model_class).parameters)
+    return set(inspect.signature(model_class.config_class).parameters) | graph
 
 
 def build_backbone(options: argparse.Namespace, splits: Any) -> nn.Module:
@@ -633,6 +634,21 @@ def _warnings_as_lines(show: Callable[..., None]) -> Callable[..., None]:
     return showwarning
 
 
+@contextmanager
+def _quiet_transformers_progress() -> Iterator[None]:
+    """Hide transformers' own progress bars ("Writing model shards") while a command runs: the
+    command prints its progress as lines, and its errors as one line."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``st-peft`` console script (also under ``accelerate launch``).
 
@@ -647,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.code if isinstance(error.code, int) else USAGE_ERROR
     prefix = f"st-peft {options.command}"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_transformers_progress():
             warnings.simplefilter("always", RunWarning)
             warnings.simplefilter("always", OptionWarning)
             if not options.debug:

@@ -1,8 +1,8 @@
 """The Hub: model cards from ``hub_cards/``, pushes that write them, pulls that read only safetensors and JSON.
 
-Adapters (ST-LoRA, FactoST) and backbones (the reference backbones with
-``PyTorchModelHubMixin``, ``FactoSTModel``, ``STLinkForForecasting``) already go up and come
-down through their own ``push_to_hub`` / ``from_pretrained``. This module adds what those
+Adapters (ST-LoRA, FactoST) and backbones (every ``STPreTrainedModel``: STID, GWNet, STGCN,
+``FactoSTModel``, ``STLinkForForecasting``) already go up and come down through transformers'
+and peft's own ``push_to_hub`` / ``from_pretrained``. This module adds what those
 leave out:
 
 - :func:`render_model_card` fills a template from ``hub_cards/`` (``adapter.md`` or
@@ -27,8 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from st_peft.hub_http import HubError, hub_requests
+from st_peft.tuners.checkpoint_keys import loading_backbone_weights
+from st_peft.tuners.registration import ST_PEFT_TYPES
 
 # st_peft/hub_cards links to the repository's hub_cards/, so a wheel ships the templates too
 CARD_TEMPLATE_DIR = Path(__file__).resolve().parent / "hub_cards"
@@ -61,7 +62,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 BACKBONE_CONFIG_NAME = "config.json"
 HUB_FILE_SUFFIXES = (".json", ".safetensors")
-ST_PEFT_TYPES = ("STLORA", "FACTOST")
 TASK = "time-series-forecasting"
 BASE_TAGS = ("spatio-temporal", TASK, "st-peft")
 
@@ -107,16 +107,9 @@ def model_kind(model: nn.Module) -> str:
 
 
 def _config_of(module: nn.Module) -> dict[str, Any]:
-    """The constructor settings a backbone was saved with (transformers config or mixin config)."""
+    """The settings a backbone was saved with (its transformers config); empty for a plain module."""
     config = getattr(module, "config", None)
-    if isinstance(config, PreTrainedConfig):
-        return config.to_dict()
-    hub_config = getattr(module, "_hub_mixin_config", None)
-    if is_dataclass(hub_config):
-        return asdict(hub_config)
-    if isinstance(hub_config, Mapping):
-        return dict(hub_config)
-    return {}
+    return config.to_dict() if isinstance(config, PreTrainedConfig) else {}
 
 
 def _first(settings: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -127,8 +120,7 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     """What a model card can say about ``model`` without being told.
 
     Args:
-        model: a ``PeftModel`` over a forecaster, or a forecaster (``PreTrainedModel`` or a
-            module with ``PyTorchModelHubMixin``).
+        model: a ``PeftModel`` over a forecaster, or a forecaster (a ``PreTrainedModel``).
 
     Returns:
         ``kind``, ``model_class`` / ``model_module`` (of the backbone for an adapter),
@@ -519,16 +511,14 @@ def push_backbone(
     timeout: float | None = None,
     **card_kwargs: Any,
 ) -> str:
-    """Push a backbone (mixin backbone, ``FactoSTModel``, ``STLinkForForecasting``) and its card (``hub_cards/backbone.md``).
+    """Push a backbone (a ``PreTrainedModel``: STID, GWNet, STGCN, FactoST, ST-LINK) and its card (``hub_cards/backbone.md``).
 
     Arguments and errors as in :func:`push_adapter`; ``model`` must not be a ``PeftModel``.
     """
     if isinstance(model, PeftModel):
         raise TypeError("push_backbone got a PeftModel; push the adapter with push_adapter")
-    if not (isinstance(model, PreTrainedModel) or hasattr(model, "_hub_mixin_config")):
-        raise TypeError(
-            f"{type(model).__name__} has no save_pretrained; backbones need PyTorchModelHubMixin or PreTrainedModel"
-        )
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{type(model).__name__} has no save_pretrained; backbones are transformers PreTrainedModels")
     return _push(
         model,
         repo_id,
@@ -627,6 +617,7 @@ def load_adapter(
     peft_type: str | None = None,
     adapter_name: str = "default",
     is_trainable: bool = False,
+    load_backbone_weights: bool = False,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
@@ -644,6 +635,10 @@ def load_adapter(
         repo_id: ``"org/name"`` on the Hub, or a local folder (absolute or relative).
         peft_type: the expected type (``"STLORA"``, ``"FACTOST"``); by default any st-peft type.
         adapter_name, is_trainable: as in ``PeftModel.from_pretrained``.
+        load_backbone_weights: let an adapter saved with ``train_backbone=True`` overwrite
+            ``backbone``'s own weights with the ones it carries; without it such an adapter is
+            refused (the repository's config alone cannot allow it; see
+            :func:`st_peft.tuners.checkpoint_keys.loading_backbone_weights`).
         revision, cache_dir, token: as in ``hf_hub_download``.
         timeout: seconds without an answer from the server after which the pull gives up
             (default ``ST_PEFT_HUB_TIMEOUT`` or 30).
@@ -673,40 +668,20 @@ def load_adapter(
                    "an adapter repository holds it (a backbone holds config.json: use load_backbone)",
                    [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], check, timeout, revision=revision,
                    cache_dir=cache_dir, token=token)
-    return PeftModel.from_pretrained(backbone, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    with loading_backbone_weights() if load_backbone_weights else nullcontext():
+        return PeftModel.from_pretrained(backbone, str(folder), adapter_name=adapter_name,
+                                         is_trainable=is_trainable)
 
 
 def _check_backbone_config(model_class: type[nn.Module], config: Mapping[str, Any], repo_id: str) -> None:
     """Refuse a ``config.json`` written by another model class, naming what differs."""
-    if issubclass(model_class, PreTrainedModel):
-        expected = model_class.config_class.model_type
-        found = config.get("model_type")
-        if found != expected:
-            what = (
-                f"a {found!r} model" if found else "a model without a model_type (not a transformers model)"
-            )
-            raise ValueError(f"{repo_id!r} holds {what}, not {expected!r} ({model_class.__name__})")
-        return
-    parameters = getattr(model_class, "_hub_mixin_init_parameters", None)
-    if parameters is None:
-        raise TypeError(
-            f"{model_class.__name__} cannot load from the Hub: it needs PyTorchModelHubMixin or PreTrainedModel"
-        )
-    if any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values()):
-        return
-    accepted = set(parameters) - {"self"}
-    unknown = sorted(set(config) - accepted)
-    required = [
-        name
-        for name, parameter in parameters.items()
-        if name != "self" and parameter.default is parameter.empty and name not in config
-    ]
-    problems = [f"fields {model_class.__name__} does not take: {unknown}"] if unknown else []
-    problems += [f"no value for {required}"] if required else []
-    if problems:
-        raise ValueError(
-            f"{repo_id!r} holds another model than {model_class.__name__}: its config.json has {'; '.join(problems)}"
-        )
+    if not issubclass(model_class, PreTrainedModel):
+        raise TypeError(f"{model_class.__name__} cannot load from the Hub: backbones are transformers PreTrainedModels")
+    expected = model_class.config_class.model_type
+    found = config.get("model_type")
+    if found != expected:
+        what = f"a {found!r} model" if found else "a model without a model_type (not a transformers model)"
+        raise ValueError(f"{repo_id!r} holds {what}, not {expected!r} ({model_class.__name__})")
 
 
 def load_backbone(

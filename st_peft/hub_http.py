@@ -2,9 +2,10 @@
 
 huggingface_hub leaves requests without a timeout (uploads) or retries them for minutes
 (downloads retry a silent server six times, with up to 60 s each). :func:`hub_requests` bounds
-a whole push or pull instead: once the server has given no answer for ``timeout`` seconds
-(default :data:`DEFAULT_TIMEOUT_S`, or ``ST_PEFT_HUB_TIMEOUT``), no further request is sent
-and the call fails with a :class:`HubError` that names the cause: the server cannot be reached,
+a whole push or pull instead, through hooks on huggingface_hub's client that exist only while
+the push or pull runs (the client factory set before it is put back after). Once the server has
+given no answer for ``timeout`` seconds (default :data:`DEFAULT_TIMEOUT_S`, or
+``ST_PEFT_HUB_TIMEOUT``), no further request is sent and the call fails with a :class:`HubError` that names the cause: the server cannot be reached,
 did not answer in time, answered with an HTTP error, offline mode is on, or the repository,
 revision or file does not exist.
 """
@@ -15,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -46,6 +47,8 @@ UNREACHABLE = "the server cannot be reached"
 OFFLINE = "offline mode is on (HF_HUB_OFFLINE=1): only files already in the cache can be read"
 RETRIED_STATUSES = (408, 429, 500, 502, 503, 504)
 """Statuses huggingface_hub retries; they do not count as an answer."""
+
+ClientFactory = Callable[[], httpx2.Client]
 
 
 class HubError(OSError):
@@ -172,25 +175,24 @@ def _reason(error: BaseException, timeout: float, failed_status: int | None) -> 
     return None
 
 
-def _install_hooks() -> None:
-    """Make every client huggingface_hub creates carry the silence hooks (no-ops outside :func:`hub_requests`).
+def _scope_client_factory() -> ClientFactory:
+    """Make the clients huggingface_hub creates from now on carry the silence hooks.
 
     huggingface_hub replaces its shared client after a refused connection, so the hooks go into
-    the client factory, wrapped around whichever factory is set (the user's own included).
+    the client factory, around whichever factory is set (the user's own included). That factory
+    is returned, for :func:`hub_requests` to put back once the push or pull is over.
     """
-    current = _http._GLOBAL_CLIENT_FACTORY  # no public getter; set_client_factory is the public setter
-    if getattr(current, "st_peft_silence_hooks", False):
-        return
+    previous = _http._GLOBAL_CLIENT_FACTORY  # huggingface_hub has a public setter, no public getter
 
     def factory() -> httpx2.Client:
-        client = current()
+        client = previous()
         hooks = client.event_hooks
         client.event_hooks = {"request": [*hooks["request"], _SILENCE.cap_request],
                               "response": [*hooks["response"], _SILENCE.note_answer]}
         return client
 
-    factory.st_peft_silence_hooks = True
     set_client_factory(factory)
+    return previous
 
 
 @contextmanager
@@ -206,12 +208,12 @@ def hub_requests(action: str, repo_id: str, timeout: float | None = None) -> Ite
         HubError: ``could not <action> '<repo_id>' at <endpoint>: <reason>``.
     """
     seconds = hub_timeout(timeout)
-    _install_hooks()
     with _SILENCE.lock:
         outer = _SILENCE.timeout
         if outer is None:
             _SILENCE.timeout, _SILENCE.deadline = seconds, time.monotonic() + seconds
             _SILENCE.failed_status = None
+    previous = _scope_client_factory() if outer is None else None
     try:
         yield
     except HubError:
@@ -223,5 +225,6 @@ def hub_requests(action: str, repo_id: str, timeout: float | None = None) -> Ite
         raise HubError(f"could not {action} {repo_id!r} at {constants.ENDPOINT}: {reason}") from error
     finally:
         if outer is None:
+            set_client_factory(previous)  # its next client has no st-peft hooks
             with _SILENCE.lock:
                 _SILENCE.timeout = None

@@ -6,7 +6,6 @@ Names follow transformers' time-series models (PatchTST, TimesFM): ``past_values
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,44 +26,7 @@ INPUT_NAMES = (
 TARGET_NAMES = ("future_values", "future_observed_mask")
 """Batch keys that hold the targets; a model computes ``loss`` from them."""
 
-RENAMED_INPUTS = {
-    "x": "past_values",
-    "x_mask": "past_observed_mask",
-    "x_time": "past_time_features",
-    "y": "future_values",
-    "y_mask": "future_observed_mask",
-    "y_time": "future_time_features",
-}
-"""Batch keys of st-peft 0.0 and their names since 0.1."""
-
 RENAMED_OUTPUTS = {"prediction": "prediction_outputs", "quantiles": "quantile_outputs"}
-
-
-def reject_renamed_inputs(kwargs: Mapping[str, Any], model: str) -> None:
-    """Raise ``TypeError`` naming the new name when a call uses a batch key of st-peft 0.0.
-
-    Args:
-        kwargs: the keyword arguments a forward received.
-        model: the model's name, for the message.
-    """
-    old = [name for name in kwargs if name in RENAMED_INPUTS]
-    if old:
-        renames = ", ".join(f"{name!r} is now {RENAMED_INPUTS[name]!r}" for name in old)
-        raise TypeError(f"{model}.forward got the old argument name(s) {old}: {renames}")
-
-
-def require_past_values(past_values: Any, kwargs: Mapping[str, Any], model: str) -> None:
-    """Check a forward's call: no batch key of st-peft 0.0, and a ``past_values``.
-
-    Forwards give ``past_values`` a default of None only so that a call with an old name
-    (``model(x=...)``) reaches :func:`reject_renamed_inputs` and is told the new name.
-
-    Raises:
-        TypeError: an old name was used, or ``past_values`` is missing.
-    """
-    reject_renamed_inputs(kwargs, model)
-    if past_values is None:
-        raise TypeError(f"{model}.forward needs past_values, the history (B, L, N, C) in original units")
 
 
 @dataclass

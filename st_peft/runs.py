@@ -7,6 +7,9 @@ A run folder holds:
                             options (with ``data_fingerprints`` of its data and graph files);
                             written first, rewritten last: ``finished`` is the commit point
 ``model.safetensors``       the trained model's whole state (scaling statistics included)
+``config.json``             the model's transformers config, when the run trained a backbone
+                            (no adapter): the folder is then a model folder, so
+                            ``AutoModelForTimeSeriesPrediction.from_pretrained(folder)`` loads it
 ``adapter/``                a ``PeftModel``'s adapter, saved the PEFT way
 ``metrics.json``            the test metrics, the baselines' beside them and the verdict
 ``data_summary.json``       the data summary printed before training
@@ -45,6 +48,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 DATA_SUMMARY_FILE = "data_summary.json"
 DATA_FINGERPRINTS = "data_fingerprints"
@@ -58,7 +62,7 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 RUNNING, FAILED, FINISHED = "running", "failed", "finished"
-RUN_ENTRIES = (RUN_FILE, MODEL_FILE, METRICS_FILE, DATA_SUMMARY_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
+RUN_ENTRIES = (RUN_FILE, MODEL_FILE, CONFIG_FILE, METRICS_FILE, DATA_SUMMARY_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
 """What a run writes; ``--overwrite`` removes exactly these (and ``metrics-<split>.json``)."""
 
 
@@ -313,20 +317,25 @@ class RunFolder:
     def finish(self, run: Run, model: nn.Module, metrics: Mapping[str, float]) -> None:
         """Write the trained model and its metrics, then mark ``run`` finished.
 
-        ``model.safetensors`` holds the whole state; a ``PeftModel`` also gets its adapter
-        saved under ``adapter/``. Each file is renamed into place once complete, and
+        ``model.safetensors`` holds the whole state; a ``PreTrainedModel`` is saved with
+        ``save_pretrained`` (``config.json`` next to it, so the folder is a model folder), a
+        ``PeftModel`` also gets its adapter saved under ``adapter/``. Each file is renamed into place once complete, and
         ``run.json`` says ``finished`` only after all of them are.
         """
         from peft import PeftModel
         from safetensors.torch import save_model
+        from transformers import PreTrainedModel
 
         staging = Path(tempfile.mkdtemp(prefix=".finish-", dir=self.path))
         try:
-            save_model(model, str(staging / MODEL_FILE))
+            if isinstance(model, PreTrainedModel):
+                model.save_pretrained(staging)
+            else:
+                save_model(model, str(staging / MODEL_FILE))
             if isinstance(model, PeftModel):
                 model.save_pretrained(staging / ADAPTER_DIR)
             write_json_atomic(staging / METRICS_FILE, metrics)
-            for name in (MODEL_FILE, ADAPTER_DIR, METRICS_FILE):
+            for name in (MODEL_FILE, CONFIG_FILE, ADAPTER_DIR, METRICS_FILE):
                 source, target = staging / name, self.path / name
                 if not source.exists():
                     continue

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoModelForTimeSeriesPrediction
 
 import st_peft.data
 from st_peft.backbones import BACKBONES, STGCN, STID, GWNet
@@ -46,10 +48,8 @@ def train_batch(splits, size: int) -> dict[str, torch.Tensor]:
 
 def build(name: str, splits, **overrides) -> torch.nn.Module:
     """A backbone for ``splits`` with the arguments only its class takes."""
-    kwargs = dict(splits.model_kwargs())
-    if name == "stid":
-        kwargs["steps_per_day"] = splits.steps_per_day
-    else:
+    kwargs = {**splits.model_kwargs(), "steps_per_day": splits.steps_per_day}
+    if name != "stid":
         kwargs["adjacency"] = splits.adjacency
     kwargs.update(overrides)
     return BACKBONES[name](**kwargs)
@@ -108,19 +108,26 @@ def test_save_and_load_reproduce_outputs_exactly(name, sz_taxi, tmp_path):
     model.save_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == name and config["steps_per_day"] == sz_taxi.steps_per_day
     assert config["num_nodes"] == 156 and config["input_len"] == 12 and config["horizon"] == 12
+    # the graph is a buffer saved with the weights, not a config field
+    assert "adjacency" not in config
     if name != "stid":
-        assert np.array_equal(np.asarray(config["adjacency"], dtype=np.float32), sz_taxi.adjacency)
-    assert (tmp_path / "model.safetensors").is_file()
+        saved = safetensors.torch.load_file(tmp_path / "model.safetensors")["adjacency"]
+        assert np.array_equal(saved.numpy(), sz_taxi.adjacency)
     # Trainer checkpoints save the raw state dict, which safetensors refuses when a buffer is not contiguous
     safetensors.torch.save_file(model.state_dict(), tmp_path / "checkpoint.safetensors")
 
     torch.manual_seed(1)
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert loaded.state_dict().keys() == model.state_dict().keys()
+    # the Auto classes resolve the folder by its model_type alone
+    auto = AutoModelForTimeSeriesPrediction.from_pretrained(tmp_path).eval()
+    assert type(auto) is type(model)
     with torch.no_grad():
-        expected, reloaded = model(**batch), loaded(**batch)
+        expected, reloaded, by_auto = model(**batch), loaded(**batch), auto(**batch)
     assert torch.equal(reloaded.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(by_auto.prediction_outputs, expected.prediction_outputs)
     assert torch.equal(reloaded.loss, expected.loss)
     # the training span's statistics came back from the folder alone
     assert torch.equal(loaded.scaler.future_loc, model.scaler.future_loc)
@@ -133,8 +140,8 @@ def test_adjacency_given_in_any_form_is_saved_the_same(form, tmp_path):
     given = {"array": graph, "tensor": torch.from_numpy(graph), "list": graph.tolist()}[form]
     model = STGCN(num_nodes=20, input_len=12, horizon=4, in_channels=1, out_channels=1, adjacency=given)
     model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())["adjacency"]
-    assert np.array_equal(np.asarray(saved, dtype=np.float32), graph)
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")["adjacency"]
+    assert np.array_equal(saved.numpy(), graph)
     assert torch.equal(STGCN.from_pretrained(tmp_path).adjacency, torch.from_numpy(graph))
 
 
@@ -174,7 +181,7 @@ def test_gwnet_without_adaptive_adjacency_has_no_node_embeddings(sz_taxi):
     assert not any("embedding" in name for name, _ in model.named_parameters())
     with pytest.raises(ValueError, match="adaptive_adjacency=False"):
         model.adaptive_adjacency()
-    with pytest.raises(ValueError, match="needs a graph"):
+    with pytest.raises(StrictDataclassClassValidationError, match="needs a graph"):
         build("gwnet", sz_taxi, adjacency=None, adaptive_adjacency=False)
 
 
@@ -310,7 +317,8 @@ BAD_INPUTS = {
     "future mask": (lambda b: {**b, "future_observed_mask": b["future_observed_mask"][..., :100, :]},
                     "future_observed_mask has shape \\(2, 12, 100, 1\\) but future_values has shape "
                     "\\(2, 12, 156, 1\\)"),
-    "old name": (lambda b: {"x": b["past_values"]}, "'x' is now 'past_values'"),
+    "no history": (lambda b: {"future_values": b["future_values"]}, "missing 1 required positional argument: "
+                   "'past_values'"),
 }
 
 
@@ -319,7 +327,7 @@ BAD_INPUTS = {
 def test_bad_history_is_refused_with_the_numbers(name, case, sz_taxi):
     model = build(name, sz_taxi, **SMALL[name])
     corrupt, message = BAD_INPUTS[case]
-    error = TypeError if case == "old name" else ValueError
+    error = TypeError if case == "no history" else ValueError
     with pytest.raises(error, match=message):
         model(**corrupt(train_batch(sz_taxi, 2)))
 
@@ -349,7 +357,7 @@ def test_bad_adjacency_is_refused(name, case, sz_taxi):
 def test_stgcn_requires_a_graph_and_a_long_enough_history(sz_taxi):
     with pytest.raises(ValueError, match="STGCN needs an adjacency matrix of shape \\(156, 156\\); got None"):
         build("stgcn", sz_taxi, adjacency=None)
-    with pytest.raises(ValueError, match="input_len must be at least 9; got input_len=8"):
+    with pytest.raises(StrictDataclassClassValidationError, match="input_len must be at least 9; got input_len=8"):
         build("stgcn", sz_taxi, input_len=8)
 
 
@@ -439,10 +447,20 @@ def test_scaling_statistics_stay_float32_when_the_model_is_cast(sz_taxi):
 
 
 def test_an_unknown_loss_is_refused_and_mse_is_used_when_asked(sz_taxi):
-    with pytest.raises(ValueError, match="unknown loss 'mape'"):
+    with pytest.raises(StrictDataclassClassValidationError, match="`loss` must be one of .*, got 'mape'"):
         build("stid", sz_taxi, loss="mape")
     model = build("stid", sz_taxi, loss="mse")
     out = model(**train_batch(sz_taxi, 2))
     batch = train_batch(sz_taxi, 2)
     expected = ((out.prediction_outputs - batch["future_values"]) ** 2)[batch["future_observed_mask"]].mean()
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_the_calendar_resolution_is_never_assumed():
+    sizes = dict(num_nodes=5, input_len=12, horizon=3, in_channels=1, out_channels=1)
+    with pytest.raises(ValueError, match="STID reads the time of day .*give steps_per_day"):
+        STID(**sizes)
+    assert STID(**sizes, if_tod=False).config.steps_per_day is None
+    assert STID(**sizes, steps_per_day=96).tod_embedding.shape == (96, 32)
+    with pytest.raises(ValueError, match="GWNet with calendar_channels needs steps_per_day"):
+        GWNet(**sizes, calendar_channels=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from transformers import AutoModelForTimeSeriesPrediction
 
 import st_peft.data as std
 from st_peft import cli
@@ -190,7 +191,7 @@ def test_loss_is_an_argument_of_the_model(tmp_path):
     splits = std.build_splits(std.load("chickenpox"), input_len=8, horizon=4)
     options = cli.parse_args(["train", "--config", str(write_config(tmp_path / "run.yaml")), "--loss", "huber"])
     model = cli.build_model(options, splits)
-    assert model.loss_name == "huber"
+    assert model.config.loss == "huber"
     batch = next(iter(splits.iter_batches("test", 4)))
     assert float(model(**batch).loss.detach()) > 0
 
@@ -244,6 +245,17 @@ def test_train_then_evaluate_round_trip(tmp_path, capsys):
     assert run["options"]["model_args"]["embed_dim"] == 8
     assert all((out / "checkpoints" / f"checkpoint-{step}" / CHECKPOINT_MARK).is_file()
                for step in checkpoint_steps(out))
+
+    # the run folder is a model folder: transformers' Auto class loads it, and it forecasts in
+    # original units exactly as the run's own model does
+    loaded = AutoModelForTimeSeriesPrediction.from_pretrained(out).eval()
+    rebuilt = cli.load_run(RunFolder(out))[0].eval()
+    assert type(loaded) is type(rebuilt) and loaded.config.steps_per_day == splits.steps_per_day
+    batch = next(splits.iter_batches("test", batch_size=4))
+    with torch.no_grad():
+        forecast, expected = loaded(**batch), rebuilt(**batch)
+    assert torch.equal(forecast.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(forecast.loc[0, 0], saved["scaler.future_loc"])
 
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()

@@ -16,6 +16,7 @@ import st_peft  # noqa: F401  (registers FACTOST)
 from st_peft.data import build_splits, load
 from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.models.factost.modeling_factost import FactoSTAttention, FactoSTTokenContext
+from st_peft.shipped import shipped_checkpoint
 from st_peft.training.samplers import MemoryReplaySampler
 from st_peft.tuners.factost import (
     FactoSTAdapterConfig,
@@ -23,7 +24,6 @@ from st_peft.tuners.factost import (
     InteractionFilter,
     MetadataFusion,
 )
-from st_peft.tuners.factost.model import SHIPPED_BACKBONE
 
 NODES = 5
 STEPS_PER_DAY = 96
@@ -183,7 +183,7 @@ def test_adapter_without_parts_is_refused():
     with pytest.raises(ValueError, match="needs at least one of them"):
         adapter_config(use_metadata=False, use_interaction=False, use_prompts=False)
     with pytest.raises(ValueError, match="needs num_nodes"):
-        FactoSTAdapterConfig()
+        get_peft_model(backbone(), FactoSTAdapterConfig())
 
 
 def test_missing_calendar_is_refused_when_metadata_fusion_needs_it():
@@ -298,7 +298,7 @@ def test_plain_transformers_trainer_trains_the_adapter_on_real_data(tmp_path):
     splits = build_splits(load("chickenpox"), input_len=12, horizon=12, few_shot=0.5)
     train = splits.train.select(range(0, 16 * 2, 2))
     model = get_peft_model(
-        AutoModelForTimeSeriesPrediction.from_pretrained(SHIPPED_BACKBONE),
+        AutoModelForTimeSeriesPrediction.from_pretrained(shipped_checkpoint("factost-cpu")),
         FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day),
     )
     windows = splits.collator(list(train))
@@ -327,15 +327,6 @@ def test_sizes_of_the_splits_are_accepted_and_checked():
         FactoSTAdapterConfig(num_nodes=NODES, in_channels=2, out_channels=1)
     with pytest.raises(ValueError, match="horizon must be a positive integer; got 0"):
         FactoSTAdapterConfig(num_nodes=NODES, horizon=0)
-
-
-def test_old_argument_names_are_refused_through_the_peft_model():
-    model = get_peft_model(backbone(), adapter_config())
-    inputs = batch()
-    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
-        model(x=inputs["past_values"])
-    with pytest.raises(TypeError, match="'x_time' is now 'past_time_features'"):
-        model(past_values=inputs["past_values"], x_time=inputs["past_time_features"])
 
 
 def test_non_factost_backbone_is_refused():

@@ -185,11 +185,7 @@ def test_unknown_loss_is_refused():
         tiny_config(loss="crps")
 
 
-def test_old_argument_names_are_refused_with_the_new_ones(model):
-    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
-        model(x=torch.randn(1, 12, 2, 1))
-    with pytest.raises(TypeError, match="'y' is now 'future_values'.*'y_mask' is now 'future_observed_mask'"):
-        model(torch.randn(1, 12, 2, 1), y=torch.randn(1, 4, 2, 1), y_mask=torch.ones(1, 4, 2, 1, dtype=torch.bool))
+def test_old_output_names_are_refused_with_the_new_ones(model):
     with pytest.raises(AttributeError, match="ForecastOutput.prediction is now ForecastOutput.prediction_outputs"):
         _ = model(torch.randn(1, 12, 2, 1), horizon=4).prediction
 

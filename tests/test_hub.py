@@ -20,6 +20,7 @@ import re
 import time
 from pathlib import Path
 
+import httpx2
 import huggingface_hub
 import pytest
 import torch
@@ -30,7 +31,8 @@ from hub_server import (
     refuse_non_local_hosts,
     silent_server,
 )
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, get_session, set_client_factory
+from huggingface_hub.utils import _http
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import GPT2Config
@@ -423,11 +425,9 @@ def test_backbone_repository_of_another_class_is_refused(hub, hub_env, splits, b
     prepare(
         hub, model, "org/stgcn-other", tmp_path, dataset=DATASET, metrics=card_metrics(model, batch, splits)
     )
-    with pytest.raises(ValueError, match=r"'org/stgcn-other' holds another model than STID.*adjacency"):
+    with pytest.raises(ValueError, match=r"'org/stgcn-other' holds a 'stgcn' model, not 'stid' \(STID\)"):
         load_backbone(STID, "org/stgcn-other")
-    with pytest.raises(
-        ValueError, match=r"holds a model without a model_type \(not a transformers model\), not 'factost'"
-    ):
+    with pytest.raises(ValueError, match=r"holds a 'stgcn' model, not 'factost' \(FactoSTModel\)"):
         load_backbone(FactoSTModel, "org/stgcn-other")
     with pytest.raises(HubError, match=r"no adapter_config.json in 'org/stgcn-other'.*use load_backbone"):
         load_adapter(build_backbone("stid", splits), "org/stgcn-other")
@@ -651,3 +651,29 @@ def test_a_server_that_never_answers_is_given_up_on(splits, tmp_path, monkeypatc
             load_backbone(STID, "org/silent")
         assert time.monotonic() - start < 10
     assert_no_cache_for(tmp_path / "cache", "org/silent")
+
+
+def test_the_users_client_factory_is_back_after_a_call(tmp_path, monkeypatch):
+    """The silence hooks exist only during st-peft's own push or pull: huggingface_hub's client
+    factory (here the user's own) is used for that call and is the one set afterwards."""
+    made = []
+
+    def users_factory() -> httpx2.Client:
+        made.append(httpx2.Client())
+        return made[-1]
+
+    before = _http._GLOBAL_CLIENT_FACTORY
+    set_client_factory(users_factory)
+    try:
+        with silent_server() as endpoint:
+            point_hub_at(monkeypatch, endpoint, tmp_path / "cache")
+            refuse_non_local_hosts(monkeypatch)
+            with pytest.raises(HubError, match="no answer within 0.5 s"):
+                load_backbone(STID, "org/silent", timeout=0.5)
+        called = len(made)
+        assert called >= 1
+        client = get_session()
+        assert len(made) == called + 1 and client is made[-1]
+        assert client.event_hooks == {"request": [], "response": []}
+    finally:
+        set_client_factory(before)

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import st_peft.hub
+from st_peft import loading_backbone_weights
 from st_peft.backbones import BACKBONES
 from st_peft.data import build_splits, load
 from st_peft.forecasting import forecast_loss
@@ -52,6 +53,7 @@ from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.outputs import ForecastOutput
 from st_peft.tuners.factost import FactoSTAdapterConfig
 from st_peft.tuners.st_lora import STLoraConfig
+from st_peft.tuners.st_lora.seamed import SeamedForecaster
 
 LENGTH = HORIZON = 12
 
@@ -100,7 +102,8 @@ def build_backbone(name: str, splits) -> nn.Module:
     elif name == "stgcn":
         model = BACKBONES["stgcn"](**kwargs, adjacency=splits.adjacency, block_channels=(4, 4, 4))
     elif name == "user":
-        model = UsersForecaster(splits.num_nodes)
+        # a user's module takes the documented wrapper, which gives it the output seam ST-LoRA needs
+        model = SeamedForecaster(UsersForecaster(splits.num_nodes))
     else:
         model = FactoSTModel(FactoSTConfig(patch_length=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                            intermediate_size=16, max_context_length=12, max_horizon=12, dropout=0.0,
@@ -135,7 +138,7 @@ LAYOUTS = {
     "gwnet": BackboneLayout("skip_conv", "layers", "layers.0.skip_conv", "layers.1.skip_conv", "end_conv_2"),
     "stgcn": BackboneLayout("theta", "blocks", "blocks.0.graph_conv.theta", "blocks.1.graph_conv.theta",
                             "output.fc", node_axis=1),
-    "user": BackboneLayout("fc", "layers", "layers.0.fc", "layers.1.fc", "head"),
+    "user": BackboneLayout("fc", "layers", "forecaster.layers.0.fc", "forecaster.layers.1.fc", "forecaster.head"),
     "factost": BackboneLayout("qkv", "layers", "layers.0.attention.qkv", "layers.1.attention.qkv", "head"),
 }
 
@@ -157,7 +160,7 @@ class Case:
 
     @property
     def prefix(self) -> str:
-        return {"STLORA": "stlora_", "FACTOST": "factost_", "LORA": "lora_"}[self.tuner]
+        return {"STLORA": "stl_", "FACTOST": "factost_", "LORA": "lora_"}[self.tuner]
 
     def config(self, splits, **options: Any):
         """The case's adapter config; ``init_weights=False`` (a non-identity adapter) unless ``options`` say."""
@@ -521,14 +524,14 @@ class ReadsItsWeight(nn.Module):
 
 def test_st_lora_refuses_a_wrapped_layer_that_is_never_called(data):
     splits, batch = data
-    model = get_peft_model(ReadsItsWeight(splits.num_nodes), STLoraConfig(**splits.size_kwargs(),
+    model = get_peft_model(SeamedForecaster(ReadsItsWeight(splits.num_nodes)), STLoraConfig(**splits.size_kwargs(),
                                                                           target_modules=["fc", "head"]))
-    with pytest.raises(RuntimeError, match=r"wrapped \['fc'\] of ReadsItsWeight, but its forward never called it"):
+    with pytest.raises(RuntimeError, match=r"wrapped \['forecaster.fc'\] of SeamedForecaster, but its forward never called it"):
         model(**batch)
     with model.disable_adapter():  # the forecaster alone is fine
         model(**batch)
     # LoRA, the control, wraps it too and stays silently inert
-    lora = get_peft_model(ReadsItsWeight(splits.num_nodes),
+    lora = get_peft_model(SeamedForecaster(ReadsItsWeight(splits.num_nodes)),
                           LoraConfig(target_modules=["fc", "head"], init_lora_weights=False))
     loss_of(lora(**batch), batch).backward()
     assert all(p.grad is None for name, p in lora.named_parameters() if "fc.lora_" in name)
@@ -536,13 +539,13 @@ def test_st_lora_refuses_a_wrapped_layer_that_is_never_called(data):
 
 def test_st_lora_checks_the_layers_of_an_adapter_made_active_later(data):
     splits, batch = data
-    model = get_peft_model(ReadsItsWeight(splits.num_nodes), STLoraConfig(**splits.size_kwargs(),
+    model = get_peft_model(SeamedForecaster(ReadsItsWeight(splits.num_nodes)), STLoraConfig(**splits.size_kwargs(),
                                                                           target_modules=["head"]))
     model(**batch)
     model.add_adapter("reads", STLoraConfig(**splits.size_kwargs(), target_modules=["fc"]))
     model(**batch)  # "reads" is not active yet
     model.set_adapter("reads")
-    with pytest.raises(RuntimeError, match=r"\['fc'\]"):
+    with pytest.raises(RuntimeError, match=r"\['forecaster.fc'\]"):
         model(**batch)
 
 
@@ -617,7 +620,9 @@ def test_adapter_that_trains_the_backbone_brings_it_along(data, tmp_path):
     expected = predict(model, batch)
     model.save_pretrained(tmp_path)
     assert f"base_model.model.{case.layout.saved}.weight" in load_file(tmp_path / "adapter_model.safetensors")
-    assert_same(predict(PeftModel.from_pretrained(build_backbone("stid", splits), tmp_path), batch), expected)
+    with loading_backbone_weights():  # the caller's say at load time, not the file's
+        reloaded = PeftModel.from_pretrained(build_backbone("stid", splits), tmp_path)
+    assert_same(predict(reloaded, batch), expected)
 
 
 def test_lora_control_loads_what_st_peft_refuses(data, tmp_path):

@@ -101,7 +101,6 @@ def windows(splits, split: str, count: int) -> dict[str, torch.Tensor]:
     return next(splits.iter_batches(split, count))
 
 
-
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> str:
     """A tiny random GPT-2 saved the way the Hub stores ``GPT2Model`` checkpoints."""
@@ -391,17 +390,6 @@ def test_bad_inputs_name_the_tensor_and_both_shapes():
         model.st_link(scaled_past_values=torch.zeros(1, LENGTH, 7, CHANNELS))
     with pytest.raises(TypeError, match="STLinkForForecasting takes past_values in original units"):
         model.st_link(**inputs)
-
-
-@pytest.mark.parametrize(("old", "new"), [("x", "past_values"), ("x_time", "past_time_features"),
-                                          ("y", "future_values"), ("y_mask", "future_observed_mask")])
-def test_old_argument_names_are_refused_with_the_new_name(old, new):
-    model = STLinkForForecasting(tiny_config())
-    inputs = batch()
-    with pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
-        model(**{old: inputs["past_values"]})
-    with pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
-        model(**inputs, **{old: inputs["past_values"]})
 
 
 def test_node_subset_uses_the_embeddings_of_its_nodes():

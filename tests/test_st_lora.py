@@ -7,8 +7,6 @@ import copy
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,18 +14,20 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import st_peft  # noqa: F401  (registers STLORA)
-from _st_peft_import_hint import PeftTypeMapping
+from st_peft import loading_backbone_weights
 from st_peft.backbones import BACKBONES
 from st_peft.data import build_splits, load
-from st_peft.forecasting import forecast_loss
+from st_peft.forecasting import ForecastSeam, forecast_loss
 from st_peft.losses import masked_mae
 from st_peft.outputs import ForecastOutput
 from st_peft.tuners.st_lora import STLoraConfig, STLoraModel
-from st_peft.tuners.st_lora.layer import ForwardState, NodeAdaptiveLayer
+from st_peft.tuners.st_lora.layer import NodeAdaptiveLayer
+from st_peft.tuners.st_lora.seamed import SeamedForecaster
 from st_peft.tuners.st_lora.space import window_space
 
 LENGTH, HORIZON = 12, 12
@@ -115,7 +115,7 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "stlora_" in name and parameter.requires_grad:
+            if "stl_" in name and parameter.requires_grad:
                 parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
 
 
@@ -161,7 +161,7 @@ def test_users_module_output_and_loss_equal_the_backbone_exactly_at_init(batch, 
     torch.manual_seed(0)
     backbone = TinyForecaster()
     expected = frozen_output(backbone, **batch)
-    model = get_peft_model(backbone, config(**overrides))
+    model = get_peft_model(SeamedForecaster(backbone), config(**overrides))
     model.train()  # dropout on the low-rank path must not matter while B is zero
     output = model(**batch)
     assert isinstance(output, ForecastOutput)
@@ -200,7 +200,7 @@ def test_module_taking_exactly_past_values_trains_and_returns_loss(los_loop):
     splits, batch = los_loop
     backbone = PastValuesOnly()
     expected = frozen_output(backbone, past_values=batch["past_values"])
-    model = get_peft_model(backbone, config())
+    model = get_peft_model(SeamedForecaster(backbone), config())
     output = model(**batch)
     assert torch.equal(output.prediction_outputs, expected)
     start = output.loss.item()
@@ -212,37 +212,27 @@ def test_module_taking_exactly_past_values_trains_and_returns_loss(los_loop):
         optimizer.step()
     assert model(**batch).loss.item() < start
     with model.disable_adapter():  # the module's own output: it sees past_values only
-        assert torch.equal(model(**batch), batch["past_values"][:, -1:] + backbone.offset)
+        assert torch.equal(model(**batch).prediction_outputs, batch["past_values"][:, -1:] + backbone.offset)
 
 
-def test_module_with_old_argument_name_is_told_the_new_one(batch):
-    class OldStyle(nn.Module):
+def test_module_without_past_values_is_told_the_contract(batch):
+    class OtherNames(nn.Module):
         def forward(self, x):
             return x
 
-    model = get_peft_model(OldStyle(), config())
-    with pytest.raises(TypeError, match="must take the history as past_values.*'x' is now 'past_values'"):
+    model = get_peft_model(SeamedForecaster(OtherNames()), config())
+    with pytest.raises(TypeError, match="must take the history as past_values"):
         model(**batch)
 
 
 def test_past_values_may_be_positional(batch):
-    model = get_peft_model(TinyForecaster(), config())
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), config())
     perturb(model)
     positional = model(batch["past_values"], future_values=batch["future_values"])
     keyword = model(past_values=batch["past_values"], future_values=batch["future_values"])
     assert torch.equal(positional.prediction_outputs, keyword.prediction_outputs)
     assert torch.equal(positional.loss, keyword.loss)
 
-
-@pytest.mark.parametrize(("old", "new"), [("x", "past_values"), ("x_mask", "past_observed_mask"),
-                                          ("y", "future_values"), ("y_time", "future_time_features")])
-def test_old_argument_names_are_refused_with_the_new_name(batch, old, new):
-    model = get_peft_model(TinyForecaster(), config())
-    inputs = {"past_values": batch["past_values"], old: batch["past_values"]}
-    with pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
-        model(**inputs)
-    with model.disable_adapter(), pytest.raises(TypeError, match=f"'{old}' is now '{new}'"):
-        model(**inputs)
 
 
 # the predictor's space ------------------------------------------------------------------------------------
@@ -254,7 +244,7 @@ def test_scaled_space_of_a_backbone_with_a_scaler(los_loop):
     backbone = make_backbone("stid", splits).eval()
     model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs()))
     perturb(model)
-    head = model.base_model.model.st_lora_predictor.stlora_heads["default"]
+    head = model.base_model.model.forecast_seam.stl_heads["default"]
     seen = {}
     head.register_forward_pre_hook(lambda module, args: seen.update(history=args[0], prediction=args[1]))
     output = model(**batch)
@@ -266,7 +256,7 @@ def test_scaled_space_of_a_backbone_with_a_scaler(los_loop):
     loc, scale = scaler.future_loc_scale(4)
     assert torch.equal(output.loc, loc) and torch.equal(output.scale, scale)
     torch.testing.assert_close(seen["prediction"], (plain.prediction_outputs - loc) / scale)
-    correction = head(seen["history"], seen["prediction"], ForwardState())
+    correction = head(seen["history"], seen["prediction"], None)
     torch.testing.assert_close(output.prediction_outputs, plain.prediction_outputs + scale * correction)
 
 
@@ -279,7 +269,7 @@ def test_own_space_normalises_each_window_over_its_history_and_forecast(batch):
     mask[:, :4, 1] = False  # unobserved steps do not count
     past[:, :4, 1] = float("nan")
     prediction = frozen_output(backbone, past_values=torch.where(mask, past, 0.0))
-    model = get_peft_model(backbone, config())
+    model = get_peft_model(SeamedForecaster(backbone), config())
     output = model(past_values=torch.where(mask, past, 0.0), past_observed_mask=mask)
     assert torch.equal(output.prediction_outputs, prediction)
     seen = torch.cat([past[0, 4:, 1, 0], prediction[0, :, 1, 0]])
@@ -308,14 +298,14 @@ def test_forecast_channel_of_another_history_channel_needs_the_mapping():
     splits = build_splits(load("nyc-bike"), input_len=LENGTH, horizon=HORIZON, target_channels=[1])
     sizes = splits.size_kwargs()
     with pytest.raises(ValueError, match="in_channels=2 != out_channels=1.*output_history_channels"):
-        get_peft_model(TwoChannelsInOneOut(), STLoraConfig(**sizes))
+        get_peft_model(SeamedForecaster(TwoChannelsInOneOut()), STLoraConfig(**sizes))
     with pytest.raises(ValueError, match=r"output_history_channels must list.*got \[2\]"):
         STLoraConfig(**sizes, output_history_channels=[2])
     channels = [splits.input_channels.index(c) for c in splits.target_channels]
     batch = next(splits.iter_batches("val", batch_size=2))
     backbone = TwoChannelsInOneOut()
     expected = frozen_output(backbone, **batch)
-    model = get_peft_model(backbone, STLoraConfig(**sizes, output_history_channels=channels))
+    model = get_peft_model(SeamedForecaster(backbone), STLoraConfig(**sizes, output_history_channels=channels))
     output = model(**batch)
     assert torch.equal(output.prediction_outputs, expected)
     outflow = torch.cat([batch["past_values"][0, :, 5, 1], expected[0, :, 5, 0]])
@@ -343,7 +333,7 @@ def test_loss_is_the_backbones_loss_of_the_refined_forecast(chickenpox):
 
 
 def test_targets_of_the_wrong_horizon_are_refused_with_both_shapes(batch):
-    model = get_peft_model(TinyForecaster(), config())
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), config())
     with pytest.raises(ValueError, match=r"\(4, 12, 207, 1\) but future_values has shape \(4, 6, 207, 1\)"):
         model(past_values=batch["past_values"], future_values=batch["future_values"][:, :6])
 
@@ -367,14 +357,14 @@ def test_adapter_changes_only_what_it_should_and_disable_restores_backbone(chick
 def test_scaling_penalty_is_aux_loss_and_part_of_loss(batch):
     backbone = TinyForecaster()
     expected = frozen_output(backbone, **batch)
-    model = get_peft_model(backbone, config(target_modules=["fc1"], scaling_l2=0.5))
+    model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"], scaling_l2=0.5))
     output = model(**batch)
     assert torch.equal(output.prediction_outputs, expected) and output.aux_loss.item() == 0.0
     perturb(model)
     output = model(**batch)
-    layer = model.base_model.model.fc1
-    head = model.base_model.model.st_lora_predictor.stlora_heads["default"]
-    by_hand = (layer.stlora_node_scale["default"] - 1).pow(2).sum()
+    layer = model.base_model.model.forecaster.fc1
+    head = model.base_model.model.forecast_seam.stl_heads["default"]
+    by_hand = (layer.stl_node_scale["default"] - 1).pow(2).sum()
     for nall in head.blocks[0].layers:
         by_hand = by_hand + (head.node_embedding @ nall.generator).pow(2).sum()
     torch.testing.assert_close(output.aux_loss, 0.5 * by_hand)
@@ -394,7 +384,7 @@ class QuantileForecaster(TinyForecaster):
 def test_forecast_output_prediction_and_quantiles_are_refined_together(batch):
     backbone = QuantileForecaster()
     expected = frozen_output(backbone, **batch)
-    model = get_peft_model(backbone, config())
+    model = get_peft_model(SeamedForecaster(backbone), config())
     perturb(model)
     output = model(**batch)
     shift = output.prediction_outputs - expected.prediction_outputs
@@ -410,15 +400,15 @@ def test_forecast_output_prediction_and_quantiles_are_refined_together(batch):
 
 def test_nall_matches_hand_computed_per_node_formula():
     torch.manual_seed(0)
-    layer = NodeAdaptiveLayer(nn.Linear(6, 3), ForwardState(), "fc")
+    layer = NodeAdaptiveLayer(nn.Linear(6, 3), "fc")
     layer.update_layer("default", config(num_nodes=5, r=2, alpha=4.0))
     perturb(layer)
     x = torch.randn(2, 5, 6)  # nodes on axis -2
     out = layer(x)
     W, b = layer.base_layer.weight, layer.base_layer.bias
-    A = layer.stlora_A["default"].weight
-    B = layer.stlora_B["default"].weight
-    s = layer.stlora_node_scale["default"]
+    A = layer.stl_down["default"].weight
+    B = layer.stl_up["default"].weight
+    s = layer.stl_node_scale["default"]
     for i in range(5):
         A_i = torch.diag(s[i]) @ A
         expected = x[:, i] @ W.T + b + (4.0 / 2) * x[:, i] @ (B @ A_i).T
@@ -426,18 +416,18 @@ def test_nall_matches_hand_computed_per_node_formula():
 
 
 def test_conv_nall_is_node_specific(batch):
-    model = get_peft_model(ConvForecaster(), config(num_blocks=0, target_modules=["conv"], node_axis=2))
+    model = get_peft_model(SeamedForecaster(ConvForecaster()), config(num_blocks=0, target_modules=["conv"], node_axis=2))
     perturb(model)
     before = model(**batch).prediction_outputs
     with torch.no_grad():
-        model.base_model.model.conv.stlora_node_scale["default"][0] += 1.0
+        model.base_model.model.forecaster.conv.stl_node_scale["default"][0] += 1.0
     after = model(**batch).prediction_outputs
     assert not torch.allclose(after[:, :, 0], before[:, :, 0])
     assert torch.equal(after[:, :, 1:], before[:, :, 1:])
 
 
 def test_node_index_selects_rows_of_the_node_factors(batch):
-    model = get_peft_model(TinyForecaster(), config(target_modules=["fc1"]))
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), config(target_modules=["fc1"]))
     perturb(model)
     index = torch.tensor([3, 1])
     full = model(**batch)
@@ -459,19 +449,20 @@ def test_stgcn_calls_a_wrapped_theta(chickenpox):
     torch.testing.assert_close(output.prediction_outputs, expected, rtol=1e-5, atol=1e-5)  # Clenshaw = recurrence
     output.loss.backward()
     for name, parameter in model.named_parameters():
-        if "stlora_B" in name:
+        if "stl_up" in name:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     perturb(model)
     assert not torch.allclose(model(**batch).prediction_outputs, expected)
 
 
 def test_layers_to_transform_on_a_layer_named_in_full_is_refused():
-    with pytest.raises(ValueError, match=r"target_modules names \['fc1'\] in full"):
-        get_peft_model(TinyForecaster(), config(target_modules=["fc1"], layers_to_transform=[0]))
+    with pytest.raises(ValueError, match=r"target_modules names \['forecaster.fc1'\] in full"):
+        get_peft_model(SeamedForecaster(TinyForecaster()),
+                       config(target_modules=["forecaster.fc1"], layers_to_transform=[0]))
 
 
 def test_adapters_of_other_sizes_on_one_forecaster_are_refused():
-    model = get_peft_model(TinyForecaster(), config())
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), config())
     with pytest.raises(ValueError, match="has horizon=6 but adapter 'default' on the same forecaster has horizon=12"):
         model.add_adapter("short", config(horizon=6))
 
@@ -482,9 +473,9 @@ def test_adapters_of_other_sizes_on_one_forecaster_are_refused():
 def test_backbone_frozen_and_unchanged_by_training(batch):
     backbone = TinyForecaster()
     original = copy.deepcopy(backbone.state_dict())
-    model = get_peft_model(backbone, config(target_modules=["fc1"]))
+    model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("stlora_" in name for name in trainable)
+    assert trainable and all("stl_" in name for name in trainable)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         loss = model(**batch).loss
@@ -492,26 +483,65 @@ def test_backbone_frozen_and_unchanged_by_training(batch):
         loss.backward()
         optimizer.step()
     unloaded = model.unload()
-    for key, value in unloaded.state_dict().items():
+    for key, value in unloaded.forecaster.state_dict().items():
         assert torch.equal(value, original[key]), key
 
 
 def test_train_backbone_makes_backbone_trainable_and_saves_it(tmp_path, batch):
     backbone = TinyForecaster()
-    model = get_peft_model(backbone, config(train_backbone=True))
-    assert model.base_model.model.fc1.weight.requires_grad
+    model = get_peft_model(SeamedForecaster(backbone), config(train_backbone=True))
+    assert model.base_model.model.forecaster.fc1.weight.requires_grad
     with torch.no_grad():
-        model.base_model.model.fc2.bias.add_(1.0)
+        model.base_model.model.forecaster.fc2.bias.add_(1.0)
     perturb(model)
     expected = model(**batch)
     model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(TinyForecaster(), tmp_path, is_trainable=True)
+    # the file's own train_backbone=True is not enough: the caller allows the backbone's weights at load time
+    fresh = TinyForecaster()
+    state = {key: value.clone() for key, value in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"carries the forecaster's own weights .*loading_backbone_weights"):
+        PeftModel.from_pretrained(SeamedForecaster(fresh), tmp_path, is_trainable=True)
+    assert all(torch.equal(value, state[key]) for key, value in fresh.state_dict().items())
+    with loading_backbone_weights():
+        reloaded = PeftModel.from_pretrained(SeamedForecaster(fresh), tmp_path, is_trainable=True)
     assert torch.equal(reloaded(**batch).prediction_outputs, expected.prediction_outputs)
+
+
+def test_no_parameter_or_saved_key_is_named_like_lora(tmp_path, chickenpox):
+    """peft's LoRA-FA optimizer freezes every parameter whose name contains ``lora_A``; LoRA's own
+    helpers match ``lora_``. ST-LoRA's names contain neither, in the model or in its checkpoint."""
+    splits, _ = chickenpox
+    model = get_peft_model(make_backbone("gwnet", splits), STLoraConfig(**splits.size_kwargs(),
+                                                                        target_modules=["filter_conv"]))
+    names = [name for name, _ in model.named_parameters()]
+    assert any("stl_" in name for name in names)
+    assert not any("lora_" in name for name in names)
+    model.save_pretrained(tmp_path)
+    assert not any("lora_" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+
+
+def test_a_wrapped_layer_that_stops_running_later_is_refused(batch):
+    """The check that every wrapped layer ran is made in every call, not only the first."""
+
+    class SometimesSkips(TinyForecaster):
+        skip = False
+
+        def forward(self, past_values: torch.Tensor, **kwargs) -> torch.Tensor:
+            if not self.skip:
+                return super().forward(past_values)
+            return past_values[:, -1:].expand(-1, HORIZON, -1, -1)
+
+    backbone = SometimesSkips()
+    model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"]))
+    model(**batch)
+    backbone.skip = True
+    with pytest.raises(RuntimeError, match=r"wrapped \['forecaster.fc1'\] of SeamedForecaster, but its forward never"):
+        model(**batch)
 
 
 def test_print_trainable_parameters_counts_hand_computed(capsys):
     cfg = config(r=2, hidden_dim=8, node_embedding_dim=3, num_nall_layers=4, num_blocks=1)
-    model = get_peft_model(TinyForecaster(), cfg)
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), cfg)
     # node embedding 207*3; input 24->8; 4 NALLs of (8*8+8) + 8*2 + 2*8 + 3*2; output 8->12; gate 13->12
     predictor = NODES * 3 + (24 * 8 + 8) + 4 * (72 + 16 + 16 + 6) + (8 * 12 + 12) + (13 * 12 + 12)
     backbone = 12 * 16 + 16 + 16 * 12 + 12
@@ -524,8 +554,8 @@ def test_print_trainable_parameters_counts_hand_computed(capsys):
 def test_save_and_load_reproduce_outputs_exactly(tmp_path, batch):
     torch.manual_seed(0)
     backbone = TinyForecaster()
-    fresh, fresh_frozen = copy.deepcopy(backbone), copy.deepcopy(backbone)
-    model = get_peft_model(backbone, config(target_modules=["fc1"], num_blocks=2))
+    fresh, fresh_frozen = SeamedForecaster(copy.deepcopy(backbone)), SeamedForecaster(copy.deepcopy(backbone))
+    model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"], num_blocks=2))
     perturb(model)
     model.eval()
     expected = model(**batch)
@@ -544,8 +574,8 @@ def test_save_and_load_reproduce_outputs_exactly(tmp_path, batch):
 def test_named_adapters_each_own_predictor(tmp_path, batch):
     backbone = TinyForecaster()
     expected = frozen_output(backbone, **batch)
-    fresh = copy.deepcopy(backbone)
-    model = get_peft_model(backbone, config(), adapter_name="city_a")
+    fresh = SeamedForecaster(copy.deepcopy(backbone))
+    model = get_peft_model(SeamedForecaster(backbone), config(), adapter_name="city_a")
 
     def predict(peft_model):
         return peft_model(**batch).prediction_outputs
@@ -562,7 +592,7 @@ def test_named_adapters_each_own_predictor(tmp_path, batch):
     out_b = predict(model)
     assert not torch.allclose(out_a, out_b)
     with model.disable_adapter():
-        assert torch.equal(model(**batch), expected)
+        assert torch.equal(model(**batch).prediction_outputs, expected)
     model.save_pretrained(tmp_path)
 
     # PEFT saves adapters not named "default" in sub-folders named after them
@@ -582,17 +612,17 @@ def test_named_adapters_each_own_predictor(tmp_path, batch):
 def test_unload_returns_the_untouched_backbone(batch):
     backbone = TinyForecaster()
     expected = frozen_output(backbone, **batch)
-    model = get_peft_model(backbone, config(target_modules=["fc1"]))
+    model = get_peft_model(SeamedForecaster(backbone), config(target_modules=["fc1"]))
     perturb(model)
     unloaded = model.unload()
-    assert type(unloaded.fc1) is nn.Linear
-    assert not hasattr(unloaded, "st_lora_predictor")
-    assert not unloaded._forward_hooks and not unloaded._forward_pre_hooks
-    assert torch.equal(unloaded(**batch), expected)
+    assert unloaded.forecaster is backbone and type(backbone.fc1) is nn.Linear
+    assert type(unloaded.forecast_seam) is ForecastSeam
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in unloaded.modules())
+    assert torch.equal(unloaded(**batch).prediction_outputs, expected)
 
 
 def test_merge_is_refused_with_reason():
-    model = get_peft_model(TinyForecaster(), config(target_modules=["fc1"]))
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), config(target_modules=["fc1"]))
     with pytest.raises(ValueError, match="cannot be merged.*different s_i for every node"):
         model.merge_and_unload()
 
@@ -601,81 +631,70 @@ def test_merge_is_refused_with_reason():
 
 
 def test_num_nodes_differs_from_data(batch):
-    model = get_peft_model(TinyForecaster(), config())
+    model = get_peft_model(SeamedForecaster(TinyForecaster()), config())
     wrong = torch.cat([batch["past_values"], batch["past_values"][:, :, :1]], dim=2)
     with pytest.raises(ValueError, match=rf"built for num_nodes={NODES} but past_values has {NODES + 1} nodes"):
         model(past_values=wrong)
 
 
-def test_num_nodes_differs_from_backbone():
+def test_num_nodes_differs_from_backbone(chickenpox):
     with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster TinyForecaster has num_nodes=207"):
-        get_peft_model(TinyForecaster(), STLoraConfig(num_nodes=7))
+        get_peft_model(SeamedForecaster(TinyForecaster()), STLoraConfig(num_nodes=7))
+    splits, _ = chickenpox
+    with pytest.raises(ValueError, match=r"num_nodes=7 but the forecaster STID has num_nodes=20"):
+        get_peft_model(make_backbone("stid", splits), STLoraConfig(**{**splits.size_kwargs(), "num_nodes": 7}))
+
+
+def test_a_refused_adapter_leaves_the_backbone_bit_for_bit(tmp_path, chickenpox):
+    """A checkpoint that trained the backbone along, with one backbone tensor changed and one adapter
+    tensor of the wrong shape: refused before any write, and the backbone keeps its modules, its
+    weights, no hooks and its forward."""
+    splits, batch = chickenpox
+    torch.manual_seed(0)
+    model = get_peft_model(make_backbone("stid", splits).eval(),
+                           STLoraConfig(**splits.size_kwargs(), target_modules=["fc1"], train_backbone=True))
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    bias = next(key for key in weights if key.endswith("regression.bias"))
+    weights[bias] = weights[bias] + 1.0
+    misshapen = next(key for key in weights if "stl_heads" in key and weights[key].dim() == 2)
+    weights[misshapen] = torch.zeros(1, 1)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+
+    torch.manual_seed(0)
+    backbone = make_backbone("stid", splits).eval()
+    modules = [(name, type(module)) for name, module in backbone.named_modules()]
+    state = {key: value.clone() for key, value in backbone.state_dict().items()}
+    with torch.no_grad():
+        expected = backbone(**batch).prediction_outputs
+    with loading_backbone_weights(), pytest.raises(ValueError, match=r"tensors of other shapes than the model's .*\(1, 1\)"):
+        PeftModel.from_pretrained(backbone, tmp_path)
+    assert [(name, type(module)) for name, module in backbone.named_modules()] == modules
+    assert backbone.state_dict().keys() == state.keys()
+    assert all(torch.equal(value, state[key]) for key, value in backbone.state_dict().items())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in backbone.modules())
+    with torch.no_grad():
+        assert torch.equal(backbone(**batch).prediction_outputs, expected)
 
 
 def test_num_nodes_differs_from_saved_adapter(tmp_path):
-    get_peft_model(TinyForecaster(), config()).save_pretrained(tmp_path)
+    get_peft_model(SeamedForecaster(TinyForecaster()), config()).save_pretrained(tmp_path)
     other = STLoraConfig(num_nodes=6, input_len=LENGTH, horizon=HORIZON)
     with pytest.raises(ValueError, match=rf"trained on {NODES} nodes .* num_nodes=6"):
-        PeftModel.from_pretrained(TinyForecaster(num_nodes=6), tmp_path, config=other)
+        PeftModel.from_pretrained(SeamedForecaster(TinyForecaster(num_nodes=6)), tmp_path, config=other)
 
 
 def test_unknown_target_module_is_named():
     with pytest.raises(ValueError, match="target_modules entry 'fc9' matches no module of TinyForecaster"):
-        get_peft_model(TinyForecaster(), config(target_modules=["fc1", "fc9"]))
+        get_peft_model(SeamedForecaster(TinyForecaster()), config(target_modules=["fc1", "fc9"]))
 
 
 def test_layer_type_nall_cannot_wrap_is_named():
-    with pytest.raises(TypeError, match="cannot wrap target module 'act' of type ReLU"):
-        get_peft_model(TinyForecaster(), config(target_modules=["act"]))
-    with pytest.raises(TypeError, match="'conv'.*node_axis=1"):
-        get_peft_model(ConvForecaster(), config(target_modules=["conv"], node_axis=1))
-
-
-# registration ---------------------------------------------------------------------------------------------
-
-
-LOAD_WITHOUT_IMPORT = """
-import sys, torch
-from peft import PeftModel
-try:
-    PeftModel.from_pretrained(torch.nn.Linear(2, 2), sys.argv[1])
-except KeyError as error:
-    print("KeyError:", error.args[0])
-print("st_peft imported:", "st_peft" in sys.modules)
-"""
-
-
-def test_loading_without_import_st_peft_says_to_import_it(tmp_path):
-    """A fresh interpreter that never imports st_peft gets a KeyError that names the fix.
-
-    The installed start-up hook (``_st_peft_import_hint``) gives PEFT's type mapping that message;
-    it registers nothing, so st_peft stays unimported.
-    """
-    get_peft_model(TinyForecaster(), config()).save_pretrained(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_IMPORT, str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert "KeyError: PEFT type 'STLORA' is an st-peft method and is not registered: run `import st_peft`" in (
-        result.stdout
-    )
-    assert "st_peft imported: False" in result.stdout
-
-
-@pytest.mark.parametrize("name", ["STLORA", "FACTOST"])
-def test_peft_type_mapping_names_st_peft_only_for_its_own_types(name):
-    mapping = PeftTypeMapping({"LORA": object})
-    with pytest.raises(KeyError, match=f"PEFT type '{name}' is an st-peft method.*import st_peft"):
-        mapping[name]
-    with pytest.raises(KeyError) as error:
-        mapping["NOT_A_METHOD"]
-    assert error.value.args == ("NOT_A_METHOD",)
-    assert mapping["LORA"] is object
-
-
-def test_peft_type_mapping_is_the_one_peft_uses():
-    assert type(PEFT_TYPE_TO_CONFIG_MAPPING) is PeftTypeMapping
-    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.STLORA] is STLoraConfig
+    with pytest.raises(TypeError, match="cannot wrap target module 'forecaster.act' of type ReLU"):
+        get_peft_model(SeamedForecaster(TinyForecaster()), config(target_modules=["act"]))
+    with pytest.raises(TypeError, match="'forecaster.conv'.*node_axis=1"):
+        get_peft_model(SeamedForecaster(ConvForecaster()), config(target_modules=["conv"], node_axis=1))
 
 
 # reference backbones and training -------------------------------------------------------------------------
@@ -713,6 +732,8 @@ def test_backbones_train_and_round_trip(tmp_path, chickenpox, name, targets, nod
 
 
 def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpox):
+    """GWNet's batch norms and dropout run in evaluation mode in every call of a training adapter: the
+    running statistics never move. Nothing stays attached to the forecaster between calls."""
     splits, batch = chickenpox
     torch.manual_seed(0)
     backbone = make_backbone("gwnet", splits)  # dropout and batch norm: both depend on the mode
@@ -720,17 +741,24 @@ def test_frozen_backbone_keeps_eval_behaviour_while_the_adapter_trains(chickenpo
     statistics = {key: value.clone() for key, value in backbone.state_dict().items() if "running" in key}
     model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs(), dropout=0.5))
     model.train()
+    norms = [module for module in backbone.modules() if isinstance(module, nn.BatchNorm2d)]
+    modes = []
+    norms[0].register_forward_pre_hook(lambda module, args: modes.append(module.training))
     # the zero-initialised correction, on the eval-mode backbone
     assert torch.equal(model(**batch).prediction_outputs, expected.prediction_outputs)
-    heads = model.base_model.model.st_lora_predictor.stlora_heads["default"]
+    assert modes == [False]
+    heads = model.base_model.model.forecast_seam.stl_heads["default"]
     assert all(module.training for module in heads.modules())
-    assert not any(module.training for module in backbone.layers.modules())
+    # between calls the forecaster is in the mode its user set, with no hook of ST-LoRA's
+    assert all(module.training for module in backbone.layers.modules())
+    assert not backbone._forward_hooks and not backbone._forward_pre_hooks
     train_two_steps(model, batch)
     for key, value in statistics.items():
         assert torch.equal(backbone.state_dict()[key], value), key
+    model.eval()
     with model.disable_adapter():
         assert torch.equal(model(**batch).prediction_outputs, expected.prediction_outputs)
-    assert model.unload().training and all(module.training for module in backbone.modules())
+    assert model.unload().training is False
 
 
 def test_modules_to_save_copies_train_while_the_frozen_forecaster_stays_in_eval_mode():
@@ -739,12 +767,14 @@ def test_modules_to_save_copies_train_while_the_frozen_forecaster_stays_in_eval_
             super().__init__()
             self.fc2 = nn.Sequential(nn.Linear(16, HORIZON), nn.Dropout(0.5))
 
-    model = get_peft_model(DropoutHead(), config(modules_to_save=["fc2"]))
+    model = get_peft_model(SeamedForecaster(DropoutHead()), config(modules_to_save=["fc2"]))
     model.train()
-    wrapper = model.base_model.model.fc2
-    assert all(module.training for module in wrapper.modules_to_save["default"].modules())
-    assert not any(module.training for module in wrapper.original_module.modules())
-    assert not model.base_model.model.fc1.training
+    wrapper = model.base_model.model.forecaster.fc2
+    modes = {}
+    for name, module in (("copy", wrapper.modules_to_save["default"][1]), ("fc1", model.base_model.model.forecaster.fc1)):
+        module.register_forward_pre_hook(lambda module, args, name=name: modes.update({name: module.training}))
+    model(past_values=torch.randn(2, LENGTH, NODES, 1))
+    assert modes == {"copy": True, "fc1": False}
 
 
 def test_backbone_trained_along_is_in_training_mode(chickenpox):

@@ -169,12 +169,12 @@ def test_bad_batches_are_named(splits, small, tmp_path):
     with pytest.raises(KeyError, match="future_observed_mask"):
         trainer.compute_loss(trainer.model, batch)
 
-    class OldNames(nn.Module):
+    class OtherNames(nn.Module):
         def forward(self, x, x_mask=None):
             return x
 
-    with pytest.raises(TypeError, match="'x' is now 'past_values'"):
-        trainer.compute_loss(OldNames(), splits.collator([small[0][0]]))
+    with pytest.raises(TypeError, match="must take the history as past_values"):
+        trainer.compute_loss(OtherNames(), splits.collator([small[0][0]]))
 
 
 def test_stid_trains_keeps_best_safetensors_checkpoint(splits, small, tmp_path):

@@ -1,4 +1,4 @@
-"""Graph normalisations used by the graph backbones, and the config coders for adjacency.
+"""Graph normalisations used by the graph backbones, and the buffers that hold a graph.
 
 All functions take a validated, non-negative float64 ``(N, N)`` matrix (see
 ``checks.as_adjacency``) where ``adjacency[i, j]`` is the weight of the edge ``i -> j``.
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
+
+from st_peft.checks import AdjacencyLike, as_adjacency
 
 
 def transition_matrix(adjacency: np.ndarray) -> np.ndarray:
@@ -45,26 +48,6 @@ def scaled_laplacian(adjacency: np.ndarray) -> np.ndarray:
     return 2.0 * laplacian / lambda_max - np.eye(len(weights))
 
 
-def adjacency_to_list(adjacency: np.ndarray | torch.Tensor) -> list[list[float]]:
-    """Encode an ``(N, N)`` array or tensor as a nested list of floats for ``config.json``.
-
-    Python floats print with ``repr`` precision in JSON, so float32 and float64 values come
-    back bit for bit.
-    """
-    if isinstance(adjacency, torch.Tensor):
-        adjacency = adjacency.detach().cpu().numpy()
-    return np.asarray(adjacency, dtype=np.float64).tolist()
-
-
-# ``PyTorchModelHubMixin`` only writes JSON-serialisable init arguments to config.json; these
-# coders let an adjacency passed as an array or tensor be saved too. Decoding returns the
-# nested list, which the graph backbones accept directly.
-ADJACENCY_CODERS = {
-    np.ndarray: (adjacency_to_list, list),
-    torch.Tensor: (adjacency_to_list, list),
-}
-
-
 def graph_buffer(matrix: np.ndarray) -> torch.Tensor:
     """A C-contiguous float32 tensor of ``matrix`` ``(N, N)``, fit to register as a buffer.
 
@@ -72,3 +55,37 @@ def graph_buffer(matrix: np.ndarray) -> torch.Tensor:
     that is not contiguous.
     """
     return torch.tensor(np.ascontiguousarray(matrix), dtype=torch.float32)
+
+
+def building_to_load() -> bool:
+    """Whether the model being built is an empty shell that a checkpoint fills (transformers'
+    ``from_pretrained`` builds models on the meta device); its graph then comes from the checkpoint."""
+    return torch.empty(0).device.type == "meta"
+
+
+def graph_matrix(adjacency: AdjacencyLike | None, use_graph: bool, *, model: str, num_nodes: int) -> np.ndarray | None:
+    """The validated float64 ``(N, N)`` graph a model is built with; None for a model built to be loaded.
+
+    Raises:
+        ValueError: a graph is given to a model configured without one, or a model configured
+            with one is built without it (outside ``from_pretrained``).
+    """
+    if not use_graph:
+        if adjacency is not None:
+            raise ValueError(f"{model}: its config has use_graph=False but an adjacency was given")
+        return None
+    if adjacency is None:
+        if building_to_load():
+            return None
+        raise ValueError(f"{model} needs an adjacency matrix of shape ({num_nodes}, {num_nodes}); got None")
+    return as_adjacency(adjacency, model=model, num_nodes=num_nodes)
+
+
+def register_graph(module: nn.Module, name: str, matrix: np.ndarray | None, num_nodes: int) -> None:
+    """Register ``matrix`` ``(N, N)`` as the persistent buffer ``name`` of ``module``, saved with the weights.
+
+    ``matrix`` is None only for a model built to be loaded (:func:`building_to_load`), whose
+    checkpoint brings the values.
+    """
+    values = torch.zeros(num_nodes, num_nodes) if matrix is None else graph_buffer(matrix)
+    module.register_buffer(name, values)

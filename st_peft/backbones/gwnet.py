@@ -15,16 +15,17 @@ Layout: ``x`` arrives as ``(B, L, N, C_in)`` and is moved to ``(B, C, N, T)`` so
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, transition_matrix
-from st_peft.checks import AdjacencyLike, as_adjacency, with_calendar_channels
-from st_peft.forecasting import STForecaster
-from st_peft.scaling import ScalingStatistics
+from st_peft.backbones.configuration_backbones import GWNetConfig
+from st_peft.backbones.graph_ops import graph_matrix, register_graph, transition_matrix
+from st_peft.checks import AdjacencyLike, with_calendar_channels
+from st_peft.forecasting import STPreTrainedModel
+from st_peft.scaling import STScaler
 
 
 def diffuse(support: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,131 +119,89 @@ class GWNetLayer(nn.Module):
         return self.norm(out), skip
 
 
-class GWNet(
-    STForecaster,
-    PyTorchModelHubMixin,
-    library_name="st-peft",
-    tags=["spatio-temporal", "forecasting", "graph-wavenet"],
-    paper_url="https://arxiv.org/abs/1906.00121",
-    coders=ADJACENCY_CODERS,
-):
+class GWNet(STPreTrainedModel):
     """Graph WaveNet forecaster.
 
     Args:
-        num_nodes: number of nodes ``N``.
-        input_len: history length ``L``.
-        horizon: forecast length ``H``.
-        in_channels: input channels ``C_in``.
-        out_channels: output channels ``C_out``.
-        adjacency: optional ``(N, N)`` graph (binary or weighted, array, tensor or nested list;
-            ``adjacency[i, j]`` is the edge ``i -> j``). Its forward and backward transition
-            matrices are diffusion supports. ``None`` uses the adaptive adjacency alone.
-        adaptive_adjacency: learn the self-adaptive adjacency ``softmax(relu(E1 E2^T))``.
-        adaptive_embed_dim: width of the node embeddings ``E1``, ``E2`` (10 in the paper).
-        residual_channels, dilation_channels, skip_channels, end_channels: widths (paper: 32, 32, 256, 512).
-        kernel_size: temporal kernel size (2).
-        blocks: number of blocks; ``None`` picks the fewest whose receptive field covers
-            ``input_len`` (4 for 12 steps, as in the paper).
-        layers: layers per block, with dilations ``1, 2, 4, ...`` (2).
-        diffusion_order: number of diffusion steps ``K`` per support (2).
-        dropout: dropout after each graph convolution (0.3).
-        calendar_channels: append time of day (fraction of the day) and day of week (``/ 7``)
-            to the scaled history as two more input channels, as Graph WaveNet's reference data
-            pipeline feeds the time of day; ``forward`` then needs ``past_time_features``. Off by default.
-        steps_per_day: time-of-day slots per day (used with ``calendar_channels``).
-        scaling: the training span's statistics (``splits.model_kwargs()`` carries them; see
-            :class:`~st_peft.scaling.STScaler`); None scales by the identity.
-        loss: training loss, ``"mae"``, ``"mse"`` or ``"huber"``, in original units.
+        config: the sizes, calendar, scaling, loss and widths (:class:`GWNetConfig`); or ``None``
+            with its fields as keyword arguments (``use_graph`` then follows ``adjacency``).
+        adjacency: the ``(N, N)`` graph when ``config.use_graph`` (binary or weighted, array,
+            tensor or nested list; ``adjacency[i, j]`` is the edge ``i -> j``). Its forward and
+            backward transition matrices are diffusion supports; all three are buffers saved with
+            the weights, so ``from_pretrained`` needs no graph.
+        **fields: fields of :class:`GWNetConfig`, when ``config`` is None.
 
     The history is left-padded with zeros up to the receptive field, as the paper's code does,
     so the last layer sees exactly one time step.
     """
 
-    def __init__(
-        self,
-        num_nodes: int,
-        input_len: int,
-        horizon: int,
-        in_channels: int,
-        out_channels: int,
-        adjacency: AdjacencyLike | None = None,
-        adaptive_adjacency: bool = True,
-        adaptive_embed_dim: int = 10,
-        residual_channels: int = 32,
-        dilation_channels: int = 32,
-        skip_channels: int = 256,
-        end_channels: int = 512,
-        kernel_size: int = 2,
-        blocks: int | None = None,
-        layers: int = 2,
-        diffusion_order: int = 2,
-        dropout: float = 0.3,
-        calendar_channels: bool = False,
-        steps_per_day: int = 288,
-        scaling: ScalingStatistics | None = None,
-        loss: str = "mae",
-    ) -> None:
-        super().__init__()
-        if adjacency is None and not adaptive_adjacency:
-            raise ValueError("GWNet needs a graph: pass adjacency, or keep adaptive_adjacency=True")
-        self._init_forecaster(num_nodes, input_len, horizon, in_channels, out_channels, scaling, loss)
-        self.calendar_channels = calendar_channels
-        self.steps_per_day = steps_per_day
+    config_class = GWNetConfig
+    base_model_prefix = "gwnet"
 
+    def __init__(self, config: GWNetConfig | None = None, adjacency: AdjacencyLike | None = None,
+                 **fields: Any) -> None:
+        if config is None:
+            config = GWNetConfig(**{"use_graph": adjacency is not None, **fields})
+        super().__init__(config)
+        matrix = graph_matrix(adjacency, config.use_graph, model="GWNet", num_nodes=config.num_nodes)
+        if config.calendar_channels and config.steps_per_day is None:
+            raise ValueError("GWNet with calendar_channels needs steps_per_day, the time-of-day slots per day "
+                             "(288 for 5-minute data, splits.steps_per_day)")
+        # registered first, so a saved scaler of another graph is reported before any other mismatch
+        self.scaler = STScaler(config.num_nodes, config.in_channels, config.out_channels, config.scaling,
+                               model=type(self).__name__)
         # Each block of `layers` layers widens the receptive field by (k - 1)(1 + 2 + ... + 2^(layers-1)).
-        per_block = (kernel_size - 1) * (2**layers - 1)
+        per_block = (config.kernel_size - 1) * (2**config.layers - 1)
+        blocks = config.blocks
         if blocks is None:
-            blocks = max(1, math.ceil((input_len - 1) / per_block))
+            blocks = max(1, math.ceil((config.input_len - 1) / per_block))
         self.blocks = blocks
         self.receptive_field = 1 + blocks * per_block
-        if self.receptive_field < input_len:
+        if self.receptive_field < config.input_len:
             raise ValueError(
-                f"GWNet with blocks={blocks}, layers={layers}, kernel_size={kernel_size} sees "
-                f"{self.receptive_field} steps but input_len={input_len}; use blocks >= "
-                f"{math.ceil((input_len - 1) / per_block)} or blocks=None"
+                f"GWNet with blocks={blocks}, layers={config.layers}, kernel_size={config.kernel_size} sees "
+                f"{self.receptive_field} steps but input_len={config.input_len}; use blocks >= "
+                f"{math.ceil((config.input_len - 1) / per_block)} or blocks=None"
             )
 
-        self.has_graph = adjacency is not None
-        if self.has_graph:
-            matrix = as_adjacency(adjacency, model="GWNet", num_nodes=num_nodes)
-            self.register_buffer("adjacency", graph_buffer(matrix))
-            self.register_buffer(
-                "forward_transition", graph_buffer(transition_matrix(matrix))
-            )
-            self.register_buffer(
-                "backward_transition", graph_buffer(transition_matrix(matrix.T))
-            )
-        self.use_adaptive = adaptive_adjacency
-        if adaptive_adjacency:
-            self.source_embedding = nn.Parameter(torch.randn(num_nodes, adaptive_embed_dim))
-            self.target_embedding = nn.Parameter(torch.randn(num_nodes, adaptive_embed_dim))
-        num_supports = 2 * int(self.has_graph) + int(adaptive_adjacency)
+        if config.use_graph:
+            register_graph(self, "adjacency", matrix, config.num_nodes)
+            register_graph(self, "forward_transition", None if matrix is None else transition_matrix(matrix),
+                           config.num_nodes)
+            register_graph(self, "backward_transition", None if matrix is None else transition_matrix(matrix.T),
+                           config.num_nodes)
+        if config.adaptive_adjacency:
+            self.source_embedding = nn.Parameter(torch.randn(config.num_nodes, config.adaptive_embed_dim))
+            self.target_embedding = nn.Parameter(torch.randn(config.num_nodes, config.adaptive_embed_dim))
+        num_supports = 2 * int(config.use_graph) + int(config.adaptive_adjacency)
 
-        self.start_conv = nn.Conv2d(in_channels + 2 * int(calendar_channels), residual_channels, kernel_size=1)
+        self.start_conv = nn.Conv2d(config.in_channels + 2 * int(config.calendar_channels), config.residual_channels,
+                                    kernel_size=1)
         self.layers = nn.ModuleList(
             GWNetLayer(
-                residual_channels,
-                dilation_channels,
-                skip_channels,
-                kernel_size,
+                config.residual_channels,
+                config.dilation_channels,
+                config.skip_channels,
+                config.kernel_size,
                 dilation=2**i,
                 num_supports=num_supports,
-                order=diffusion_order,
-                dropout=dropout,
-                last=block == blocks - 1 and i == layers - 1,
+                order=config.diffusion_order,
+                dropout=config.dropout,
+                last=block == blocks - 1 and i == config.layers - 1,
             )
             for block in range(blocks)
-            for i in range(layers)
+            for i in range(config.layers)
         )
-        self.end_conv_1 = nn.Conv2d(skip_channels, end_channels, kernel_size=1)
-        self.end_conv_2 = nn.Conv2d(end_channels, horizon * out_channels, kernel_size=1)
+        self.end_conv_1 = nn.Conv2d(config.skip_channels, config.end_channels, kernel_size=1)
+        self.end_conv_2 = nn.Conv2d(config.end_channels, config.horizon * config.out_channels, kernel_size=1)
+        self.post_init()
 
     def adaptive_adjacency(self, node_index: torch.Tensor | None = None) -> torch.Tensor:
         """The self-adaptive adjacency ``softmax(relu(E1 E2^T))`` ``(N, N)``, rows summing to 1.
 
         With ``node_index`` ``(N_sub,)`` it is computed over those nodes only, ``(N_sub, N_sub)``.
         """
-        if not self.use_adaptive:
+        if not self.config.adaptive_adjacency:
             raise ValueError("this GWNet was built with adaptive_adjacency=False")
         source, target = self.source_embedding, self.target_embedding
         if node_index is not None:
@@ -262,19 +221,20 @@ class GWNet(
         ignored otherwise, like ``future_time_features``. With ``node_index`` the supports are
         restricted to those nodes (sub-matrices of the full graph's operators).
         """
+        config = self.config
         x = scaled_past
         batch, _, nodes, _ = x.shape
-        supports = [self.forward_transition, self.backward_transition] if self.has_graph else []
+        supports = [self.forward_transition, self.backward_transition] if config.use_graph else []
         if node_index is not None:
             supports = [support[node_index][:, node_index] for support in supports]
-        if self.use_adaptive:
+        if config.adaptive_adjacency:
             supports.append(self.adaptive_adjacency(node_index))
 
-        if self.calendar_channels:
-            x = with_calendar_channels(x, past_time_features, model="GWNet", input_len=self.input_len,
-                                       steps_per_day=self.steps_per_day)
+        if config.calendar_channels:
+            x = with_calendar_channels(x, past_time_features, model="GWNet", input_len=config.input_len,
+                                       steps_per_day=config.steps_per_day)
         hidden = x.permute(0, 3, 2, 1)
-        hidden = F.pad(hidden, (self.receptive_field - self.input_len, 0))
+        hidden = F.pad(hidden, (self.receptive_field - config.input_len, 0))
         hidden = self.start_conv(hidden)
         skip = None
         for layer in self.layers:
@@ -282,5 +242,5 @@ class GWNet(
             # Layers shorten time; earlier skips keep only the steps the later ones still cover.
             skip = contribution if skip is None else contribution + skip[..., -contribution.shape[-1] :]
         out = self.end_conv_2(F.relu(self.end_conv_1(F.relu(skip))))
-        out = out.reshape(batch, self.horizon, self.out_channels, nodes)
+        out = out.reshape(batch, config.horizon, config.out_channels, nodes)
         return out.permute(0, 1, 3, 2)

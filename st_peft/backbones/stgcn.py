@@ -15,16 +15,17 @@ head's ``(B, H * C_out, N, 1)`` is reshaped to ``(B, H, N, C_out)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from st_peft.backbones.graph_ops import ADJACENCY_CODERS, graph_buffer, scaled_laplacian
-from st_peft.checks import AdjacencyLike, as_adjacency, with_calendar_channels
-from st_peft.forecasting import STForecaster
-from st_peft.scaling import ScalingStatistics
+from st_peft.backbones.configuration_backbones import STGCNConfig
+from st_peft.backbones.graph_ops import graph_matrix, register_graph, scaled_laplacian
+from st_peft.checks import AdjacencyLike, with_calendar_channels
+from st_peft.forecasting import STPreTrainedModel
+from st_peft.scaling import STScaler
 
 
 class ChannelAlign(nn.Module):
@@ -213,82 +214,45 @@ class OutputBlock(nn.Module):
         return self.fc(self.gate(self.norm(self.temporal(hidden), node_index)))
 
 
-class STGCN(
-    STForecaster,
-    PyTorchModelHubMixin,
-    library_name="st-peft",
-    tags=["spatio-temporal", "forecasting", "stgcn"],
-    paper_url="https://arxiv.org/abs/1709.04875",
-    coders=ADJACENCY_CODERS,
-):
+class STGCN(STPreTrainedModel):
     """STGCN (Chebyshev variant) forecaster.
 
     Args:
-        num_nodes: number of nodes ``N``.
-        input_len: history length ``L``; must exceed ``num_blocks * 2 * (kt - 1)``.
-        horizon: forecast length ``H``.
-        in_channels: input channels ``C_in``.
-        out_channels: output channels ``C_out``.
-        adjacency: required ``(N, N)`` graph (binary or weighted, array, tensor or nested list);
-            symmetrised and turned into the rescaled normalised Laplacian.
-        block_channels: ``(temporal, spatial, output)`` widths of each ST-Conv block (paper: 64, 16, 64).
-        num_blocks: number of ST-Conv blocks (2).
-        kt: temporal kernel size (3).
-        ks: Chebyshev kernel size, i.e. polynomial order + 1 (3).
-        dropout: dropout after each ST-Conv block (0: the paper's code trains with keep_prob 1).
-        calendar_channels: append time of day (fraction of the day) and day of week (``/ 7``)
-            to the scaled history as two more input channels, as Graph WaveNet's reference data
-            pipeline feeds the time of day; ``forward`` then needs ``past_time_features``. Off by default.
-        steps_per_day: time-of-day slots per day (used with ``calendar_channels``).
-        scaling: the training span's statistics (``splits.model_kwargs()`` carries them; see
-            :class:`~st_peft.scaling.STScaler`); None scales by the identity.
-        loss: training loss, ``"mae"``, ``"mse"`` or ``"huber"``, in original units.
+        config: the sizes, calendar, scaling, loss and widths (:class:`STGCNConfig`); or ``None``
+            with its fields as keyword arguments.
+        adjacency: the ``(N, N)`` graph (binary or weighted, array, tensor or nested list),
+            symmetrised and turned into the rescaled normalised Laplacian; both are buffers saved
+            with the weights, so ``from_pretrained`` needs no graph.
+        **fields: fields of :class:`STGCNConfig`, when ``config`` is None.
     """
 
-    def __init__(
-        self,
-        num_nodes: int,
-        input_len: int,
-        horizon: int,
-        in_channels: int,
-        out_channels: int,
-        adjacency: AdjacencyLike | None = None,
-        block_channels: Sequence[int] = (64, 16, 64),
-        num_blocks: int = 2,
-        kt: int = 3,
-        ks: int = 3,
-        dropout: float = 0.0,
-        calendar_channels: bool = False,
-        steps_per_day: int = 288,
-        scaling: ScalingStatistics | None = None,
-        loss: str = "mae",
-    ) -> None:
-        super().__init__()
-        if adjacency is None:
-            raise ValueError(f"STGCN needs an adjacency matrix of shape ({num_nodes}, {num_nodes}); got None")
-        if len(block_channels) != 3:
-            raise ValueError(
-                f"block_channels must be (temporal, spatial, output) widths; got {list(block_channels)}"
-            )
-        remaining = input_len - num_blocks * 2 * (kt - 1)
-        if remaining < 1:
-            raise ValueError(
-                f"STGCN with {num_blocks} ST-Conv blocks and kt={kt} consumes {num_blocks * 2 * (kt - 1)} time "
-                f"steps, so input_len must be at least {num_blocks * 2 * (kt - 1) + 1}; got input_len={input_len}"
-            )
-        self._init_forecaster(num_nodes, input_len, horizon, in_channels, out_channels, scaling, loss)
-        self.calendar_channels = calendar_channels
-        self.steps_per_day = steps_per_day
+    config_class = STGCNConfig
+    base_model_prefix = "stgcn"
 
-        matrix = as_adjacency(adjacency, model="STGCN", num_nodes=num_nodes)
-        self.register_buffer("adjacency", graph_buffer(matrix))
-        self.register_buffer("laplacian", graph_buffer(scaled_laplacian(matrix)))
+    def __init__(self, config: STGCNConfig | None = None, adjacency: AdjacencyLike | None = None,
+                 **fields: Any) -> None:
+        config = STGCNConfig(**fields) if config is None else config
+        super().__init__(config)
+        matrix = graph_matrix(adjacency, True, model="STGCN", num_nodes=config.num_nodes)
+        if config.calendar_channels and config.steps_per_day is None:
+            raise ValueError("STGCN with calendar_channels needs steps_per_day, the time-of-day slots per day "
+                             "(288 for 5-minute data, splits.steps_per_day)")
+        # registered first, so a saved scaler of another graph is reported before any other mismatch
+        self.scaler = STScaler(config.num_nodes, config.in_channels, config.out_channels, config.scaling,
+                               model=type(self).__name__)
+        register_graph(self, "adjacency", matrix, config.num_nodes)
+        register_graph(self, "laplacian", None if matrix is None else scaled_laplacian(matrix), config.num_nodes)
 
-        widths = [in_channels + 2 * int(calendar_channels)] + [block_channels[-1]] * num_blocks
+        block_channels = list(config.block_channels)
+        remaining = config.input_len - config.num_blocks * 2 * (config.kt - 1)
+        widths = [config.in_channels + 2 * int(config.calendar_channels)] + [block_channels[-1]] * config.num_blocks
         self.blocks = nn.ModuleList(
-            STConvBlock(widths[i], block_channels, num_nodes, kt, ks, dropout) for i in range(num_blocks)
+            STConvBlock(widths[i], block_channels, config.num_nodes, config.kt, config.ks, config.dropout)
+            for i in range(config.num_blocks)
         )
-        self.output = OutputBlock(block_channels[-1], remaining, num_nodes, horizon * out_channels)
+        self.output = OutputBlock(block_channels[-1], remaining, config.num_nodes,
+                                  config.horizon * config.out_channels)
+        self.post_init()
 
     def _forecast(
         self,
@@ -303,15 +267,16 @@ class STGCN(
         ignored otherwise, like ``future_time_features``. With ``node_index`` the Laplacian is
         restricted to those nodes (a sub-matrix of the full graph's operator).
         """
+        config = self.config
         x = scaled_past
         batch, _, nodes, _ = x.shape
         laplacian = self.laplacian if node_index is None else self.laplacian[node_index][:, node_index]
-        if self.calendar_channels:
-            x = with_calendar_channels(x, past_time_features, model="STGCN", input_len=self.input_len,
-                                       steps_per_day=self.steps_per_day)
+        if config.calendar_channels:
+            x = with_calendar_channels(x, past_time_features, model="STGCN", input_len=config.input_len,
+                                       steps_per_day=config.steps_per_day)
         hidden = x.permute(0, 3, 2, 1)
         for block in self.blocks:
             hidden = block(hidden, laplacian, node_index)
         out = self.output(hidden, node_index)
-        out = out.reshape(batch, self.horizon, self.out_channels, nodes)
+        out = out.reshape(batch, config.horizon, config.out_channels, nodes)
         return out.permute(0, 1, 3, 2)

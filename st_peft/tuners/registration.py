@@ -1,27 +1,54 @@
 """The one place where st-peft's methods join PEFT's registry.
 
 PEFT keeps its method names in the closed ``PeftType`` enum and
-``peft.utils.register_peft_method`` accepts only names already in it, so the enum is
-extended here first. Both steps are idempotent: importing ``st_peft`` twice, or
-reloading a tuner module, registers nothing twice.
+``peft.utils.register_peft_method`` accepts only names already in it (checked for peft 0.21, the
+oldest release st-peft supports; ``tests/test_packaging.py`` pins that refusal, so a release that
+adds a plugin API fails that test at once). So the enum is extended here, and only here, when
+``import st_peft`` runs: nothing happens in an interpreter that never imports st-peft. Both steps
+are idempotent: importing ``st_peft`` twice, or reloading a tuner module, registers nothing twice.
 """
 
 from __future__ import annotations
 
+import enum
+
+import peft
 from peft.utils import PeftType, register_peft_method
+
+ST_PEFT_TYPES = ("STLORA", "FACTOST")
+"""The ``PeftType`` names st-peft adds."""
+
+_ENUM_TABLES = ("_member_map_", "_value2member_map_", "_member_names_")
+
+
+def _check_peft_type_layout() -> None:
+    """Refuse to extend a ``PeftType`` that is no longer the plain ``str`` enum of peft 0.21.
+
+    Raises:
+        RuntimeError: names the installed peft version, so the extension is revisited for it.
+    """
+    if not (issubclass(PeftType, str) and issubclass(PeftType, enum.Enum)
+            and all(hasattr(PeftType, table) for table in _ENUM_TABLES)):
+        raise RuntimeError(
+            f"peft {peft.__version__}'s PeftType is not the str enum st-peft extends (as in peft 0.21); "
+            "st-peft's registration (st_peft/tuners/registration.py) must be updated for this peft release"
+        )
 
 
 def extend_peft_type(name: str) -> PeftType:
     """Add ``name`` (upper case) to ``peft.utils.PeftType`` and return the member.
 
     Args:
-        name: the method's name, e.g. ``"STLORA"``.
+        name: the method's name, one of :data:`ST_PEFT_TYPES`.
 
     Returns:
         The ``PeftType`` member, which compares equal to the plain string ``name``.
     """
+    if name not in ST_PEFT_TYPES:
+        raise ValueError(f"st-peft adds only the PEFT types {ST_PEFT_TYPES}, not {name!r}")
     if name in PeftType.__members__:
         return PeftType[name]
+    _check_peft_type_layout()
     member = str.__new__(PeftType, name)
     member._name_ = name
     member._value_ = name

@@ -33,11 +33,17 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from st_peft.checks import check_future_values, check_observed_mask
-from st_peft.forecasting import forecast_loss, forecast_output
+from st_peft.forecasting import (
+    ForecastContext,
+    ScaledForecast,
+    STPreTrainedModel,
+    forecast_loss,
+    forecast_output,
+)
 from st_peft.losses import get_loss
 from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import QUANTILE_LOSS, FactoSTConfig
-from st_peft.outputs import ForecastOutput, require_past_values
+from st_peft.outputs import ForecastOutput
 
 
 @dataclass
@@ -189,7 +195,7 @@ class FactoSTEncoderLayer(nn.Module):
         return hidden + self.dropout(self.feed_forward(self.feed_forward_norm(hidden)))
 
 
-class FactoSTPreTrainedModel(PreTrainedModel):
+class FactoSTPreTrainedModel(STPreTrainedModel):
     """Weight initialisation and loading glue shared by FactoST models."""
 
     config: FactoSTConfig
@@ -200,7 +206,7 @@ class FactoSTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
+        PreTrainedModel._init_weights(self, module)
         if isinstance(module, FactoSTModel):
             std = self.config.initializer_range
             init.normal_(module.register_token, mean=0.0, std=std)
@@ -216,10 +222,6 @@ class FactoSTModel(FactoSTPreTrainedModel):
     nothing of the graph and takes any number of nodes. The FACTOST PEFT adapter adds the
     spatio-temporal parts through ``token_hook``.
     """
-
-    # transformers.Trainer passes num_items_in_batch to models that take **kwargs unless told
-    # not to; the loss here is a per-batch mean already
-    accepts_loss_kwargs = False
 
     def __init__(self, config: FactoSTConfig):
         super().__init__(config)
@@ -250,7 +252,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
 
     def forward(
         self,
-        past_values: torch.Tensor | None = None,
+        past_values: torch.Tensor,
         past_observed_mask: torch.Tensor | None = None,
         past_time_features: torch.Tensor | None = None,
         future_time_features: torch.Tensor | None = None,
@@ -281,8 +283,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
                 ``future_values.shape[1]``, else ``config.max_horizon``.
             rollout: allow horizons above ``config.max_horizon`` by feeding median forecasts back.
             use_domain_prompts: prepend the ``prompt_top_k`` codebook entries closest to each series.
-            **kwargs: other batch entries (``num_items_in_batch``), ignored; the argument names of
-                st-peft 0.0 (``x``, ``y``, ...) are refused with their new names.
+            **kwargs: other batch entries (``num_items_in_batch``), ignored.
 
         Returns:
             :class:`~st_peft.outputs.ForecastOutput` with ``prediction_outputs`` ``(B, H, N, C)`` (the
@@ -291,8 +292,6 @@ class FactoSTModel(FactoSTPreTrainedModel):
             ``future_values`` is given.
         """
         name = type(self).__name__
-        # checked before past_values, so a call of st-peft 0.0 (x=...) learns the new names
-        require_past_values(past_values, kwargs, name)
         horizon = self._check_inputs(
             past_values, past_time_features, future_time_features, future_values, horizon, rollout
         )
@@ -301,6 +300,7 @@ class FactoSTModel(FactoSTPreTrainedModel):
         if past_observed_mask is None and self.config.missing_value is not None:
             mask = mask & (past_values != self.config.missing_value)
         values = torch.where(mask, past_values, torch.zeros_like(past_values))
+        past_mask = mask
         history_time = past_time_features
         pieces = []
         loc = scale = None
@@ -327,13 +327,19 @@ class FactoSTModel(FactoSTPreTrainedModel):
                     (history_time, step_time), dim=1
                 )
         scaled_quantiles = torch.cat(pieces, dim=1)
+        # the history in the first pass's instance normalisation, the space of the forecast
+        scaled_past = torch.where(past_mask, (past_values - loc) / scale, torch.zeros_like(past_values))
+        forecast = self.forecast_seam(
+            ScaledForecast(scaled_quantiles[..., self.config.median_index], scaled_quantiles),
+            ForecastContext(scaled_past, past_mask, node_index),
+        )
         quantile_loss = self.config.loss == QUANTILE_LOSS
         # forecast_output scores the point forecast; the pinball loss scores every quantile, below
         output = forecast_output(
-            scaled_quantiles[..., self.config.median_index], loc, scale, model=name,
+            forecast.prediction, loc, scale, model=name,
             loss_fn=get_loss("mae" if quantile_loss else self.config.loss),
             future_values=None if quantile_loss else future_values, future_observed_mask=future_observed_mask,
-            scaled_quantiles=scaled_quantiles,
+            scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss,
         )
         if quantile_loss and future_values is not None:
             output["loss"] = self._quantile_loss(output, future_values, future_observed_mask)

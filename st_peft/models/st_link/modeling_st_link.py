@@ -31,12 +31,10 @@ from transformers import GPT2Config, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput, cached_file, has_file
 
-from st_peft.checks import check_node_index, check_observed_mask, check_past_values, check_time_features
-from st_peft.forecasting import forecast_output
-from st_peft.losses import get_loss
-from st_peft.outputs import ForecastOutput, require_past_values
+from st_peft.checks import check_node_index, check_time_features
+from st_peft.forecasting import ScaledForecast, STPreTrainedModel
 from st_peft.scaling import STATISTIC_NAMES, STScaler
 
 from .configuration_st_link import STLinkConfig
@@ -493,23 +491,20 @@ def _read_gpt2_state_dict(name_or_path: str | os.PathLike, keep: set[str]) -> di
     Keys are read without the ``transformer.`` prefix that ``GPT2LMHeadModel`` checkpoints carry,
     so the token embedding table ``wte`` is never loaded.
     """
-    safetensors_file = cached_file(
-        name_or_path, "model.safetensors", _raise_exceptions_for_missing_entries=False
-    )
-    if safetensors_file is not None:
+    if has_file(name_or_path, "model.safetensors"):
         tensors = {}
+        safetensors_file = cached_file(name_or_path, "model.safetensors")
         with safe_open(safetensors_file, framework="pt") as handle:
             for key in handle.keys():
                 short = key.removeprefix("transformer.")
                 if short in keep:
                     tensors[short] = handle.get_tensor(key)
         return tensors
-    bin_file = cached_file(name_or_path, "pytorch_model.bin", _raise_exceptions_for_missing_entries=False)
-    if bin_file is None:
+    if not has_file(name_or_path, "pytorch_model.bin"):
         raise FileNotFoundError(
             f"No model.safetensors or pytorch_model.bin found for GPT-2 checkpoint {name_or_path!r}."
         )
-    state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    state = torch.load(cached_file(name_or_path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     return {
         key.removeprefix("transformer."): value
         for key, value in state.items()
@@ -517,7 +512,7 @@ def _read_gpt2_state_dict(name_or_path: str | os.PathLike, keep: set[str]) -> di
     }
 
 
-class STLinkPreTrainedModel(PreTrainedModel):
+class STLinkPreTrainedModel(STPreTrainedModel):
     """Weight initialisation, partial freezing and GPT-2 loading shared by the ST-LINK models."""
 
     config: STLinkConfig
@@ -531,7 +526,7 @@ class STLinkPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2's initialisation, plus the ST-LINK parameters: node rotations, memory, RevIN, scaler."""
-        super()._init_weights(module)
+        PreTrainedModel._init_weights(self, module)
         std = self.config.initializer_range
         if isinstance(module, Conv1D):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -568,36 +563,15 @@ class STLinkPreTrainedModel(PreTrainedModel):
                 parameter.requires_grad_(not frozen or name.startswith(("ln_1.", "ln_2.")))
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """[`PreTrainedModel.from_pretrained`], then the configured freezing.
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """[`STPreTrainedModel.from_pretrained`] (a scaler of another graph is refused), then the configured freezing.
 
         Loading replaces every parameter by a new trainable one, so the freezing applied at
         construction has to be applied again.
         """
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model.apply_partial_freeze()
-        return loaded
-
-    @staticmethod
-    def _finalize_model_loading(model, load_config, loading_info):
-        """Refuse a checkpoint whose saved scaler describes another graph, then finish loading as transformers does.
-
-        transformers copies the checkpoint into the model itself (``STScaler._load_from_state_dict``
-        never runs) and reports a size mismatch only as a log table; with
-        ``ignore_mismatched_sizes=True`` it would even swap the saved statistics for the config's.
-        A forecaster with the wrong statistics forecasts the wrong units, so it is refused here,
-        naming both node counts.
-        """
-        for key, saved, expected in sorted(loading_info.mismatched_keys):
-            module_name, _, buffer_name = key.rpartition(".")
-            if isinstance(model.get_submodule(module_name), STScaler):
-                raise ValueError(
-                    f"{type(model).__name__}: the checkpoint's scaler ({key}, shape {tuple(saved)}) describes "
-                    f"{saved[0]} nodes but this model has {expected[0]} nodes (shape {tuple(expected)}); load it "
-                    f"into a model of {saved[0]} nodes, or build one for the new graph with from_splits"
-                )
-        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        return (model, info) if output_loading_info else model
 
     @classmethod
     def from_gpt2(cls, name_or_path: str | os.PathLike, **config_kwargs) -> STLinkPreTrainedModel:
@@ -682,6 +656,8 @@ class STLinkModel(STLinkPreTrainedModel):
     """
 
     main_input_name = "scaled_past_values"
+    # the token encoder of STLinkForForecasting, whose output seam is its parent's
+    forecasts = False
 
     def __init__(self, config: STLinkConfig):
         super().__init__(config)
@@ -796,13 +772,10 @@ class STLinkForForecasting(STLinkPreTrainedModel):
         config: the model configuration.
     """
 
-    # transformers.Trainer passes num_items_in_batch to models that take **kwargs unless told
-    # not to; the loss here is a per-batch mean already
-    accepts_loss_kwargs = False
+    main_input_name = "past_values"
 
     def __init__(self, config: STLinkConfig):
         super().__init__(config)
-        self.loss_fn = get_loss(config.loss)
         # registered first, so a saved scaler of another graph is reported before any other mismatch
         self.scaler = STScaler(config.num_nodes, config.in_channels, config.out_channels, config.scaling,
                                model=type(self).__name__)
@@ -830,52 +803,38 @@ class STLinkForForecasting(STLinkPreTrainedModel):
             return cls.from_gpt2(gpt2_name_or_path, **config_kwargs)
         return cls(STLinkConfig(**config_kwargs))
 
-    def forward(
+    def _check(
         self,
-        past_values: torch.Tensor | None = None,
-        past_observed_mask: torch.Tensor | None = None,
-        past_time_features: torch.Tensor | None = None,
-        future_time_features: torch.Tensor | None = None,
-        future_values: torch.Tensor | None = None,
-        future_observed_mask: torch.Tensor | None = None,
-        node_index: torch.Tensor | None = None,
-        **kwargs,
-    ) -> ForecastOutput:
-        """Forecast the next ``horizon`` steps in original units.
-
-        Args:
-            past_values: history ``(B, L, N, C_in)`` in original units (required; a keyword default only
-                so that a call with an old name is told the new one); entries that are not observed may
-                hold anything (0, NaN) and enter the model as the training mean.
-            past_observed_mask: bool ``(B, L, N, C_in)``, True where observed; by default every finite entry.
-            past_time_features: int64 ``(B, L, 2)`` time-of-day slot and day of week, or ``None`` (no
-                calendar embedding).
-            future_time_features: int64 ``(B, H, 2)``; unused (the tokens carry the history's calendar).
-            future_values: targets ``(B, H, N, C_out)`` in original units; when given the output holds ``loss``.
-            future_observed_mask: bool ``(B, H, N, C_out)``, True where the target was observed.
-            node_index: ``(n,)`` graph indices of the nodes in ``past_values`` when it covers a subset.
-            **kwargs: other batch entries (``num_items_in_batch``), ignored; the argument names of
-                st-peft 0.0 (``x``, ``y``, ...) are refused with their new names.
-
-        Returns:
-            [`ForecastOutput`] with ``prediction_outputs`` ``(B, H, n, C_out)`` in original units,
-            ``loc`` / ``scale`` ``(B, 1, n, C_out)`` of the scaler, ``aux_loss`` (the router balance
-            loss times ``router_aux_loss_coef``; ``None`` without MRFFN) and, when ``future_values``
-            is given, ``loss`` (masked ``config.loss`` in original units plus ``aux_loss``).
-        """
-        name = type(self).__name__
-        require_past_values(past_values, kwargs, name)
-        config = self.config
-        check_past_values(past_values, model=name, num_nodes=config.num_nodes, input_len=config.input_len,
-                          in_channels=config.in_channels, node_index=node_index)
+        past_values: torch.Tensor,
+        past_observed_mask: torch.Tensor | None,
+        past_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The shared checks, and the calendar ``past_time_features`` int64 ``(B, L, 2)`` when given
+        (without it the tokens carry no calendar embedding)."""
+        mask = super()._check(past_values, past_observed_mask, past_time_features, node_index)
         if past_time_features is not None:
-            check_time_features(past_time_features, model=name, name="past_time_features",
+            config = self.config
+            check_time_features(past_time_features, model=type(self).__name__, name="past_time_features",
                                 batch_size=past_values.shape[0], steps=config.input_len,
                                 steps_per_day=config.steps_per_day)
-        mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",
-                                   values_name="past_values")
-        scaled = self.scaler.normalise_past(past_values, mask, node_index, dtype=self.dtype)
-        stats = None
+        return mask
+
+    def _forecast(
+        self,
+        scaled_past: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
+    ) -> ScaledForecast:
+        """RevIN, the GPT-2 blocks and the per-node head on the scaled history ``(B, L, n, C_in)``.
+
+        Returns the scaled forecast ``(B, H, n, C_out)`` and ``aux_loss``, the router balance loss
+        times ``router_aux_loss_coef`` (None without MRFFN). ``future_time_features`` is unused:
+        the tokens carry the history's calendar.
+        """
+        config = self.config
+        scaled, stats = scaled_past, None
         if self.revin is not None:
             scaled, stats = self.revin.normalize(scaled)
         encoded = self.st_link(scaled_past_values=scaled, past_time_features=past_time_features,
@@ -888,10 +847,7 @@ class STLinkForForecasting(STLinkPreTrainedModel):
         if stats is not None:
             scaled_prediction = self.revin.denormalize(scaled_prediction, stats)
         aux_loss = None if encoded.aux_loss is None else config.router_aux_loss_coef * encoded.aux_loss
-        loc, scale = self.scaler.future_loc_scale(batch, node_index)
-        return forecast_output(scaled_prediction, loc, scale, model=name, loss_fn=self.loss_fn,
-                               future_values=future_values, future_observed_mask=future_observed_mask,
-                               aux_loss=aux_loss)
+        return ScaledForecast(scaled_prediction, aux_loss=aux_loss)
 
 
 __all__ = ["STLinkForForecasting", "STLinkModel", "STLinkModelOutput", "STLinkPreTrainedModel"]

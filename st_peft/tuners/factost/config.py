@@ -37,7 +37,9 @@ class FactoSTAdapterConfig(PeftConfig):
     steps_per_day=splits.steps_per_day)`` builds it for a data set's splits.
 
     Args:
-        num_nodes: nodes ``N`` of the graph (required; the node embedding has one row per node).
+        num_nodes: nodes ``N`` of the graph (the node embedding has one row per node); required when
+            the adapter is injected (a config without it can be built, as peft builds every config
+            without arguments).
         input_len: history length ``L`` of the data's windows, or None. FactoST takes any history
             of at least one patch; the value is recorded with the adapter (and on its model card).
         horizon: forecast length ``H`` of the data's windows, or None; recorded like ``input_len``
@@ -118,17 +120,18 @@ class FactoSTAdapterConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        # before peft's own checks, so a refused option is named with the reason st-peft gives
+        check_shared_options(self, "FACTOST")
         super().__post_init__()
         self.peft_type = FACTOST
-        if self.num_nodes is None:
-            raise ValueError("FactoSTAdapterConfig needs num_nodes, the number of nodes N of the graph.")
         if self.calendar_sizes is None:
             self.calendar_sizes = [self.steps_per_day, 7]
         self.calendar_sizes = [int(size) for size in self.calendar_sizes]
         normalise_target_options(self)
-        check_shared_options(self, "FACTOST")
+        # num_nodes may stay None here, as peft builds every config without arguments; the
+        # tuner refuses it when the adapter is injected
         positive = {
-            "num_nodes": self.num_nodes,
+            "num_nodes": 1 if self.num_nodes is None else self.num_nodes,
             "steps_per_day": self.steps_per_day,
             "node_embedding_dim": self.node_embedding_dim,
             "calendar_embedding_dim": self.calendar_embedding_dim,

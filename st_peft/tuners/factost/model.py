@@ -11,18 +11,18 @@ cannot run raises.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from st_peft.models.factost.modeling_factost import FactoSTTokenHook
+from st_peft.shipped import shipped_checkpoint
 from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
 from st_peft.tuners.factost.config import FactoSTAdapterConfig
 from st_peft.tuners.factost.layer import MERGE_REFUSAL, FactoSTAdapterLayer
 from st_peft.tuners.options import check_layer_indices_apply
+from st_peft.tuners.placement import forecaster_placement
 
 
 class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
@@ -52,7 +52,11 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {"factost": ["token_hook"]}
 
     def _prepare_model(self, peft_config: FactoSTAdapterConfig, model: nn.Module) -> None:
-        """Refuse backbones without a FactoST token hook, and layer indices that would not apply to it."""
+        """Refuse a config without num_nodes, backbones without a FactoST token hook, and layer indices that
+        would not apply to it."""
+        if peft_config.num_nodes is None:
+            raise ValueError("FactoSTAdapterConfig needs num_nodes, the number of nodes N of the graph "
+                             "(FactoSTAdapterConfig(**splits.size_kwargs(), ...) gives it)")
         hooks = [name for name, module in model.named_modules() if isinstance(module, FactoSTTokenHook)]
         if not hooks:
             raise TypeError(
@@ -74,7 +78,7 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     ) -> None:
         """Add the adapter to the hook's tuner layer, wrapping the hook first if needed."""
         if isinstance(target, FactoSTAdapterLayer):
-            target.update_layer(adapter_name, peft_config, *self._backbone_placement())
+            target.update_layer(adapter_name, peft_config, *forecaster_placement(self.model, self.prefix))
             return
         if not isinstance(target, FactoSTTokenHook):
             raise TypeError(
@@ -82,7 +86,7 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
                 f"a {type(target).__name__}."
             )
         new_module = FactoSTAdapterLayer(target, adapter_name, peft_config, self.model.config.hidden_size,
-                                         *self._backbone_placement())
+                                         *forecaster_placement(self.model, self.prefix))
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until it is made active
             new_module.requires_grad_(False)
@@ -96,19 +100,9 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
         """
         setattr(parent, child_name, new_module)
 
-    def _backbone_placement(self) -> tuple[torch.device | None, torch.dtype | None]:
-        """Device and dtype of the backbone's first floating-point weight."""
-        for name, parameter in self.model.named_parameters():
-            if self.prefix not in name and parameter.is_floating_point():
-                return parameter.device, parameter.dtype
-        return None, None
-
     def _check_merge_allowed(self) -> None:
         """FACTOST never merges; the error says why."""
         raise ValueError(MERGE_REFUSAL)
-
-
-SHIPPED_BACKBONE = Path(__file__).resolve().parents[2] / "checkpoints" / "factost-cpu"
 
 
 def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Namespace) -> nn.Module:
@@ -134,7 +128,7 @@ def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Name
 
     settings = dict(options.adapter_args)
     overrides = {"loss": options.loss} if getattr(options, "loss", None) else {}
-    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", SHIPPED_BACKBONE), **overrides)
+    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", shipped_checkpoint("factost-cpu")), **overrides)
     for name, value in {**splits.size_kwargs(), "steps_per_day": splits.steps_per_day}.items():
         settings.setdefault(name, value)
     return get_peft_model(pretrained, FactoSTAdapterConfig(**settings))

@@ -22,4 +22,4 @@ __all__ = [
     "STLoraPredictorLayer",
 ]
 
-register_st_peft_method(name="stlora", config_cls=STLoraConfig, model_cls=STLoraModel, prefix="stlora_")
+register_st_peft_method(name="stlora", config_cls=STLoraConfig, model_cls=STLoraModel, prefix="stl_")

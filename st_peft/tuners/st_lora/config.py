@@ -37,7 +37,8 @@ class STLoraConfig(PeftConfig):
     ``st_peft.tuners.st_lora.space``).
 
     Args:
-        num_nodes: nodes ``N`` of the graph the adapter is built for (required).
+        num_nodes: nodes ``N`` of the graph the adapter is built for (required when the adapter is
+            injected; a config without it can be built, as peft builds every config without arguments).
         input_len: history length ``L``.
         horizon: forecast length ``H``.
         in_channels: channels ``C_in`` of the history ``past_values``.
@@ -72,8 +73,9 @@ class STLoraConfig(PeftConfig):
             (and ``loss`` includes it).
         output_history_channels: for each of the ``out_channels`` forecast channels, the index of
             the history channel (in ``[0, in_channels)``) that holds the same variable. Only the
-            predictor's own normalisation (a forecaster without an ``STScaler``) uses it, to put a
-            forecast channel and its history in one space; None means channel ``j`` is history
+            per-window space of a ``SeamedForecaster`` whose module has no ``STScaler`` (and that
+            was built without its own mapping) uses it, to put a forecast channel and its history
+            in one space; None means channel ``j`` is history
             channel ``j``, which needs ``in_channels == out_channels``. With splits:
             ``[splits.input_channels.index(c) for c in splits.target_channels]``.
     """
@@ -121,19 +123,20 @@ class STLoraConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        # before peft's own checks, so a refused option is named with the reason st-peft gives
+        check_shared_options(self, "ST-LoRA")
         super().__post_init__()
         self.peft_type = STLORA
-        if self.num_nodes is None:
-            raise ValueError("STLoraConfig needs num_nodes, the number of nodes N of the graph")
         normalise_target_options(self)
-        check_shared_options(self, "ST-LoRA")
         if not self.target_modules and (self.exclude_modules or self.layers_to_transform is not None):
             raise ValueError(
                 "STLoraConfig: exclude_modules and layers_to_transform narrow down target_modules, the forecaster "
                 "layers to wrap with NALLs; without target_modules only the predictor is added, so they cannot apply"
             )
+        # num_nodes may stay None here, as peft builds every config without arguments; the
+        # tuner refuses it when the adapter is injected
         positive = {
-            "num_nodes": self.num_nodes,
+            "num_nodes": 1 if self.num_nodes is None else self.num_nodes,
             "input_len": self.input_len,
             "horizon": self.horizon,
             "in_channels": self.in_channels,

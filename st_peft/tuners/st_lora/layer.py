@@ -8,56 +8,29 @@ is the node's own factor, so ``A_i = diag(s_i) A`` is a per-node low-rank factor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from st_peft.checks import check_future_values, check_observed_mask, check_past_values
-from st_peft.forecasting import forecast_loss, inputs_for
-from st_peft.losses import get_loss
-from st_peft.outputs import ForecastOutput, prediction_of, reject_renamed_inputs
+from st_peft.forecasting import ForecastContext, ScaledForecast
 from st_peft.tuners.st_lora.config import STLoraConfig
-from st_peft.tuners.st_lora.space import (
-    PredictorSpace,
-    forecaster_scaler,
-    history_channels_of,
-    scaler_space,
-    window_space,
-)
 
 
-class ForwardState:
-    """What one forward pass of an adapted model shares between its ST-LoRA layers.
-
-    Attributes:
-        index: int64 ``(N_sub,)`` node indices passed as ``node_index`` to the forecaster, or ``None``
-            when the batch covers the whole graph.
-        called: names of the NALL-wrapped layers that ran during this forward pass, while the
-            predictor layer checks that every wrapped layer is called; ``None`` when it does not.
-    """
-
-    def __init__(self) -> None:
-        self.index: torch.Tensor | None = None
-        self.called: set[str] | None = None
-
-
-def node_rows(table: torch.Tensor, nodes: int, selection: ForwardState, owner: str) -> torch.Tensor:
+def node_rows(table: torch.Tensor, nodes: int, index: torch.Tensor | None, owner: str) -> torch.Tensor:
     """Rows of a per-node table for the nodes of the current batch.
 
     Args:
         table: per-node values ``(N, k)``.
         nodes: number of nodes ``n`` in the current input.
-        selection: the batch's node selection.
+        index: the batch's ``node_index`` ``(n,)``, or None for the whole graph.
         owner: name of the layer, for the error message.
 
     Returns:
-        ``(n, k)``: ``table[selection.index]`` when a node index of length ``n`` was given, else
-        the whole table when ``n == N``.
+        ``(n, k)``: ``table[index]`` when a node index of length ``n`` was given, else the whole
+        table when ``n == N``.
     """
-    index = selection.index
     if index is not None and len(index) == nodes:
         return table[index]
     if nodes == table.shape[0]:
@@ -141,9 +114,11 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
     the adapter's dtype for the low-rank path and the sum comes back in the wrapped layer's output
     dtype.
 
+    The batch's ``node_index`` reaches it per call through PEFT's forward hooks
+    (``STLoraModel._enable_peft_forward_hooks``), as LoRA's ``adapter_names`` do.
+
     Args:
         base_layer: the layer to wrap; it stays frozen and unchanged.
-        selection: the adapted model's forward state.
         name: the layer's name in the forecaster, for error messages.
 
     Attributes:
@@ -151,24 +126,23 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
             convolution).
     """
 
-    adapter_layer_names = ("stlora_A", "stlora_B", "stlora_node_scale")
-    other_param_names = ("stlora_dropout", "stlora_scaling", "stlora_node_axis")
+    adapter_layer_names = ("stl_down", "stl_up", "stl_node_scale")
+    other_param_names = ("stl_dropout", "stl_scaling", "stl_node_axis")
 
-    def __init__(self, base_layer: nn.Module, selection: ForwardState, name: str) -> None:
+    def __init__(self, base_layer: nn.Module, name: str) -> None:
         super().__init__()
         check_wrappable(base_layer, None, name)
         self.base_layer = base_layer
-        self.selection = selection
         self.layer_name = name
         linear = isinstance(base_layer, nn.Linear)
         self.in_features = base_layer.in_features if linear else base_layer.in_channels
         self.out_features = base_layer.out_features if linear else base_layer.out_channels
-        self.stlora_A = nn.ModuleDict()
-        self.stlora_B = nn.ModuleDict()
-        self.stlora_node_scale = nn.ParameterDict()
-        self.stlora_dropout = nn.ModuleDict()
-        self.stlora_scaling: dict[str, float] = {}
-        self.stlora_node_axis: dict[str, int] = {}
+        self.stl_down = nn.ModuleDict()
+        self.stl_up = nn.ModuleDict()
+        self.stl_node_scale = nn.ParameterDict()
+        self.stl_dropout = nn.ModuleDict()
+        self.stl_scaling: dict[str, float] = {}
+        self.stl_node_axis: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -206,53 +180,52 @@ class NodeAdaptiveLayer(nn.Module, STLoraLayer):
             nn.init.zeros_(up.weight)
         else:
             node_scale = node_scale + 0.1 * torch.randn_like(node_scale)
-        self.stlora_A[adapter_name] = down
-        self.stlora_B[adapter_name] = up
-        self.stlora_node_scale[adapter_name] = nn.Parameter(node_scale)
-        self.stlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.stlora_scaling[adapter_name] = config.alpha / config.r
-        self.stlora_node_axis[adapter_name] = config.node_axis
+        self.stl_down[adapter_name] = down
+        self.stl_up[adapter_name] = up
+        self.stl_node_scale[adapter_name] = nn.Parameter(node_scale)
+        self.stl_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.stl_scaling[adapter_name] = config.alpha / config.r
+        self.stl_node_axis[adapter_name] = config.node_axis
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def _node_scale(self, adapter_name: str, low: torch.Tensor) -> torch.Tensor:
+    def _node_scale(self, adapter_name: str, low: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
         """Per-node scale of adapter ``adapter_name`` shaped to broadcast against ``low`` (the ``A`` output)."""
-        axis = self.stlora_node_axis[adapter_name] % low.dim()
+        axis = self.stl_node_axis[adapter_name] % low.dim()
         feature = self.feature_axis % low.dim()
         if axis == feature:
             raise ValueError(
-                f"{self.layer_name!r}: node_axis={self.stlora_node_axis[adapter_name]} is the feature axis of a "
+                f"{self.layer_name!r}: node_axis={self.stl_node_axis[adapter_name]} is the feature axis of a "
                 f"{low.dim()}-d input"
             )
         table = node_rows(
-            self.stlora_node_scale[adapter_name], low.shape[axis], self.selection, f"ST-LoRA layer {self.layer_name!r}"
+            self.stl_node_scale[adapter_name], low.shape[axis], node_index, f"ST-LoRA layer {self.layer_name!r}"
         )
         shape = [1] * low.dim()
         shape[axis], shape[feature] = table.shape
         return (table if axis < feature else table.t()).reshape(shape)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, node_index: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """``base_layer(x)`` plus the node-adaptive low-rank update of every active adapter; same shape.
 
-        The result has the dtype of ``base_layer(x)``.
+        ``node_index`` (int64 ``(n,)``, or None for the whole graph) picks the rows of the per-node
+        scales. The result has the dtype of ``base_layer(x)``.
         """
         result = self.base_layer(x, *args, **kwargs)
-        if self.selection.called is not None:
-            self.selection.called.add(self.layer_name)
         if self.disable_adapters:
             return result
         result_dtype = result.dtype
         for name in self.active_adapters:
-            if name not in self.stlora_A:
+            if name not in self.stl_down:
                 continue
-            down = self.stlora_A[name]
-            low = down(self.stlora_dropout[name](self._cast_input_dtype(x, down.weight.dtype)))
-            result = result + self.stlora_scaling[name] * self.stlora_B[name](low * self._node_scale(name, low))
+            down = self.stl_down[name]
+            low = down(self.stl_dropout[name](self._cast_input_dtype(x, down.weight.dtype)))
+            result = result + self.stl_scaling[name] * self.stl_up[name](low * self._node_scale(name, low, node_index))
         return result.to(result_dtype)
 
     def scaling_penalty(self, adapter_name: str) -> torch.Tensor:
         """Squared distance of the per-node scales from one, ``sum_i ||s_i - 1||^2`` (a scalar)."""
-        return (self.stlora_node_scale[adapter_name] - 1).pow(2).sum()
+        return (self.stl_node_scale[adapter_name] - 1).pow(2).sum()
 
 
 class NodeAdaptiveLinear(nn.Module):
@@ -269,11 +242,11 @@ class NodeAdaptiveLinear(nn.Module):
     def __init__(self, dim: int, config: STLoraConfig) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, dim)
-        self.lora_A = nn.Linear(dim, config.r, bias=False)
-        self.lora_B = nn.Linear(config.r, dim, bias=False)
+        self.down = nn.Linear(dim, config.r, bias=False)
+        self.up = nn.Linear(config.r, dim, bias=False)
         generator = torch.zeros(config.node_embedding_dim, config.r)
         if config.init_weights:
-            nn.init.zeros_(self.lora_B.weight)
+            nn.init.zeros_(self.up.weight)
         else:
             generator = 0.1 * torch.randn_like(generator)
         self.generator = nn.Parameter(generator)
@@ -287,10 +260,10 @@ class NodeAdaptiveLinear(nn.Module):
     def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Map ``hidden`` ``(dim, B * n)`` with node embeddings ``(n, d_e)`` to ``(dim, B * n)``."""
         nodes = embedding.shape[0]
-        low = self.lora_A.weight @ self.dropout(hidden)
+        low = self.down.weight @ self.dropout(hidden)
         low = (low.view(low.shape[0], -1, nodes) * self.node_scale(embedding).t()[:, None, :]).view(low.shape)
         out = torch.addmm(self.linear.bias[:, None], self.linear.weight, hidden)
-        return torch.addmm(out, self.lora_B.weight, low, alpha=self.scaling)
+        return torch.addmm(out, self.up.weight, low, alpha=self.scaling)
 
 
 class PredictorBlock(nn.Module):
@@ -368,13 +341,13 @@ class NodeSpecificPredictor(nn.Module):
         """The dtype of the predictor's weights, in which it computes."""
         return self.node_embedding.dtype
 
-    def forward(self, history: torch.Tensor, prediction: torch.Tensor, selection: ForwardState) -> torch.Tensor:
+    def forward(self, history: torch.Tensor, prediction: torch.Tensor, node_index: torch.Tensor | None) -> torch.Tensor:
         """The correction ``(B, H, n, C_out)`` of the normalised ``prediction`` ``(B, H, n, C_out)``.
 
         Args:
             history: the normalised history ``(B, L, n, C_in)``, in the predictor's dtype.
             prediction: the forecaster's prediction, normalised, in the predictor's dtype.
-            selection: the forward pass's state (its node selection).
+            node_index: the batch's node indices ``(n,)``, or None for the whole graph.
         """
         if history.dim() != 4 or history.shape[1] != self.input_len or history.shape[3] != self.in_channels:
             raise ValueError(
@@ -388,7 +361,7 @@ class NodeSpecificPredictor(nn.Module):
                 f"out_channels)={expected}; got {tuple(prediction.shape)}"
             )
         batch, _, nodes, _ = history.shape
-        embedding = node_rows(self.node_embedding, nodes, selection, "The ST-LoRA predictor")
+        embedding = node_rows(self.node_embedding, nodes, node_index, "The ST-LoRA predictor")
         history = features_first(history)
         current = features_first(prediction).contiguous()
         correction = None
@@ -407,55 +380,25 @@ class NodeSpecificPredictor(nn.Module):
         return penalty
 
 
-@dataclass
-class CallInputs:
-    """What the pre-hook keeps of one forward call for the forward hook.
-
-    Attributes:
-        past_values: history ``(B, L, n, C_in)`` in original units.
-        past_observed_mask: bool like ``past_values``.
-        node_index: int64 ``(n,)`` or None.
-        future_values: targets ``(B, H, n, C_out)`` or None; the forecaster does not see them.
-        future_observed_mask: bool like ``future_values``, or None.
-    """
-
-    past_values: torch.Tensor
-    past_observed_mask: torch.Tensor
-    node_index: torch.Tensor | None
-    future_values: torch.Tensor | None
-    future_observed_mask: torch.Tensor | None
-
-
 class STLoraPredictorLayer(nn.Module, STLoraLayer):
-    """Holds the node-specific predictors of all adapters and applies the active ones to the forecaster.
+    """The tuner layer that replaces a forecaster's output seam: the node-specific predictors of all adapters.
 
-    It is installed as a child of the forecaster's root module and hooks the root's forward:
-
-    - the pre-hook refuses the argument names of st-peft 0.0, checks ``past_values`` (keyword or
-      first positional) against the adapters, keeps ``past_observed_mask``, ``node_index`` and
-      the targets ``future_values`` / ``future_observed_mask`` (taken out of the call), and passes
-      the forecaster only the keys its forward accepts (``st_peft.forecasting.inputs_for``);
-    - the forward hook refines the forecaster's prediction ``(B, H, n, C_out)`` (original units)
-      in the space of :mod:`st_peft.tuners.st_lora.space`, ``prediction + scale * correction``,
-      and returns a ``ForecastOutput``: the refined prediction, quantiles shifted by the same
-      amount, the space's ``loc`` / ``scale``, ``aux_loss`` (the forecaster's plus the scaling
-      penalty) and, given targets, ``loss``: the forecaster's ``loss_fn`` (masked MAE when it has
-      none) of the refined prediction, plus ``aux_loss``.
-
-    With adapters disabled, or with no adapter active, the forecaster runs on the keys it accepts
-    (targets included) and its output is returned untouched.
-
-    No inert targets: in the first forward pass after an adapter is added or the active adapters
-    change, the hooks record which NALL-wrapped layers run, and a wrapped layer of an active
-    adapter that did not run while the forecaster did is refused by name (a forecaster that
-    reads the layer's weight instead of calling it would leave the adapter without effect and
-    without gradient).
+    Every st-peft forecaster passes its scaled forecast through ``forecast_seam``
+    (:class:`~st_peft.forecasting.ForecastSeam`, an identity), with the scaled history and
+    ``node_index`` as context; a user's own module gets that seam from
+    :class:`~st_peft.tuners.st_lora.seamed.SeamedForecaster`. This layer wraps the seam. For each active adapter
+    it refines the forecast in that scaled space, ``prediction + correction``, shifts the
+    quantile forecasts by the same amount and adds the adapter's scaling penalty
+    (``scaling_l2``) to ``aux_loss``; the forecaster then turns the result into original units
+    and computes ``loss`` on it. A zero correction (every new adapter with ``init_weights=True``)
+    returns the forecast bit for bit.
 
     The predictors' dtype follows the forecaster's weights, as a LoRA layer's follows its base
     layer (then PEFT's ``autocast_adapter_dtype`` raises float16 / bfloat16 to float32); they read
     their inputs cast to their own dtype, and the correction comes back in the forecast's dtype.
 
     Args:
+        base_layer: the forecaster's seam.
         num_nodes: nodes ``N`` of the graph.
 
     Attributes:
@@ -464,22 +407,19 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         out_features: features per node they return, ``H * C_out``.
     """
 
-    adapter_layer_names = ("stlora_heads",)
-    other_param_names = ("stlora_config",)
+    adapter_layer_names = ("stl_heads",)
+    other_param_names = ("stl_config",)
 
-    def __init__(self, num_nodes: int) -> None:
+    def __init__(self, base_layer: nn.Module, num_nodes: int) -> None:
         super().__init__()
+        self.base_layer = base_layer
         self.num_nodes = num_nodes
-        self.selection = ForwardState()
-        self.stlora_heads = nn.ModuleDict()
-        self.stlora_config: dict[str, STLoraConfig] = {}
+        self.stl_heads = nn.ModuleDict()
+        self.stl_config: dict[str, STLoraConfig] = {}
         self.in_features = self.out_features = 0
         self._disable_adapters = False
         self.merged_adapters = []
-        self._hook_handles: list[Any] = []
-        self._call: CallInputs | None = None
         self._forecaster_placement: tuple[torch.device | None, torch.dtype | None] = (None, None)
-        self._calls_checked = False
 
     def update_layer(
         self,
@@ -498,150 +438,57 @@ class STLoraPredictorLayer(nn.Module, STLoraLayer):
         """
         self._forecaster_placement = (device, dtype)
         if config.num_blocks > 0:
-            self.stlora_heads[adapter_name] = NodeSpecificPredictor(config)
+            self.stl_heads[adapter_name] = NodeSpecificPredictor(config)
             self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.stlora_config[adapter_name] = config
+        self.stl_config[adapter_name] = config
         self.in_features = config.input_len * config.in_channels + config.horizon * config.out_channels
         self.out_features = config.horizon * config.out_channels
-        self._calls_checked = False
         self.set_adapter(self.active_adapters)
 
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        """Activate ``adapter_names`` (PEFT's rule); the next forward pass checks that their layers run."""
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._calls_checked = False
-
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-        """The forecaster's device and dtype: the predictor's counterpart of a LoRA layer's base layer."""
+        """The forecaster's device and dtype: the seam has no weights of its own."""
         return self._forecaster_placement
 
-    def attach(self, model: nn.Module) -> None:
-        """Hook the forward of the forecaster ``model`` (its root module)."""
-        self._hook_handles = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
+    def forward(
+        self,
+        forecast: ScaledForecast,
+        context: ForecastContext,
+        *,
+        layer_penalties: dict[str, torch.Tensor] | None = None,
+    ) -> ScaledForecast:
+        """The forecast refined by every active adapter, in the forecaster's scaled space.
 
-    def detach(self) -> None:
-        """Remove the hooks; the forecaster's forward is its own again."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
+        Args:
+            forecast: the forecaster's scaled forecast ``(B, H, n, C_out)`` (and quantiles).
+            context: the scaled history ``(B, L, n, C_in)``, its mask and ``node_index``.
+            layer_penalties: per adapter, the scaling penalty of its node-adaptive layers in the
+                forecaster, given per call by ``STLoraModel._enable_peft_forward_hooks``.
 
-    def _active(self) -> list[str]:
+        Returns:
+            The refined forecast; ``aux_loss`` gains ``scaling_l2`` times each adapter's penalty.
+        """
+        result = self.base_layer(forecast, context)
         if self.disable_adapters:
-            return []
-        return [name for name in self.active_adapters if name in self.stlora_config]
-
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        model = type(module).__name__
-        reject_renamed_inputs(kwargs, model)
-        self.selection.index = kwargs.get("node_index")
-        self._call = None
-        batch = dict(kwargs)
-        active = self._active()
-        self.selection.called = set() if active and not self._calls_checked else None
-        if active:
-            past_values = args[0] if args else kwargs.get("past_values")
-            if past_values is None:
-                raise TypeError(
-                    f"{model} with an ST-LoRA adapter needs the history past_values (B, L, N, C_in); got the "
-                    f"arguments {sorted(kwargs)}"
-                )
-            for name in active:
-                config = self.stlora_config[name]
-                check_past_values(past_values, model=f"The ST-LoRA adapter {name!r}", num_nodes=self.num_nodes,
-                                  input_len=config.input_len, in_channels=config.in_channels,
-                                  node_index=self.selection.index)
-            mask = check_observed_mask(kwargs.get("past_observed_mask"), past_values, model=model,
-                                       name="past_observed_mask", values_name="past_values")
-            # the targets are for the loss of the refined forecast; the forecaster's own would be wasted
-            self._call = CallInputs(past_values=past_values, past_observed_mask=mask,
-                                    node_index=self.selection.index,
-                                    future_values=batch.pop("future_values", None),
-                                    future_observed_mask=batch.pop("future_observed_mask", None))
-        return args, inputs_for(module, batch)
-
-    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        call, self._call = self._call, None
-        active = self._active()
-        called, self.selection.called = self.selection.called, None
-        if called is not None:
-            self._check_wrapped_layers_ran(module, active, called)
-        if not active:
-            return output
-        model = type(module).__name__
-        if not isinstance(output, (torch.Tensor, ForecastOutput)):
-            raise TypeError(
-                f"ST-LoRA needs the forecaster to return a tensor (B, H, N, C_out) or a ForecastOutput; "
-                f"{model} returned {type(output).__name__}"
-            )
-        prediction = prediction_of(output)
-        loc, scale = (None, None) if isinstance(output, torch.Tensor) else (output.loc, output.scale)
-        shift = penalty = None
-        for name in active:
-            if name in self.stlora_heads:
-                head = self.stlora_heads[name]
-                refined = prediction if shift is None else prediction + shift
-                space = self._space(module, call, refined, head)
-                correction = head(space.history.to(head.dtype), space.normalise(refined).to(head.dtype),
-                                  self.selection)
-                step = (space.scale * correction).to(prediction.dtype)
-                shift = step if shift is None else shift + step
-                loc, scale = space.loc, space.scale
-            if self.stlora_config[name].scaling_l2 > 0:
-                term = self.stlora_config[name].scaling_l2 * self._scaling_penalty(module, name)
-                penalty = term if penalty is None else penalty + term
-        refined = prediction if shift is None else prediction + shift
-        quantiles = aux_loss = None
-        if isinstance(output, ForecastOutput):
-            quantiles, aux_loss = output.quantile_outputs, output.aux_loss
-        if quantiles is not None and shift is not None:
-            quantiles = quantiles + shift.unsqueeze(-1)
-        if penalty is not None:
-            aux_loss = penalty if aux_loss is None else aux_loss + penalty
-        loss = None
-        if call.future_values is not None:
-            batch, horizon, nodes, channels = refined.shape
-            check_future_values(call.future_values, model=model, batch_size=batch, horizon=horizon, nodes=nodes,
-                                out_channels=channels)
-            loss_fn = getattr(module, "loss_fn", None)
-            loss = forecast_loss(refined, call.future_values, call.future_observed_mask,
-                                 loss_fn if callable(loss_fn) else get_loss("mae"), model=model, aux_loss=aux_loss)
-        return ForecastOutput(loss=loss, prediction_outputs=refined, quantile_outputs=quantiles, loc=loc,
-                              scale=scale, aux_loss=aux_loss)
-
-    def _check_wrapped_layers_ran(self, module: nn.Module, active: list[str], called: set[str]) -> None:
-        """Refuse, by name, NALL-wrapped layers of the ``active`` adapters that this forward pass never called."""
-        silent = sorted(
-            layer.layer_name for layer in module.modules()
-            if isinstance(layer, NodeAdaptiveLayer) and layer.layer_name not in called
-            and any(name in layer.stlora_A for name in active)
-        )
-        if silent:
-            raise RuntimeError(
-                f"ST-LoRA wrapped {silent} of {type(module).__name__}, but its forward never called "
-                f"{'them' if len(silent) > 1 else 'it'}: the forecaster reads the layer's weight directly or skips "
-                "the layer, so the adapter would neither change the forecast nor get a gradient. Leave these layers "
-                "out of target_modules (or exclude_modules), or make the forecaster call them"
-            )
-        self._calls_checked = True
-
-    @staticmethod
-    def _space(module: nn.Module, call: CallInputs, prediction: torch.Tensor,
-               head: NodeSpecificPredictor) -> PredictorSpace:
-        """The space the predictor ``head`` refines ``prediction`` in: the forecaster's, else per window."""
-        scaler = forecaster_scaler(module)
-        if scaler is not None:
-            return scaler_space(scaler, call.past_values, call.past_observed_mask, call.node_index,
-                                dtype=head.dtype)
-        channels = history_channels_of(head.in_channels, head.out_channels, head.output_history_channels)
-        return window_space(call.past_values, call.past_observed_mask, prediction, channels)
-
-    def _scaling_penalty(self, model: nn.Module, adapter_name: str) -> torch.Tensor:
-        """The adapter's scaling penalty summed over its predictor and its NALL-wrapped layers."""
-        terms = [layer.scaling_penalty(adapter_name) for layer in model.modules()
-                 if isinstance(layer, NodeAdaptiveLayer) and adapter_name in layer.stlora_node_scale]
-        if adapter_name in self.stlora_heads:
-            terms.append(self.stlora_heads[adapter_name].scaling_penalty())
-        return torch.stack(terms).sum()
+            return result
+        prediction, aux_loss = result.prediction, result.aux_loss
+        shift = None
+        for name in self.active_adapters:
+            if name not in self.stl_config:
+                continue
+            if name in self.stl_heads:
+                head = self.stl_heads[name]
+                current = prediction if shift is None else prediction + shift
+                correction = head(context.scaled_past.to(head.dtype), current.to(head.dtype),
+                                  context.node_index).to(prediction.dtype)
+                shift = correction if shift is None else shift + correction
+            weight = self.stl_config[name].scaling_l2
+            if weight > 0:
+                terms = [] if layer_penalties is None or name not in layer_penalties else [layer_penalties[name]]
+                if name in self.stl_heads:
+                    terms.append(self.stl_heads[name].scaling_penalty())
+                term = weight * torch.stack(terms).sum()
+                aux_loss = term if aux_loss is None else aux_loss + term
+        if shift is None:
+            return ScaledForecast(prediction, result.quantiles, aux_loss)
+        quantiles = None if result.quantiles is None else result.quantiles + shift.unsqueeze(-1)
+        return ScaledForecast(prediction + shift, quantiles, aux_loss)

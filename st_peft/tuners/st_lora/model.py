@@ -1,26 +1,30 @@
 """The ST-LoRA tuner: how PEFT injects, trains, saves and removes ST-LoRA adapters.
 
-ST-LoRA's main part, the node-specific predictor, is not a replacement of one of the
-forecaster's layers but a network appended to the forecaster's output. PEFT's
-``BaseTuner.inject_adapter`` only replaces named sub-modules and ``PeftModel.forward`` calls the
-forecaster itself, not the tuner, so the predictor is made a sub-module target of its own:
+ST-LoRA's main part, the node-specific predictor, refines the forecaster's forecast. Every
+st-peft forecaster passes its scaled forecast through an identity module, ``forecast_seam``
+(:class:`~st_peft.forecasting.ForecastSeam`; a user's own module gets one from
+:class:`~st_peft.tuners.st_lora.seamed.SeamedForecaster`). The tuner treats that seam as it treats any target:
 
-1. ``_prepare_model`` (run by ``inject_adapter`` for every new adapter) installs, once, an
-   ``STLoraPredictorLayer`` as the child ``st_lora_predictor`` of the forecaster's root module;
-   it hooks the root's forward: the forecaster gets the batch keys its forward accepts, and its
-   prediction is replaced by the refined one, with ``loss`` computed on the refined forecast.
-2. ``_check_target_module_exists`` matches that child for every adapter (plus the optional
-   ``target_modules``), so ``_create_and_replace`` adds each adapter's own predictor to it.
+1. ``_check_target_module_exists`` matches ``forecast_seam`` for every adapter (plus the
+   optional ``target_modules``, matched by PEFT's own ``check_target_module_exists``);
+2. ``_create_and_replace`` replaces the seam by an ``STLoraPredictorLayer`` wrapping it (one per
+   forecaster, holding each adapter's predictor), and target layers by node-adaptive layers;
+3. per call, ``_enable_peft_forward_hooks`` (entered by ``PeftModel.forward``, as LoRA's for
+   ``adapter_names``) hands ``node_index`` to the node-adaptive layers and their scaling
+   penalties to the predictor layer, refuses a wrapped layer that did not run, and keeps a frozen
+   forecaster in evaluation mode for the call. Its hooks are removed when the call returns.
 
-Because the container is a regular tuner layer, PEFT's own ``set_adapter``,
-``disable_adapter()``, ``delete_adapter``, trainable-parameter bookkeeping and state-dict
-selection treat it like any LoRA layer; ``unload()`` removes it and its hooks.
+So PEFT's own ``set_adapter``, ``disable_adapter()``, ``delete_adapter``, trainable-parameter
+bookkeeping, state-dict selection and ``unload()`` work as for LoRA, and nothing stays attached
+to the user's model outside a call.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,8 +32,11 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from st_peft.checks import check_past_values
+from st_peft.forecasting import ForecastSeam
 from st_peft.tuners.checkpoint_keys import PerNodeCheckpointMixin
 from st_peft.tuners.options import check_layer_indices_apply
+from st_peft.tuners.placement import forecaster_placement
 from st_peft.tuners.st_lora.config import STLoraConfig
 from st_peft.tuners.st_lora.layer import (
     MERGE_REFUSAL,
@@ -38,24 +45,32 @@ from st_peft.tuners.st_lora.layer import (
     STLoraPredictorLayer,
     check_wrappable,
 )
+from st_peft.tuners.st_lora.seamed import SeamedForecaster
 from st_peft.tuners.st_lora.space import forecaster_scaler, history_channels_of
 
-PREDICTOR_NAME = "st_lora_predictor"
-"""Name of the predictor container under the forecaster's root. It must not contain the method
-prefix ``stlora_``: PEFT's ``delete_adapter`` skips modules whose name contains it."""
+SEAM_NAME = "forecast_seam"
+"""Name of the output seam under the forecaster's root (every st-peft model's, and
+``SeamedForecaster``'s), which the predictor layer replaces."""
 
-HEADS_NAME = "stlora_heads"
+HEADS_NAME = "stl_heads"
 
 
 class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
     """ST-LoRA tuner (PEFT type ``STLORA``) around a spatio-temporal forecaster.
 
-    The forecaster is any ``nn.Module`` whose forward takes ``past_values`` ``(B, L, N, C_in)``
-    (and any other batch keys it names, or ``**kwargs``) and returns ``(B, H, N, C_out)`` or a
-    ``ForecastOutput`` in original units. Build it with
+    The forecaster is an st-peft model (STID, GWNet, STGCN, ST-LINK, FactoST) or a user's own
+    module wrapped in :class:`~st_peft.tuners.st_lora.seamed.SeamedForecaster`: both have the output seam the
+    predictor replaces. Build it with
     ``peft.get_peft_model(forecaster, STLoraConfig(**splits.size_kwargs()))``; the adapted model
     is called as ``model(**batch)`` and returns a ``ForecastOutput`` with ``loss`` when
     ``future_values`` is given.
+
+    While no active adapter trains the forecaster (``train_backbone=False``), each call runs the
+    forecaster's own modules in evaluation mode, whatever ``model.train()`` said: dropout does
+    not perturb the prediction that the predictor learns to refine, and batch-norm running
+    statistics, part of the frozen forecaster, never drift, so ``disable_adapter()`` still gives
+    the original forecaster. The adapter's own modules (and the trained copies of
+    ``modules_to_save``) follow ``model.train()``.
 
     Args:
         model: the forecaster.
@@ -65,9 +80,9 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         state_dict: inject the adapters named by this state dict's keys.
     """
 
-    prefix: str = "stlora_"
+    prefix: str = "stl_"
     adapter_key_parts = (HEADS_NAME,)
-    per_node_key_suffixes = (f".{HEADS_NAME}.node_embedding", ".stlora_node_scale")
+    per_node_key_suffixes = (f".{HEADS_NAME}.node_embedding", ".stl_node_scale")
     method_label = "ST-LoRA"
     tuner_layer_cls = STLoraLayer
     target_module_mapping: dict[str, list[str]] = {}
@@ -90,61 +105,113 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
                     )
 
     def _prepare_model(self, peft_config: STLoraConfig, model: nn.Module) -> None:
-        """Check the forecaster against the config and install the predictor container once."""
-        self._check_forecaster(peft_config, model)
-        predictor = model._modules.get(PREDICTOR_NAME)
-        if predictor is None:
-            # PEFT freezes the base model only on the first injection, recognised by the absence of tuner
-            # layers; the container installed here is one, so PEFT will restore the forecaster's current
-            # trainability instead. Set it here to what this first adapter asks for.
-            model.requires_grad_(peft_config.train_backbone and not peft_config.inference_mode)
-            predictor = STLoraPredictorLayer(peft_config.num_nodes)
-            model.add_module(PREDICTOR_NAME, predictor)
-            predictor.attach(model)
-        elif not isinstance(predictor, STLoraPredictorLayer):
-            raise ValueError(
-                f"The forecaster already has a sub-module named {PREDICTOR_NAME!r} "
-                f"({type(predictor).__name__}); ST-LoRA needs that name for its predictor"
+        """Check the forecaster against the config: it must have the output seam, and fit the sizes."""
+        if peft_config.num_nodes is None:
+            raise ValueError("STLoraConfig needs num_nodes, the number of nodes N of the graph "
+                             "(STLoraConfig(**splits.size_kwargs()) gives it)")
+        seam = model._modules.get(SEAM_NAME)
+        if not isinstance(seam, (ForecastSeam, STLoraPredictorLayer)):
+            raise TypeError(
+                f"ST-LoRA refines a forecast at the forecaster's output seam ({SEAM_NAME}), which "
+                f"{type(model).__name__} does not have: use an st-peft model, or wrap your own module as "
+                "st_peft.SeamedForecaster(module)"
             )
+        self._check_forecaster(peft_config, model)
 
-    def train(self, mode: bool = True) -> STLoraModel:
-        """Set training mode; a frozen forecaster keeps its evaluation behaviour.
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """PEFT's freezing, then the forecaster's own weights trainable again for ``train_backbone=True``."""
+        super()._mark_only_adapters_as_trainable(model)
+        if any(self.peft_config[name].train_backbone and not self.peft_config[name].inference_mode
+               for name in self.active_adapters if name in self.peft_config):
+            for name, parameter in model.named_parameters():
+                if self.prefix not in name:
+                    parameter.requires_grad_(True)
 
-        While no active adapter trains the backbone (``train_backbone=False``), the forecaster's
-        own modules stay in evaluation mode and only the adapter's (and the trained copies of
-        ``modules_to_save``) train: dropout does not
-        perturb the prediction that the predictor learns to refine, and batch-norm running
-        statistics, part of the frozen forecaster, do not drift, so ``disable_adapter()`` still
-        gives the original forecaster. (It also saves the backbone's dropout masks, a third of
-        a frozen STID's step.)
+    def _adapter_modules(self) -> set[int]:
+        """ids of the modules that train with the adapter: adapter parts of ST-LoRA layers, copies of modules_to_save."""
+        return {
+            id(child)
+            for layer in self.model.modules() if isinstance(layer, (STLoraLayer, AuxiliaryTrainingWrapper))
+            for key, child in layer.named_modules() if not key.startswith(("base_layer", "original_module"))
+        }
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """What one call of the adapted model needs, removed when it returns.
+
+        - ``past_values`` (keyword or first positional) is checked against the active adapters;
+        - each node-adaptive layer is handed the call's ``node_index`` (a forward pre-hook, as
+          LoRA's ``adapter_names``), and records that it ran: a wrapped layer of an active adapter
+          that did not run while the forecaster did is refused by name, in every call;
+        - the predictor layer is handed each adapter's scaling penalty over those layers;
+        - without ``train_backbone``, the forecaster's modules run in evaluation mode.
         """
-        super().train(mode)
-        self._forecaster_held_in_eval = mode and not any(
-            self.peft_config[name].train_backbone for name in self.active_adapters if name in self.peft_config
-        )
-        if self._forecaster_held_in_eval:
-            # what trains: the adapter parts of ST-LoRA layers and the copies of modules_to_save
-            adapter_modules = {
-                id(child)
-                for layer in self.model.modules() if isinstance(layer, (STLoraLayer, AuxiliaryTrainingWrapper))
-                for key, child in layer.named_modules() if not key.startswith(("base_layer", "original_module"))
-            }
-            for module in self.model.modules():
-                if id(module) not in adapter_modules:
-                    module.training = False
-        return self
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        past_values = args[0] if args else kwargs.get("past_values")
+        node_index = kwargs.get("node_index")
+        if active and past_values is not None:
+            for name in active:
+                config = self.peft_config[name]
+                check_past_values(past_values, model=f"The ST-LoRA adapter {name!r}", num_nodes=config.num_nodes,
+                                  input_len=config.input_len, in_channels=config.in_channels, node_index=node_index)
+        layers = [module for module in self.model.modules() if isinstance(module, NodeAdaptiveLayer)]
+        ran: set[str] = set()
+
+        def give_node_index(layer: NodeAdaptiveLayer, layer_args: tuple, layer_kwargs: dict) -> tuple[tuple, dict]:
+            ran.add(layer.layer_name)
+            return layer_args, {**layer_kwargs, "node_index": node_index}
+
+        handles = [layer.register_forward_pre_hook(give_node_index, with_kwargs=True) for layer in layers]
+        penalties = {
+            name: torch.stack([layer.scaling_penalty(name) for layer in layers if name in layer.stl_node_scale]).sum()
+            for name in active
+            if self.peft_config[name].scaling_l2 > 0 and any(name in layer.stl_node_scale for layer in layers)
+        }
+        seam = self.model._modules.get(SEAM_NAME)
+        if penalties and isinstance(seam, STLoraPredictorLayer):
+            handles.append(seam.register_forward_pre_hook(
+                lambda module, seam_args, seam_kwargs: (seam_args, {**seam_kwargs, "layer_penalties": penalties}),
+                with_kwargs=True,
+            ))
+        frozen = []
+        if self.model.training and not any(self.peft_config[name].train_backbone for name in active):
+            adapter_modules = self._adapter_modules()
+            frozen = [module for module in self.model.modules() if module.training and id(module) not in adapter_modules]
+        for module in frozen:
+            module.training = False
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in frozen:
+                module.training = True
+        silent = sorted(layer.layer_name for layer in layers
+                        if layer.layer_name not in ran and any(name in layer.stl_down for name in active))
+        if silent:
+            raise RuntimeError(
+                f"ST-LoRA wrapped {silent} of {type(self.model).__name__}, but its forward never called "
+                f"{'them' if len(silent) > 1 else 'it'}: the forecaster reads the layer's weight directly or skips "
+                "the layer, so the adapter would neither change the forecast nor get a gradient. Leave these layers "
+                "out of target_modules (or exclude_modules), or make the forecaster call them"
+            )
 
     def _check_forecaster(self, config: STLoraConfig, model: nn.Module) -> None:
         """Refuse a forecaster of another size, a space the predictor cannot build, unknown target
         names and layers a NALL cannot wrap."""
-        nodes = getattr(model, "num_nodes", None)
+        # an st-peft model says it in its config; a user's module may say it as an attribute
+        inner = model.forecaster if isinstance(model, SeamedForecaster) else model
+        nodes = getattr(getattr(inner, "config", None), "num_nodes", getattr(inner, "num_nodes", None))
         if isinstance(nodes, int) and nodes != config.num_nodes:
             raise ValueError(
-                f"STLoraConfig.num_nodes={config.num_nodes} but the forecaster {type(model).__name__} has "
+                f"STLoraConfig.num_nodes={config.num_nodes} but the forecaster {type(inner).__name__} has "
                 f"num_nodes={nodes}"
             )
-        if config.num_blocks > 0 and forecaster_scaler(model) is None:
-            history_channels_of(config.in_channels, config.out_channels, config.output_history_channels)
+        if isinstance(model, SeamedForecaster) and config.num_blocks > 0 and forecaster_scaler(model) is None:
+            # the wrapper's per-window space needs each forecast channel's history channel
+            if model.output_history_channels is None and config.output_history_channels is not None:
+                model.output_history_channels = list(config.output_history_channels)
+            history_channels_of(config.in_channels, config.out_channels, model.output_history_channels)
         if not config.target_modules:
             return
         wrapped = [key for key, module in model.named_modules() if isinstance(module, NodeAdaptiveLayer)]
@@ -152,22 +219,22 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
             key
             for key, _ in model.named_modules()
             if key
-            and key != PREDICTOR_NAME
-            and not key.startswith(PREDICTOR_NAME + ".")
+            and key != SEAM_NAME
+            and not key.startswith(SEAM_NAME + ".")
             and not any(key.startswith(prefix + ".") for prefix in wrapped)
         ]
         targets = config.target_modules
         if isinstance(targets, str):
             if not any(re.fullmatch(targets, key) for key in keys):
                 raise ValueError(
-                    f"target_modules={targets!r} matches no module of {type(model).__name__}; its modules are "
+                    f"target_modules={targets!r} matches no module of {type(inner).__name__}; its modules are "
                     f"{keys}"
                 )
         else:
             for name in sorted(targets):
                 if not any(key == name or key.endswith("." + name) for key in keys):
                     raise ValueError(
-                        f"target_modules entry {name!r} matches no module of {type(model).__name__}; its modules "
+                        f"target_modules entry {name!r} matches no module of {type(inner).__name__}; its modules "
                         f"are {keys}"
                     )
         selected = [key for key in keys if check_target_module_exists(config, key)]
@@ -175,7 +242,7 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         if not selected:
             raise ValueError(
                 f"target_modules={sorted(targets) if isinstance(targets, set) else targets!r} names modules of "
-                f"{type(model).__name__}, but exclude_modules={config.exclude_modules!r}, "
+                f"{type(inner).__name__}, but exclude_modules={config.exclude_modules!r}, "
                 f"layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r} and "
                 f"modules_to_save={config.modules_to_save!r} leave none of them to wrap"
             )
@@ -186,15 +253,15 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config: STLoraConfig, key: str) -> Any:
-        """The predictor container always; a forecaster layer as PEFT's own matching decides.
+        """The output seam always; a forecaster layer as PEFT's own matching decides.
 
         PEFT's ``check_target_module_exists`` applies ``target_modules``, ``exclude_modules``,
         ``layers_to_transform`` / ``layers_pattern`` and ``modules_to_save`` as for LoRA; its
         "excluded" answer is passed on as it is, so PEFT reports the excluded modules.
         """
-        if key == PREDICTOR_NAME:
+        if key == SEAM_NAME:
             return True
-        if key.startswith(PREDICTOR_NAME + ".") or not peft_config.target_modules:
+        if key.startswith(SEAM_NAME + ".") or not peft_config.target_modules:
             return False
         return check_target_module_exists(peft_config, key)
 
@@ -208,23 +275,33 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
-        """Add the adapter to the predictor container, or wrap the target layer with a NALL."""
-        if isinstance(target, STLoraPredictorLayer):
-            target.update_layer(adapter_name, peft_config, *self._forecaster_placement())
+        """Add the adapter to the seam's predictor layer or a NALL, wrapping the target first if needed."""
+        if isinstance(target, (STLoraPredictorLayer, NodeAdaptiveLayer)):
+            target.update_layer(adapter_name, peft_config, *self._layer_placement(target))
             return
-        if isinstance(target, NodeAdaptiveLayer):
-            target.update_layer(adapter_name, peft_config)
+        if isinstance(target, ForecastSeam):
+            new_module = STLoraPredictorLayer(target, peft_config.num_nodes)
+            new_module.update_layer(adapter_name, peft_config, *forecaster_placement(self.model, self.prefix))
+            self._replace_module(parent, target_name, new_module, target)
             return
-        new_module = NodeAdaptiveLayer(target, self.model.get_submodule(PREDICTOR_NAME).selection, current_key)
+        new_module = NodeAdaptiveLayer(target, current_key)
         new_module.update_layer(adapter_name, peft_config)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _forecaster_placement(self) -> tuple[torch.device | None, torch.dtype | None]:
-        """Device and dtype of the forecaster's first floating-point weight (None, None without any)."""
-        for name, parameter in self.model.named_parameters():
-            if self.prefix not in name and parameter.is_floating_point():
-                return parameter.device, parameter.dtype
-        return None, None
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT's replacement, except for the seam and its predictor layer, swapped as they are.
+
+        PEFT's version places the new module by the weights of the replaced one; the seam has none
+        (the predictor layer was placed on the forecaster's device and dtype when built).
+        """
+        if isinstance(child, (ForecastSeam, STLoraPredictorLayer)):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _layer_placement(self, layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None] | tuple[()]:
+        """Where a new adapter of ``layer`` goes: the forecaster's placement for the predictor layer."""
+        return forecaster_placement(self.model, self.prefix) if isinstance(layer, STLoraPredictorLayer) else ()
 
     def _check_merge_allowed(self) -> None:
         """ST-LoRA never merges; the error says why."""
@@ -237,16 +314,10 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        """Refuse to merge; otherwise remove the predictor and its hooks and unwrap every NALL."""
+        """Refuse to merge; otherwise put the seam and every wrapped layer back (PEFT's unloading)."""
         if merge:
             self._check_merge_allowed()
-        predictor = self.model._modules.get(PREDICTOR_NAME)
-        if isinstance(predictor, STLoraPredictorLayer):
-            predictor.detach()
-            delattr(self.model, PREDICTOR_NAME)
-        forecaster = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        # train() held the frozen forecaster's modules in evaluation mode; they go back in training mode
-        return forecaster.train() if getattr(self, "_forecaster_held_in_eval", False) else forecaster
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
     @classmethod
     def _get_adapter_state_dict(

@@ -6,7 +6,7 @@ a correction in that space; the refined forecast is ``prediction + scale * corre
 zero correction returns the forecaster's forecast bit for bit. Two spaces:
 
 - **the forecaster's own**, when it carries an :class:`~st_peft.scaling.STScaler` as its
-  ``scaler`` attribute (every reference backbone, any :class:`~st_peft.forecasting.STForecaster`):
+  ``scaler`` attribute (every reference backbone, any :class:`~st_peft.forecasting.STPreTrainedModel` with an ``STScaler``):
   the history is scaled as the forecaster scales it and the forecast with the scaler's
   ``future_loc`` / ``future_scale``;
 - **per window** otherwise (a user's own module): for every sample, node and variable, ``loc``
