@@ -747,9 +747,10 @@ def tuning_scores(study: Study, arm: str, settings: tuple[int, ...] | None = Non
 def cell_units() -> list[Unit]:
     """Issue 23's runs, in the order workers take them up.
 
-    On every cell but the last of :data:`CELL_TUNING`: the tuning that chooses the cell arms'
-    lrs, then those arms on the other seeds (each after its (1)), then LoRA's tuning at 4x
-    ST-LoRA's budget, which holds no arm up; then all of it on the last cell, the costliest.
+    Cell by cell, in the order of :data:`CELL_TUNING` (the costliest last): the tuning that
+    chooses the cell arms' lrs, then those arms on the other seeds (each after its (1)), so that
+    every cell is complete before the next one starts; then LoRA's tuning at 4x ST-LoRA's
+    budget, which holds no arm up, on every cell but the last, and all of the last cell.
     Seed 0 of a cell arm is not a run of its own: the tuning run at the chosen lr stands for it.
     """
     units: list[Unit] = []
@@ -758,7 +759,6 @@ def cell_units() -> list[Unit]:
             units.append(Unit("arm", backbone, dataset, 0, "1"))
             units += [Unit("tune", backbone, dataset, 0, arm, i) for arm in ("2N", "2c") for i in range(len(CELL_LRS))]
             units += [Unit("tune", backbone, dataset, 0, "2L", i) for i in CELL_LORA_SETTINGS[1]]
-        for backbone, dataset in cells:
             for seed in SEEDS_OF.get((backbone, dataset), SEEDS)[1:]:
                 units += [Unit("arm", backbone, dataset, seed, arm) for arm in ("1", *CELL_ARMS)]
         units += [Unit("tune", backbone, dataset, 0, "2L", i) for backbone, dataset in cells
@@ -1370,7 +1370,7 @@ def plot_changes(summary: dict, order: list[tuple[str, str]], path: Path) -> Non
     shown = [key for key in order if summary["cells"][f"{key[0]}/{key[1]}"]["vs_1"]]
     slots = {key: [arm for arm in ARMS[1:] if arm in summary["cells"][f"{key[0]}/{key[1]}"]["vs_1"]] for key in shown}
     step, gap = 0.2, 0.4  # between the arms of a cell, and between cells
-    fig, ax = plt.subplots(figsize=(8, 0.85 * sum(len(arms) * step + gap for arms in slots.values()) + 1.8))
+    fig, ax = plt.subplots(figsize=(8, 0.7 * sum(len(arms) * step + gap for arms in slots.values()) + 1.8))
     labelled: set[str] = set()
     ticks, top = [], 0.0
     for backbone, dataset in shown:
@@ -1398,7 +1398,7 @@ def plot_changes(summary: dict, order: list[tuple[str, str]], path: Path) -> Non
     ax.invert_yaxis()
     ax.set_xlabel("test MAE change against (1), % (95% bootstrap interval over seeds and test windows)")
     ax.set_title("ST-LoRA to convergence: arms against the converged backbone (1)")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
