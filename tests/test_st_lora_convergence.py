@@ -144,3 +144,59 @@ def test_a_backbone_and_its_st_lora_arm_are_cached_and_start_from_the_backbone(s
     rerun = study_module.run_unit(higher_cap, units[0])
     assert higher_cap.done(units[0]) and not higher_cap.done(units[1])
     assert rerun["epochs_run"] == 3 and rerun["run_id"] != arm["backbone_run_id"] == first["run_id"]
+
+
+def test_the_node_affine_arm_starts_as_the_backbone_and_costs_no_more_than_st_lora(study_module, tmp_path):
+    splits = study_module.load_splits("chickenpox")
+    backbone = study_module.build_backbone("stid", splits, seed=0)
+    model = study_module.node_affine_model(backbone, splits)
+    batch = next(iter(splits.iter_batches("val", 16)))
+    assert torch.equal(study_module.predict(model, batch), study_module.predict(backbone.eval(), batch))
+    assert not model.forecaster.training and model.train().forecaster.training is False  # frozen in every sense
+    trainable = study_module.parameter_count(model, trainable_only=True)
+    assert trainable == 2 * splits.horizon * splits.num_nodes * splits.out_channels
+    st_lora = study_module.st_lora_model(backbone, splits, study_module.DEFAULT_ST_LORA, train_backbone=False)
+    assert trainable <= study_module.parameter_count(st_lora, trainable_only=True)
+
+    # the --quick study's (2N): a short real run from (1)'s best state
+    unit = study_module.Unit
+    units = [unit("arm", "stid", "chickenpox", 0, "1"), unit("arm", "stid", "chickenpox", 0, "2N")]
+    quick = study_module.quick_study()
+    study = study_module.Study(tmp_path, units, max_epochs={"stid": 2}, fixed_settings=quick.fixed_settings)
+    first = study_module.run_unit(study, units[0])
+    arm = study_module.run_unit(study, units[1])
+    assert arm["start_matches_backbone"] and arm["best_val_mae"] <= first["best_val_mae"]
+    assert arm["trainable_parameters"] == arm["added_parameters"] == trainable
+    assert arm["settings"]["lr"] == quick.fixed_settings["cell_lr"]["2N"]
+    assert arm["epochs_run"] == 2 and arm["val_curve"][1] != arm["val_curve"][0]  # training moved the forecast
+    assert study.done(units[1])
+
+
+def test_a_retrained_backbone_that_reproduces_its_record_keeps_its_arms(study_module, tmp_path):
+    unit = study_module.Unit
+    units = [unit("arm", "stgcn", "chickenpox", 0, "1"), unit("arm", "stgcn", "chickenpox", 0, "1b")]
+    study = study_module.Study(tmp_path, units, max_epochs={"stgcn": 2})
+    first = study_module.run_unit(study, units[0])
+    study_module.run_unit(study, units[1])
+    study.checkpoint("stgcn", "chickenpox", 0).unlink()
+    study.units.append(unit("arm", "stgcn", "chickenpox", 0, "2"))  # a new run that needs the (1)
+    assert not study.done(units[0])
+    again = study_module.run_unit(study, units[0])
+    assert again["run_id"] == first["run_id"] and len(again["checkpoint_restored"]) == 1
+    assert study.done(units[0]) and study.done(units[1])
+
+
+def test_a_cell_chooses_its_lr_on_validation_and_its_tuning_run_stands_for_seed_0(study_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "CELL_TUNING", (("stgcn", "chickenpox"),))
+    unit = study_module.Unit
+    tunes = [unit("tune", "stgcn", "chickenpox", 0, "2N", i) for i in range(len(study_module.CELL_LRS))]
+    study = study_module.Study(tmp_path, [unit("arm", "stgcn", "chickenpox", 0, "1"), *tunes],
+                               max_epochs={"stgcn": 1}, fixed_settings={"st_lora": study_module.DEFAULT_ST_LORA})
+    study_module.run_unit(study, study.units[0])
+    records = [study_module.run_unit(study, tune) for tune in tunes]
+    assert all("test" in record for record in records)  # tested, for the one validation will choose
+    scores = [record["best_trained_val_mae"] for record in records]
+    chosen = study.chosen_tune("stgcn", "chickenpox", "2N")
+    assert chosen == tunes[int(np.argmin(scores))]
+    cell = study_module.load_cells(study)[("stgcn", "chickenpox")]
+    assert cell["2N"][0]["run"]["key"] == chosen.key and set(cell) == {"1", "2N"}
