@@ -49,9 +49,30 @@ class PretrainingOptionError(ValueError):
     """An option of the corpus, the synthetic generator or the pretraining loop is out of range."""
 
 
-def _check_probability(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise PretrainingOptionError(f"{owner}.{name} must be a probability in [0, 1], got {value!r}.")
+def check_whole_numbers(options: object, names: Sequence[str], minimum: int) -> None:
+    """Refuse any of ``options``' fields ``names`` that is not a whole number >= ``minimum``, naming it."""
+    owner = type(options).__name__
+    for name in names:
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise PretrainingOptionError(f"{owner}.{name} must be a whole number >= {minimum}, got {value!r}.")
+
+
+def check_nonnegative_numbers(options: object, names: Sequence[str]) -> None:
+    """Refuse any of ``options``' fields ``names`` that is not a finite number >= 0, naming it."""
+    owner = type(options).__name__
+    for name in names:
+        value = getattr(options, name)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+            raise PretrainingOptionError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_probability(options: object, name: str) -> None:
+    """Refuse ``options``' field ``name`` unless it is a probability in [0, 1], naming it."""
+    value = getattr(options, name)
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 1.0):
+        raise PretrainingOptionError(f"{type(options).__name__}.{name} must be a probability in [0, 1], got {value!r}.")
 
 
 def _check_range(owner: str, name: str, value: Sequence[float], low: float, high: float) -> None:
@@ -121,7 +142,7 @@ class SyntheticSeriesConfig:
             raise PretrainingOptionError(f"{owner}.harmonics must be a whole number in [1, 16], got {self.harmonics!r}.")
         for item in fields(self):
             if item.name.endswith("_probability"):
-                _check_probability(owner, item.name, getattr(self, item.name))
+                check_probability(self, item.name)
         _check_range(owner, "noise_scale", self.noise_scale, 0.0, 10.0)
         _check_range(owner, "count_rate", self.count_rate, 1e-3, 1e6)
 
@@ -167,11 +188,9 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for name in ("max_context_length", "max_horizon", "min_context_length", "tokens_per_batch", "patch_length",
-                     "min_batch_size", "max_batch_size", "mixup_max_series", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
-                raise PretrainingOptionError(f"{owner}.{name} must be a positive whole number, got {value!r}.")
+        check_whole_numbers(self, ("max_context_length", "max_horizon", "min_context_length", "tokens_per_batch",
+                                   "patch_length", "min_batch_size", "max_batch_size", "mixup_max_series"), 1)
+        check_whole_numbers(self, ("seed",), 0)
         if self.min_context_length < self.patch_length:
             raise PretrainingOptionError(
                 f"{owner}.min_context_length ({self.min_context_length}) must be at least patch_length "
@@ -188,15 +207,12 @@ class CorpusConfig:
             )
         if self.mixup_max_series < 2:
             raise PretrainingOptionError(f"{owner}.mixup_max_series must be at least 2, got {self.mixup_max_series}.")
-        for name in ("synthetic_weight", "real_weight", "mixup_weight", "mixup_alpha"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise PretrainingOptionError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+        check_nonnegative_numbers(self, ("synthetic_weight", "real_weight", "mixup_weight", "mixup_alpha"))
         if self.mixup_alpha <= 0:
             raise PretrainingOptionError(f"{owner}.mixup_alpha must be above 0, got {self.mixup_alpha}.")
         if self.synthetic_weight + self.real_weight + self.mixup_weight <= 0:
             raise PretrainingOptionError(f"{owner}: synthetic_weight, real_weight and mixup_weight are all 0; no window can be drawn.")
-        _check_probability(owner, "long_context_probability", self.long_context_probability)
+        check_probability(self, "long_context_probability")
         if not 0.0 < self.validation_fraction < 1.0:
             raise PretrainingOptionError(f"{owner}.validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
 

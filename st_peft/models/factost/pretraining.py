@@ -53,6 +53,9 @@ from st_peft.models.factost.corpus import (
     PretrainingOptionError,
     RealSeries,
     SyntheticSeriesConfig,
+    check_nonnegative_numbers,
+    check_probability,
+    check_whole_numbers,
     read_real_series,
 )
 from st_peft.models.factost.modeling_factost import FactoSTModel, masked_instance_norm
@@ -87,19 +90,11 @@ class PretrainingOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        for name in ("max_steps", "warmup_steps", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "max_steps" else 0):
-                raise PretrainingOptionError(f"{owner}.{name} must be a whole number >= {1 if name == 'max_steps' else 0}, got {value!r}.")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise PretrainingOptionError(f"{owner}.{name} must be a finite number >= 0, got {value!r}.")
+        check_whole_numbers(self, ("max_steps",), 1)
+        check_whole_numbers(self, ("warmup_steps", "seed"), 0)
+        check_nonnegative_numbers(self, ("learning_rate", "weight_decay", "max_grad_norm"))
         for name in ("final_learning_rate_ratio", "prompt_probability"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise PretrainingOptionError(f"{owner}.{name} must be in [0, 1], got {value!r}.")
+            check_probability(self, name)
 
     def learning_rate_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``final_learning_rate_ratio`` of the peak at ``max_steps``."""
