@@ -399,11 +399,12 @@ def aggregate(folder: Path, datasets_: tuple[str, ...]) -> dict:
     summary: dict = {"protocol": {"test_stride": TEST_STRIDE, "val_stride": VAL_STRIDE, "adapter_lr": ADAPTER_LR,
                                   "few_shot": FEW_SHOT, "seeds": SEEDS}, "datasets": {}}
     header = ["row", *datasets_]
+    found = {dataset: load_results(folder, dataset) for dataset in datasets_}
     table = []
     for method, setting, label in ROWS:
         cells = []
         for dataset in datasets_:
-            runs = load_results(folder, dataset).get((method, setting), {})
+            runs = found[dataset].get((method, setting), {})
             if not runs:
                 cells.append("-")
                 continue
@@ -420,7 +421,7 @@ def aggregate(folder: Path, datasets_: tuple[str, ...]) -> dict:
     for index, (arm, reference, label) in enumerate(COMPARISONS):
         cells = []
         for dataset in datasets_:
-            change = paired(load_results(folder, dataset), arm, reference, draw_seed=index)
+            change = paired(found[dataset], arm, reference, draw_seed=index)
             cells.append("-" if change is None else f"{change['change']:+.1f}% [{change['low']:+.1f}, {change['high']:+.1f}]")
             if change is not None:
                 summary["datasets"][dataset].setdefault("comparisons", {})[label] = change
