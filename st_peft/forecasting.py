@@ -86,7 +86,7 @@ def forecast_output(
     scale: torch.Tensor,
     *,
     model: str,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     future_values: torch.Tensor | None = None,
     future_observed_mask: torch.Tensor | None = None,
     scaled_quantiles: torch.Tensor | None = None,
@@ -98,7 +98,7 @@ def forecast_output(
         scaled_prediction: ``(B, H, N, C_out)`` in the model's scaled space.
         loc, scale: ``(B, 1, N, C_out)``; ``prediction = scaled * scale + loc``.
         model: the model's name, for error messages.
-        loss_fn: the model's loss.
+        loss_fn: the model's loss, used when ``future_values`` is given.
         future_values: targets ``(B, H, N, C_out)`` in original units, or None (no loss).
         future_observed_mask: bool like ``future_values``.
         scaled_quantiles: ``(B, H, N, C_out, Q)`` in the scaled space, or None.
@@ -110,6 +110,8 @@ def forecast_output(
         quantiles = scaled_quantiles * scale.unsqueeze(-1) + loc.unsqueeze(-1)
     loss = None
     if future_values is not None:
+        if loss_fn is None:
+            raise TypeError(f"{model}: forecast_output needs loss_fn to score future_values")
         batch, horizon, nodes, channels = prediction.shape
         check_future_values(future_values, model=model, batch_size=batch, horizon=horizon, nodes=nodes,
                             out_channels=channels)
@@ -216,9 +218,14 @@ class STPreTrainedModel(PreTrainedModel):
         past_values: torch.Tensor,
         past_observed_mask: torch.Tensor | None,
         past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Refuse a history the model was not built for; return its observed mask, bool ``(B, L, n, C_in)``."""
+        """Refuse a history the model was not built for; return its observed mask, bool ``(B, L, n, C_in)``.
+
+        The shared check reads the config's ``num_nodes``, ``input_len`` and ``in_channels``; a model
+        with calendar inputs or forward options (FactoST's ``horizon``) refines it.
+        """
         name = type(self).__name__
         config = self.config
         check_past_values(past_values, model=name, num_nodes=config.num_nodes, input_len=config.input_len,
@@ -237,12 +244,31 @@ class STPreTrainedModel(PreTrainedModel):
     def _forecast(
         self,
         scaled_past: torch.Tensor,
+        past_observed_mask: torch.Tensor,
         past_time_features: torch.Tensor | None,
         future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
     ) -> torch.Tensor | ScaledForecast:
-        """Forecast in the scaled space: ``(B, L, n, C_in) -> (B, H, n, C_out)`` (or a :class:`ScaledForecast`)."""
+        """Forecast in the scaled space: ``(B, L, n, C_in) -> (B, H, n, C_out)`` (or a :class:`ScaledForecast`).
+
+        ``past_observed_mask`` is the bool ``(B, L, n, C_in)`` of :meth:`_check`, for a network that
+        reads which entries were observed (FactoST); ``scaled_past`` holds 0 where they were not.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement _forecast")
+
+    def _output(
+        self,
+        forecast: ScaledForecast,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        future_values: torch.Tensor | None,
+        future_observed_mask: torch.Tensor | None,
+    ) -> ForecastOutput:
+        """The forecast in original units (``loc``, ``scale`` ``(B, 1, n, C_out)``), with ``config.loss`` when
+        ``future_values`` ``(B, H, n, C_out)`` is given."""
+        return forecast_output(forecast.prediction, loc, scale, model=type(self).__name__, loss_fn=self.loss_fn,
+                               future_values=future_values, future_observed_mask=future_observed_mask,
+                               scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss)
 
     def forward(
         self,
@@ -275,15 +301,34 @@ class STPreTrainedModel(PreTrainedModel):
             ``loc`` / ``scale`` ``(B, 1, n, C_out)``, ``quantile_outputs`` and ``aux_loss`` when the
             model has them, and ``loss`` when ``future_values`` is given.
         """
-        mask = self._check(past_values, past_observed_mask, past_time_features, node_index)
+        return self._forecast_path(past_values, past_observed_mask, past_time_features, future_time_features,
+                                   future_values, future_observed_mask, node_index)
+
+    def _forecast_path(
+        self,
+        past_values: torch.Tensor,
+        past_observed_mask: torch.Tensor | None,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        future_values: torch.Tensor | None,
+        future_observed_mask: torch.Tensor | None,
+        node_index: torch.Tensor | None,
+        **options: Any,
+    ) -> ForecastOutput:
+        """The one path of every forward: check, scale, forecast, the output seam, original units and loss.
+
+        Takes the arguments of :meth:`forward` (shapes there). ``options`` are a model's own forward
+        arguments (FactoST's ``horizon``, ``use_domain_prompts``), given to its :meth:`_check` and
+        :meth:`_forecast`; the reference backbones and ST-LINK have none.
+        """
+        mask = self._check(past_values, past_observed_mask, past_time_features, future_time_features, node_index,
+                           **options)
         scaled, loc, scale = self._scale(past_values, mask, node_index)
-        forecast = self._forecast(scaled, past_time_features, future_time_features, node_index)
+        forecast = self._forecast(scaled, mask, past_time_features, future_time_features, node_index, **options)
         if isinstance(forecast, torch.Tensor):
             forecast = ScaledForecast(forecast)
         forecast = self.forecast_seam(forecast, ForecastContext(scaled, mask, node_index))
-        return forecast_output(forecast.prediction, loc, scale, model=type(self).__name__, loss_fn=self.loss_fn,
-                               future_values=future_values, future_observed_mask=future_observed_mask,
-                               scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss)
+        return self._output(forecast, loc, scale, future_values, future_observed_mask)
 
     @classmethod
     def from_pretrained(cls, *args: Any, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False,

@@ -211,6 +211,7 @@ class GWNet(STPreTrainedModel):
     def _forecast(
         self,
         scaled_past: torch.Tensor,
+        past_observed_mask: torch.Tensor,
         past_time_features: torch.Tensor | None,
         future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
@@ -218,7 +219,8 @@ class GWNet(STPreTrainedModel):
         """Scaled forecast ``(B, H, n, C_out)`` from the scaled history ``(B, L, n, C_in)``.
 
         ``past_time_features`` (int64 ``(B, L, 2)``) is needed with ``calendar_channels`` and
-        ignored otherwise, like ``future_time_features``. With ``node_index`` the supports are
+        ignored otherwise, like ``future_time_features`` and ``past_observed_mask`` (the scaled history
+        holds 0 where not observed). With ``node_index`` the supports are
         restricted to those nodes (sub-matrices of the full graph's operators).
         """
         config = self.config

@@ -257,6 +257,7 @@ class STGCN(STPreTrainedModel):
     def _forecast(
         self,
         scaled_past: torch.Tensor,
+        past_observed_mask: torch.Tensor,
         past_time_features: torch.Tensor | None,
         future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
@@ -264,7 +265,8 @@ class STGCN(STPreTrainedModel):
         """Scaled forecast ``(B, H, n, C_out)`` from the scaled history ``(B, L, n, C_in)``.
 
         ``past_time_features`` (int64 ``(B, L, 2)``) is needed with ``calendar_channels`` and
-        ignored otherwise, like ``future_time_features``. With ``node_index`` the Laplacian is
+        ignored otherwise, like ``future_time_features`` and ``past_observed_mask`` (the scaled history
+        holds 0 where not observed). With ``node_index`` the Laplacian is
         restricted to those nodes (a sub-matrix of the full graph's operator).
         """
         config = self.config

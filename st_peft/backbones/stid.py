@@ -83,6 +83,7 @@ class STID(STPreTrainedModel):
     def _forecast(
         self,
         scaled_past: torch.Tensor,
+        past_observed_mask: torch.Tensor,
         past_time_features: torch.Tensor | None,
         future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
@@ -91,7 +92,8 @@ class STID(STPreTrainedModel):
 
         The identities of time are read at the last history step ``past_time_features[:, -1]``
         (needed when ``if_tod`` or ``if_dow``); the paper's model does not look at
-        ``future_time_features``.
+        ``future_time_features``, nor at ``past_observed_mask`` (the scaled history holds 0 where not
+        observed).
         """
         config = self.config
         batch, _, nodes, _ = scaled_past.shape

@@ -33,13 +33,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from st_peft.checks import check_future_values, check_observed_mask
-from st_peft.forecasting import (
-    ForecastContext,
-    ScaledForecast,
-    STPreTrainedModel,
-    forecast_loss,
-    forecast_output,
-)
+from st_peft.forecasting import ScaledForecast, STPreTrainedModel, forecast_loss, forecast_output
 from st_peft.losses import get_loss
 from st_peft.metrics import pinball_loss
 from st_peft.models.factost.configuration_factost import QUANTILE_LOSS, FactoSTConfig
@@ -92,6 +86,26 @@ class FactoSTTokenHook(nn.Module):
         return FactoSTTokenHookOutput(tokens=tokens)
 
 
+def masked_instance_statistics(
+    values: torch.Tensor, mask: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each series over its observed steps.
+
+    Args:
+        values: ``(S, L)`` series; entries where ``mask`` is False are ignored.
+        mask: bool ``(S, L)``, True where observed.
+        eps: added to the variance, so constant or empty series do not divide by zero.
+
+    Returns:
+        ``(loc (S, 1), scale (S, 1))``.
+    """
+    weight = mask.to(values.dtype)
+    count = weight.sum(dim=1, keepdim=True).clamp_min(1.0)
+    loc = (values * weight).sum(dim=1, keepdim=True) / count
+    var = (((values - loc) * weight) ** 2).sum(dim=1, keepdim=True) / count
+    return loc, torch.sqrt(var + eps)
+
+
 def masked_instance_norm(
     values: torch.Tensor, mask: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,12 +119,8 @@ def masked_instance_norm(
     Returns:
         ``(normalised (S, L) with missing entries set to 0, loc (S, 1), scale (S, 1))``.
     """
-    weight = mask.to(values.dtype)
-    count = weight.sum(dim=1, keepdim=True).clamp_min(1.0)
-    loc = (values * weight).sum(dim=1, keepdim=True) / count
-    var = (((values - loc) * weight) ** 2).sum(dim=1, keepdim=True) / count
-    scale = torch.sqrt(var + eps)
-    return (values - loc) / scale * weight, loc, scale
+    loc, scale = masked_instance_statistics(values, mask, eps)
+    return (values - loc) / scale * mask.to(values.dtype), loc, scale
 
 
 def rotate_half_pairs(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -266,6 +276,10 @@ class FactoSTModel(FactoSTPreTrainedModel):
     ) -> ForecastOutput:
         """Forecast every series of ``past_values`` in its original units.
 
+        One pass is the path of every st-peft model (:meth:`_check`, :meth:`_scale` by each
+        series' instance statistics, :meth:`_forecast`, ``forecast_seam``, :meth:`_output`);
+        a rollout runs it once per ``max_horizon`` steps.
+
         Args:
             past_values: ``(B, L, N, C)`` history in original units (any affine scaling works the
                 same: each series is normalised on its own). NaN entries count as missing, and so do
@@ -288,87 +302,107 @@ class FactoSTModel(FactoSTPreTrainedModel):
         Returns:
             :class:`~st_peft.outputs.ForecastOutput` with ``prediction_outputs`` ``(B, H, N, C)`` (the
             0.5 quantile) and ``quantile_outputs`` ``(B, H, N, C, Q)`` in original units, ``loc`` /
-            ``scale`` ``(B, 1, N, C)`` (each series' instance statistics), and ``loss`` when
-            ``future_values`` is given.
+            ``scale`` ``(B, 1, N, C)`` (each series' instance statistics; of the first pass in a
+            rollout), and ``loss`` when ``future_values`` is given.
         """
-        name = type(self).__name__
-        horizon = self._check_inputs(
-            past_values, past_time_features, future_time_features, future_values, horizon, rollout
-        )
-        mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",
-                                   values_name="past_values") & torch.isfinite(past_values)
-        if past_observed_mask is None and self.config.missing_value is not None:
-            mask = mask & (past_values != self.config.missing_value)
-        values = torch.where(mask, past_values, torch.zeros_like(past_values))
-        past_mask = mask
-        history_time = past_time_features
-        pieces = []
-        loc = scale = None
-        done = 0
-        while done < horizon:
-            step = min(horizon - done, self.config.max_horizon)
-            step_time = None if future_time_features is None else future_time_features[:, done : done + step]
-            normalised, pass_loc, pass_scale = self._forecast_once(
-                values, mask, history_time, step_time, step, node_index, use_domain_prompts
-            )
-            if loc is None:
-                loc, scale = pass_loc, pass_scale
-            else:
-                # a later pass normalised its longer history by that history's statistics
-                in_units = normalised * pass_scale[..., None] + pass_loc[..., None]
-                normalised = (in_units - loc[..., None]) / scale[..., None]
-            pieces.append(normalised)
-            done += step
-            if done < horizon:
-                median = normalised[..., self.config.median_index] * scale + loc
-                values = torch.cat((values, median), dim=1)
-                mask = torch.cat((mask, torch.ones_like(median, dtype=torch.bool)), dim=1)
-                history_time = None if history_time is None or step_time is None else torch.cat(
-                    (history_time, step_time), dim=1
-                )
-        scaled_quantiles = torch.cat(pieces, dim=1)
-        # the history in the first pass's instance normalisation, the space of the forecast
-        scaled_past = torch.where(past_mask, (past_values - loc) / scale, torch.zeros_like(past_values))
-        forecast = self.forecast_seam(
-            ScaledForecast(scaled_quantiles[..., self.config.median_index], scaled_quantiles),
-            ForecastContext(scaled_past, past_mask, node_index),
-        )
-        quantile_loss = self.config.loss == QUANTILE_LOSS
-        # forecast_output scores the point forecast; the pinball loss scores every quantile, below
-        output = forecast_output(
-            forecast.prediction, loc, scale, model=name,
-            loss_fn=get_loss("mae" if quantile_loss else self.config.loss),
-            future_values=None if quantile_loss else future_values, future_observed_mask=future_observed_mask,
-            scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss,
-        )
-        if quantile_loss and future_values is not None:
-            output["loss"] = self._quantile_loss(output, future_values, future_observed_mask)
-        return output
+        horizon = self._horizon(future_time_features, future_values, horizon, rollout)
+        if horizon <= self.config.max_horizon:
+            return self._forecast_path(past_values, past_observed_mask, past_time_features, future_time_features,
+                                       future_values, future_observed_mask, node_index, horizon=horizon,
+                                       use_domain_prompts=use_domain_prompts)
+        return self._rollout(past_values, past_observed_mask, past_time_features, future_time_features,
+                             future_values, future_observed_mask, node_index, horizon, use_domain_prompts)
 
-    def _quantile_loss(
-        self, output: ForecastOutput, future_values: torch.Tensor, future_observed_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Pinball loss of the quantile forecasts against ``future_values`` ``(B, H, N, C)``, masked, original units."""
-        name = type(self).__name__
-        batch, horizon, nodes, channels = output.prediction_outputs.shape
-        check_future_values(future_values, model=name, batch_size=batch, horizon=horizon, nodes=nodes,
-                            out_channels=channels)
-        levels = list(self.config.quantiles)
-        return forecast_loss(
-            output.quantile_outputs, future_values, future_observed_mask,
-            lambda quantiles, target, mask: pinball_loss(quantiles, target, levels, mask=mask), model=name,
-        )
-
-    def _check_inputs(
+    def _horizon(
         self,
-        past_values: torch.Tensor,
-        past_time_features: torch.Tensor | None,
         future_time_features: torch.Tensor | None,
         future_values: torch.Tensor | None,
         horizon: int | None,
         rollout: bool,
     ) -> int:
-        """Refuse inputs the model cannot forecast from, naming the tensors and shapes; return the horizon."""
+        """The horizon to forecast (given, else that of the calendar or the targets, else ``max_horizon``)."""
+        if horizon is None:
+            given = [t for t in (future_time_features, future_values) if isinstance(t, torch.Tensor) and t.dim() > 1]
+            horizon = given[0].shape[1] if given else self.config.max_horizon
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {horizon}.")
+        if horizon > self.config.max_horizon and not rollout:
+            raise ValueError(
+                f"horizon {horizon} exceeds the model's max_horizon ({self.config.max_horizon}); "
+                "pass rollout=True to forecast it in several passes."
+            )
+        return horizon
+
+    def _rollout(
+        self,
+        past_values: torch.Tensor,
+        past_observed_mask: torch.Tensor | None,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        future_values: torch.Tensor | None,
+        future_observed_mask: torch.Tensor | None,
+        node_index: torch.Tensor | None,
+        horizon: int,
+        use_domain_prompts: bool,
+    ) -> ForecastOutput:
+        """Forecast ``horizon > max_horizon`` steps in passes of the forward path, each pass's median fed back.
+
+        Every pass after the first is expressed through the first pass's ``loc`` / ``scale`` (the
+        output's) the way FactoST always expressed it, and every fed-back median is its own branch
+        of the graph, so outputs and gradients are those of FactoST's rollout bit for bit.
+        """
+        mask = self._check(past_values, past_observed_mask, past_time_features, future_time_features, node_index,
+                           horizon=horizon)
+        values = torch.where(mask, past_values, torch.zeros_like(past_values))
+        history_time = past_time_features
+        predictions, quantiles, aux_losses = [], [], []
+        loc = scale = None
+        done = 0
+        while done < horizon:
+            step = min(horizon - done, self.config.max_horizon)
+            step_time = None if future_time_features is None else future_time_features[:, done:]
+            output = self._forecast_path(values, mask, history_time, step_time, None, None, node_index,
+                                         horizon=step, use_domain_prompts=use_domain_prompts)
+            if output.aux_loss is not None:
+                aux_losses.append(output.aux_loss)
+            if loc is None:
+                loc, scale = output.loc, output.scale
+                piece, median = output.quantile_outputs, output.prediction_outputs
+            else:
+                normalised = (output.quantile_outputs - loc[..., None]) / scale[..., None]
+                piece = normalised * scale.unsqueeze(-1) + loc.unsqueeze(-1)
+                median = normalised[..., self.config.median_index] * scale + loc
+            quantiles.append(piece)
+            predictions.append(piece[..., self.config.median_index])
+            done += step
+            if done < horizon:
+                values = torch.cat((values, median), dim=1)
+                mask = torch.cat((mask, torch.ones_like(median, dtype=torch.bool)), dim=1)
+                history_time = None if history_time is None or step_time is None else torch.cat(
+                    (history_time, step_time[:, :step]), dim=1
+                )
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return self._scored(torch.cat(predictions, dim=1), torch.cat(quantiles, dim=1), loc, scale, aux_loss,
+                            future_values, future_observed_mask)
+
+    def _check(
+        self,
+        past_values: torch.Tensor,
+        past_observed_mask: torch.Tensor | None,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
+        *,
+        horizon: int,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Refuse inputs the model cannot forecast ``horizon`` steps from; return the observed mask.
+
+        FactoST takes any number of nodes and any history of at least one patch. The mask, bool
+        ``(B, L, N, C)``, is ``past_observed_mask`` (default: every finite entry) without the
+        non-finite entries, and without the entries equal to ``config.missing_value`` when no
+        mask is given. ``options`` (``use_domain_prompts``) do not change what is accepted.
+        """
         name = type(self).__name__
         if not isinstance(past_values, torch.Tensor) or past_values.dim() != 4:
             got = (
@@ -382,18 +416,12 @@ class FactoSTModel(FactoSTPreTrainedModel):
                 f"shorter than one patch ({self.config.patch_length} steps); give at least "
                 f"{self.config.patch_length} steps or use a model with a shorter patch_length."
             )
-        if horizon is None:
-            given = [t for t in (future_time_features, future_values) if isinstance(t, torch.Tensor) and t.dim() > 1]
-            horizon = given[0].shape[1] if given else self.config.max_horizon
-        if horizon < 1:
-            raise ValueError(f"horizon must be at least 1, got {horizon}.")
-        if horizon > self.config.max_horizon and not rollout:
-            raise ValueError(
-                f"horizon {horizon} exceeds the model's max_horizon ({self.config.max_horizon}); "
-                "pass rollout=True to forecast it in several passes."
-            )
         self._check_time_features(past_values, past_time_features, future_time_features, horizon)
-        return horizon
+        mask = check_observed_mask(past_observed_mask, past_values, model=name, name="past_observed_mask",
+                                   values_name="past_values") & torch.isfinite(past_values)
+        if past_observed_mask is None and self.config.missing_value is not None:
+            mask = mask & (past_values != self.config.missing_value)
+        return mask
 
     def _check_time_features(
         self,
@@ -427,32 +455,60 @@ class FactoSTModel(FactoSTPreTrainedModel):
                 f"shape {tuple(future_time_features.shape)}; they must have the same number of calendar columns F."
             )
 
-    def _forecast_once(
-        self,
-        values: torch.Tensor,
-        mask: torch.Tensor,
-        past_time_features: torch.Tensor | None,
-        future_time_features: torch.Tensor | None,
-        horizon: int,
-        node_index: torch.Tensor | None,
-        use_domain_prompts: bool,
+    def _scale(
+        self, past_values: torch.Tensor, mask: torch.Tensor, node_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One encoder pass over a ``(B, L, N, C)`` history.
+        """Instance normalisation: each series by the statistics of its last ``max_context_length`` observed steps.
 
         Returns:
-            ``(normalised quantiles (B, horizon, N, C, Q), loc (B, 1, N, C), scale (B, 1, N, C))``:
-            the quantiles in units of each series' instance statistics, ``quantile * scale + loc``
-            in original units.
+            ``(scaled (B, L, N, C), loc (B, 1, N, C), scale (B, 1, N, C))``: the history as
+            ``(value - loc) / scale``, 0 where not observed, in the input's precision.
         """
         config = self.config
-        values = values[:, -config.max_context_length :]
-        mask = mask[:, -config.max_context_length :]
+        values = torch.where(mask, past_values, torch.zeros_like(past_values))
+        context, context_mask = values[:, -config.max_context_length :], mask[:, -config.max_context_length :]
+        batch, length, nodes, channels = context.shape
+        # normalised one series per row, as FactoST was pretrained; the (B, L, N, C) result is a view of it
+        normalised, loc, scale = masked_instance_norm(
+            context.permute(0, 2, 3, 1).reshape(-1, length),
+            context_mask.permute(0, 2, 3, 1).reshape(-1, length),
+            config.norm_eps,
+        )
+        scaled = normalised.view(batch, nodes, channels, length).permute(0, 3, 1, 2)
+        loc, scale = (statistic.view(batch, 1, nodes, channels) for statistic in (loc, scale))
+        if values.shape[1] > length:
+            early = values[:, : -config.max_context_length]
+            early_mask = mask[:, : -config.max_context_length]
+            scaled = torch.cat(((early - loc) / scale * early_mask.to(values.dtype), scaled), dim=1)
+        return scaled, loc, scale
+
+    def _forecast(
+        self,
+        scaled_past: torch.Tensor,
+        past_observed_mask: torch.Tensor,
+        past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
+        node_index: torch.Tensor | None,
+        *,
+        horizon: int,
+        use_domain_prompts: bool,
+    ) -> ScaledForecast:
+        """One encoder pass over the last ``max_context_length`` steps of the scaled history ``(B, L, N, C)``.
+
+        Returns:
+            :class:`~st_peft.forecasting.ScaledForecast` with the quantiles ``(B, horizon, N, C, Q)``
+            in units of each series' instance statistics and their median as the prediction.
+        """
+        config = self.config
+        scaled_past = scaled_past[:, -config.max_context_length :]
+        mask = past_observed_mask[:, -config.max_context_length :]
         if past_time_features is not None:
             past_time_features = past_time_features[:, -config.max_context_length :]
-        batch, length, nodes, channels = values.shape
-        series = values.permute(0, 2, 3, 1).reshape(-1, length)
+        if future_time_features is not None:
+            future_time_features = future_time_features[:, :horizon]
+        batch, length, nodes, channels = scaled_past.shape
+        normalised = scaled_past.permute(0, 2, 3, 1).reshape(-1, length)
         series_mask = mask.permute(0, 2, 3, 1).reshape(-1, length)
-        normalised, loc, scale = masked_instance_norm(series, series_mask, config.norm_eps)
 
         pad = (-length) % config.patch_length
         normalised = F.pad(normalised, (pad, 0))
@@ -501,8 +557,54 @@ class FactoSTModel(FactoSTPreTrainedModel):
         # Sorting keeps the quantile levels from crossing; gradients flow through the sort.
         quantiles = quantiles[:, :horizon].sort(dim=-1).values
         quantiles = quantiles.view(batch, nodes, channels, horizon, -1).permute(0, 3, 1, 2, 4)
-        loc, scale = (statistic.view(batch, 1, nodes, channels) for statistic in (loc, scale))
-        return quantiles, loc, scale
+        return ScaledForecast(quantiles[..., config.median_index], quantiles)
+
+    def _output(
+        self,
+        forecast: ScaledForecast,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        future_values: torch.Tensor | None,
+        future_observed_mask: torch.Tensor | None,
+    ) -> ForecastOutput:
+        """The forecast and its quantiles in original units, with ``config.loss`` when ``future_values`` is given."""
+        units = forecast_output(forecast.prediction, loc, scale, model=type(self).__name__,
+                                scaled_quantiles=forecast.quantiles, aux_loss=forecast.aux_loss)
+        return self._scored(units.prediction_outputs, units.quantile_outputs, loc, scale, forecast.aux_loss,
+                            future_values, future_observed_mask)
+
+    def _scored(
+        self,
+        prediction: torch.Tensor,
+        quantiles: torch.Tensor,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        aux_loss: torch.Tensor | None,
+        future_values: torch.Tensor | None,
+        future_observed_mask: torch.Tensor | None,
+    ) -> ForecastOutput:
+        """A forecast in original units, ``(B, H, N, C)`` and quantiles ``(B, H, N, C, Q)``, with its loss.
+
+        ``config.loss`` is the pinball loss over every quantile, or a point loss of the median.
+        """
+        name = type(self).__name__
+        loss = None
+        if future_values is not None:
+            batch, horizon, nodes, channels = prediction.shape
+            check_future_values(future_values, model=name, batch_size=batch, horizon=horizon, nodes=nodes,
+                                out_channels=channels)
+            if self.config.loss == QUANTILE_LOSS:
+                levels = list(self.config.quantiles)
+                loss = forecast_loss(
+                    quantiles, future_values, future_observed_mask,
+                    lambda quantile, target, mask: pinball_loss(quantile, target, levels, mask=mask), model=name,
+                    aux_loss=aux_loss,
+                )
+            else:
+                loss = forecast_loss(prediction, future_values, future_observed_mask, get_loss(self.config.loss),
+                                     model=name, aux_loss=aux_loss)
+        return ForecastOutput(loss=loss, prediction_outputs=prediction, quantile_outputs=quantiles, loc=loc,
+                              scale=scale, aux_loss=aux_loss)
 
     def _patch_time(
         self,
@@ -534,4 +636,5 @@ __all__ = [
     "FactoSTTokenHook",
     "FactoSTTokenHookOutput",
     "masked_instance_norm",
+    "masked_instance_statistics",
 ]

@@ -808,11 +808,12 @@ class STLinkForForecasting(STLinkPreTrainedModel):
         past_values: torch.Tensor,
         past_observed_mask: torch.Tensor | None,
         past_time_features: torch.Tensor | None,
+        future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
     ) -> torch.Tensor:
         """The shared checks, and the calendar ``past_time_features`` int64 ``(B, L, 2)`` when given
         (without it the tokens carry no calendar embedding)."""
-        mask = super()._check(past_values, past_observed_mask, past_time_features, node_index)
+        mask = super()._check(past_values, past_observed_mask, past_time_features, future_time_features, node_index)
         if past_time_features is not None:
             config = self.config
             check_time_features(past_time_features, model=type(self).__name__, name="past_time_features",
@@ -823,6 +824,7 @@ class STLinkForForecasting(STLinkPreTrainedModel):
     def _forecast(
         self,
         scaled_past: torch.Tensor,
+        past_observed_mask: torch.Tensor,
         past_time_features: torch.Tensor | None,
         future_time_features: torch.Tensor | None,
         node_index: torch.Tensor | None,
@@ -830,8 +832,9 @@ class STLinkForForecasting(STLinkPreTrainedModel):
         """RevIN, the GPT-2 blocks and the per-node head on the scaled history ``(B, L, n, C_in)``.
 
         Returns the scaled forecast ``(B, H, n, C_out)`` and ``aux_loss``, the router balance loss
-        times ``router_aux_loss_coef`` (None without MRFFN). ``future_time_features`` is unused:
-        the tokens carry the history's calendar.
+        times ``router_aux_loss_coef`` (None without MRFFN). ``future_time_features`` is unused (the
+        tokens carry the history's calendar), and so is ``past_observed_mask`` (the scaled history
+        holds 0 where not observed).
         """
         config = self.config
         scaled, stats = scaled_past, None
