@@ -10,8 +10,12 @@ time-series names and runs one path:
    :class:`~st_peft.scaling.STScaler` by default, instance normalisation where a model says so),
    giving ``loc`` / ``scale`` ``(batch, 1, nodes, C_out)`` back to original units;
 3. :meth:`STPreTrainedModel._forecast`: the network, in the scaled space;
-4. :func:`forecast_output`: back to original units, plus ``loss`` whenever ``future_values``
-   is given.
+4. ``forecast_seam``: the identity, where an adapter refines the forecast;
+5. :meth:`STPreTrainedModel._output`: back to original units (:func:`forecast_output`), plus
+   ``loss`` whenever ``future_values`` is given.
+
+A model with forward options of its own (FactoST's ``horizon``) passes them through
+:meth:`STPreTrainedModel._forecast_path` to its ``_check`` and ``_forecast``.
 
 Every model saves, pushes and loads through transformers' ``save_pretrained`` /
 ``push_to_hub`` / ``from_pretrained``.

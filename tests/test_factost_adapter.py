@@ -91,12 +91,13 @@ def test_disabled_adapter_gives_exactly_the_backbone_output():
     assert not torch.allclose(model(**inputs).quantile_outputs, reference)
 
 
-def test_new_adapter_without_prompts_starts_as_the_backbone():
+@pytest.mark.parametrize("use_prompts", [False, True])
+def test_new_adapter_starts_as_the_backbone(use_prompts):
     base = backbone()
     inputs = batch()
-    reference = base(**inputs).prediction_outputs
-    model = get_peft_model(base, adapter_config(use_prompts=False))
-    torch.testing.assert_close(model(**inputs).prediction_outputs, reference)
+    reference = base(**inputs).quantile_outputs
+    model = get_peft_model(base, adapter_config(use_prompts=use_prompts))
+    assert torch.equal(model(**inputs).quantile_outputs, reference)
 
 
 def test_training_moves_only_the_adapter():
@@ -213,14 +214,43 @@ def test_calendar_out_of_range_and_wrong_node_count_are_refused():
     assert model(**subset, node_index=torch.tensor([0, 2, 4])).prediction_outputs.shape == (2, 12, 3, 1)
 
 
-def test_prompts_keep_the_context_positions():
+def test_prompts_sit_at_position_zero_beside_the_context_positions(monkeypatch):
     model = get_peft_model(backbone(), adapter_config())
-    seen = []
     attention = next(m for m in model.modules() if isinstance(m, FactoSTAttention))
-    attention.register_forward_hook(lambda module, args, output: seen.append(args[1].tolist()))
+    seen = []
+    gated = attention.forward_with_prompts
+
+    def record(hidden, positions, prompts, gate):
+        seen.append((positions.tolist(), prompts.shape[1], gate.tolist()))
+        return gated(hidden, positions, prompts, gate)
+
+    monkeypatch.setattr(attention, "forward_with_prompts", record)
     model(**batch())
-    # register + 3 prompts at position 0, then 3 context and 3 future patches at 1 .. 6
-    assert seen[0] == [0.0] * 4 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # register at 0, then 3 context and 3 future patches at 1 .. 6 as in pretraining; 3 closed prompt gates
+    assert seen == [([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, [0.0, 0.0, 0.0])]
+
+
+def test_new_adapter_is_the_shipped_backbone_bit_for_bit_on_real_data_and_its_prompt_gates_learn():
+    splits = build_splits(load("sz-taxi"), input_len=12, horizon=12)
+    inputs = splits.collator([splits.test[i] for i in range(0, 96, 12)])
+    backbone_model = AutoModelForTimeSeriesPrediction.from_pretrained(shipped_checkpoint("factost-cpu")).eval()
+    with torch.no_grad():
+        expected = backbone_model(**inputs)
+    config = FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day)
+    model = get_peft_model(backbone_model, config).eval()
+    output = model(**inputs)
+    assert torch.equal(output.quantile_outputs, expected.quantile_outputs)
+    assert torch.equal(output.loss, expected.loss)
+    output.loss.backward()
+    prompts = model.base_model.model.token_hook.factost_prompts["default"]
+    # the closed gates get a gradient, so training opens them; the prompts' learned part follows
+    assert prompts.gate.grad.abs().min() > 0
+    randomised = get_peft_model(
+        AutoModelForTimeSeriesPrediction.from_pretrained(shipped_checkpoint("factost-cpu")).eval(),
+        FactoSTAdapterConfig(**splits.size_kwargs(), steps_per_day=splits.steps_per_day, init_weights=False),
+    ).eval()
+    with torch.no_grad():
+        assert not torch.allclose(randomised(**inputs).quantile_outputs, expected.quantile_outputs)
 
 
 def test_metadata_fusion_adds_hand_computed_terms():

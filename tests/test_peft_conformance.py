@@ -454,8 +454,7 @@ def test_st_lora_layer_options_need_target_modules(data):
 def test_init_weights_true_is_the_backbone_and_false_is_not(data, case):
     splits, batch = data
     backbone = build_backbone(case.backbone, splits)
-    # FACTOST's prompts are the backbone's own best-matching domain prompts until trained
-    expected = predict(backbone, {**batch, "use_domain_prompts": True} if case.tuner == "FACTOST" else batch)
+    expected = predict(backbone, batch)
     identity = case.wrap(splits, init_weights=True)
     torch.testing.assert_close(predict(identity, batch), expected, rtol=1e-5, atol=1e-5)
     changed = case.wrap(splits, init_weights=False)

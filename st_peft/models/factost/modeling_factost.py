@@ -68,10 +68,15 @@ class FactoSTTokenHookOutput:
         tokens: ``(B, N, C, P, D)`` context and future tokens.
         prefix_tokens: ``(B, N, C, K, D)`` tokens placed before the context at rotary position 0,
             or ``None``.
+        prefix_gate: ``(K,)`` or ``None``. ``None``: the prefix tokens join the sequence as ordinary
+            tokens. Given: they are gated prompts (as peft's adaption prompts): they attend to every
+            token, while the other tokens see them only through a second softmax whose values are
+            multiplied by the gate, so a gate of 0 leaves every other token exactly as without them.
     """
 
     tokens: torch.Tensor
     prefix_tokens: torch.Tensor | None = None
+    prefix_gate: torch.Tensor | None = None
 
 
 class FactoSTTokenHook(nn.Module):
@@ -183,6 +188,42 @@ class FactoSTAttention(nn.Module):
         )
         return self.out(attended.transpose(1, 2).reshape(batch, length, -1))
 
+    def forward_with_prompts(
+        self, hidden: torch.Tensor, positions: torch.Tensor, prompts: torch.Tensor, gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention with gated prompts (at rotary position 0) beside the sequence.
+
+        Args:
+            hidden: ``(S, T, D)`` the sequence; ``positions`` ``(T,)`` its rotary positions.
+            prompts: ``(S, K, D)`` prompt tokens.
+            gate: ``(K,)`` weight of each prompt's value for the sequence.
+
+        Returns:
+            ``(S, T, D)`` for the sequence, exactly :meth:`forward` plus the gated prompt term, and
+            ``(S, K, D)`` for the prompts, which attend to the prompts and the sequence.
+        """
+        batch, length, _ = hidden.shape
+        qkv = self.qkv(hidden).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query = rotate_half_pairs(qkv[0], positions, self.rope_theta)
+        key = rotate_half_pairs(qkv[1], positions, self.rope_theta)
+        dropout = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(query, key, qkv[2], dropout_p=dropout)
+        count = prompts.shape[1]
+        prompt_qkv = self.qkv(prompts).view(batch, count, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        origin = torch.zeros(count, device=prompts.device)
+        prompt_query = rotate_half_pairs(prompt_qkv[0], origin, self.rope_theta)
+        prompt_key = rotate_half_pairs(prompt_qkv[1], origin, self.rope_theta)
+        gated_value = prompt_qkv[2] * gate.to(prompt_qkv.dtype).view(1, 1, count, 1)
+        attended = attended + F.scaled_dot_product_attention(query, prompt_key, gated_value, dropout_p=dropout)
+        prompt_attended = F.scaled_dot_product_attention(
+            prompt_query, torch.cat((prompt_key, key), dim=2), torch.cat((prompt_qkv[2], qkv[2]), dim=2),
+            dropout_p=dropout,
+        )
+        return (
+            self.out(attended.transpose(1, 2).reshape(batch, length, -1)),
+            self.out(prompt_attended.transpose(1, 2).reshape(batch, count, -1)),
+        )
+
 
 class FactoSTEncoderLayer(nn.Module):
     """Pre-norm transformer layer: rotary attention, then a GELU feed-forward. ``(S, T, D) -> (S, T, D)``."""
@@ -203,6 +244,18 @@ class FactoSTEncoderLayer(nn.Module):
         """Update ``hidden`` ``(S, T, D)``; ``positions`` ``(T,)`` are the rotary positions."""
         hidden = hidden + self.dropout(self.attention(self.attention_norm(hidden), positions))
         return hidden + self.dropout(self.feed_forward(self.feed_forward_norm(hidden)))
+
+    def forward_with_prompts(
+        self, hidden: torch.Tensor, positions: torch.Tensor, prompts: torch.Tensor, gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update ``hidden`` ``(S, T, D)`` and gated ``prompts`` ``(S, K, D)`` (see ``FactoSTAttention.forward_with_prompts``)."""
+        attended, prompt_attended = self.attention.forward_with_prompts(
+            self.attention_norm(hidden), positions, self.attention_norm(prompts), gate
+        )
+        hidden = hidden + self.dropout(attended)
+        prompts = prompts + self.dropout(prompt_attended)
+        hidden = hidden + self.dropout(self.feed_forward(self.feed_forward_norm(hidden)))
+        return hidden, prompts + self.dropout(self.feed_forward(self.feed_forward_norm(prompts)))
 
 
 class FactoSTPreTrainedModel(STPreTrainedModel):
@@ -538,8 +591,12 @@ class FactoSTModel(FactoSTPreTrainedModel):
         width = tokens.shape[-1]
         tokens = hooked.tokens.reshape(-1, num_context + num_future, width)
         prefixes = [self.register_token.expand(tokens.shape[0], 1, -1)]
+        prompts = None
         if hooked.prefix_tokens is not None:
-            prefixes.append(hooked.prefix_tokens.reshape(tokens.shape[0], -1, width))
+            prompts = hooked.prefix_tokens.reshape(tokens.shape[0], -1, width)
+            if hooked.prefix_gate is None:
+                prefixes.append(prompts)
+                prompts = None
         if use_domain_prompts:
             prefixes.append(self.match_domain_prompts(tokens[:, :num_context].mean(dim=1)))
         prefix = torch.cat(prefixes, dim=1)
@@ -551,7 +608,10 @@ class FactoSTModel(FactoSTPreTrainedModel):
             )
         )
         for layer in self.layers:
-            hidden = layer(hidden, positions)
+            if prompts is None:
+                hidden = layer(hidden, positions)
+            else:
+                hidden, prompts = layer.forward_with_prompts(hidden, positions, prompts, hooked.prefix_gate)
         future = self.final_norm(hidden[:, -num_future:])
         quantiles = self.head(future).view(-1, num_future * config.patch_length, len(config.quantiles))
         # Sorting keeps the quantile levels from crossing; gradients flow through the sort.

@@ -178,11 +178,15 @@ class DomainPrompts(nn.Module):
     cosine matches in the frozen codebook are taken in order of similarity, and prompt slot
     ``k`` adds row ``k`` of the learned ``down @ up`` (``up`` starts at zero).
 
+    The backbone takes them as gated prompts (``FactoSTTokenHookOutput.prefix_gate``): the other
+    tokens see prompt ``k`` through its ``gate[k]``, which starts at zero (as peft's adaption
+    prompts), so a new adapter's prompts leave the forecast exactly as the backbone's.
+
     Args:
         hidden_size: token width ``D``.
         num_tokens: prompt tokens ``K``.
         rank: rank of the learned part.
-        init_weights: False draws ``up`` at random too.
+        init_weights: False draws ``up`` at random too and opens the gates (1).
     """
 
     def __init__(self, hidden_size: int, num_tokens: int, rank: int, init_weights: bool = True):
@@ -191,6 +195,7 @@ class DomainPrompts(nn.Module):
         self.down = nn.Parameter(torch.randn(num_tokens, rank) / math.sqrt(rank))
         up = torch.zeros(rank, hidden_size)
         self.up = nn.Parameter(up if init_weights else torch.randn_like(up) / math.sqrt(hidden_size))
+        self.gate = nn.Parameter(torch.zeros(num_tokens) if init_weights else torch.ones(num_tokens))
 
     def forward(self, tokens: torch.Tensor, context: FactoSTTokenContext) -> torch.Tensor:
         """Prompt tokens ``(B, N, C, K, D)`` for ``tokens`` ``(B, N, C, P, D)``."""
@@ -298,6 +303,7 @@ class FactoSTAdapterLayer(nn.Module, BaseTunerLayer):
         dtype = tokens.dtype
         tokens = output.tokens
         prefixes = [] if output.prefix_tokens is None else [output.prefix_tokens]
+        gates = [] if output.prefix_gate is None else [output.prefix_gate.to(dtype)]
         for name in self.active_adapters:
             parts = [part[name] for part in (self.factost_metadata, self.factost_filter, self.factost_prompts)
                      if name in part]
@@ -310,8 +316,13 @@ class FactoSTAdapterLayer(nn.Module, BaseTunerLayer):
                 tokens = self.factost_filter[name](tokens, context)
             if name in self.factost_prompts:
                 prefixes.append(self.factost_prompts[name](tokens, context).to(dtype))
+                gates.append(self.factost_prompts[name].gate.to(dtype))
+        if len(gates) not in (0, len(prefixes)):
+            raise ValueError("the wrapped token hook returns ungated prefix tokens; FACTOST's prompts are gated and "
+                             "cannot be mixed with them")
         prefix = torch.cat(prefixes, dim=-2) if prefixes else None
-        return FactoSTTokenHookOutput(tokens=tokens.to(dtype), prefix_tokens=prefix)
+        gate = torch.cat(gates) if gates else None
+        return FactoSTTokenHookOutput(tokens=tokens.to(dtype), prefix_tokens=prefix, prefix_gate=gate)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """FACTOST adapters cannot be merged; always raises."""
