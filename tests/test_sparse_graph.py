@@ -18,6 +18,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 import st_peft.backbones.sparse_graph as sparse_graph
 from st_peft.backbones import BACKBONES, STGCN, STGCNConfig
 from st_peft.backbones.graph_ops import scaled_laplacian, transition_matrix
+from st_peft.backbones.stgcn import ChebGraphConv
 from st_peft.backbones.sparse_graph import (
     EIGENVALUE_TOLERANCE,
     graph_index,
@@ -103,6 +104,22 @@ def test_the_sparse_path_equals_the_dense_path_forward_and_backward(name, los_lo
     for key, grad in dense_grads.items():
         torch.testing.assert_close(sparse_grads[key], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()),
                                    msg=lambda message, key=key: f"{key}: {message}")
+
+
+def test_both_chebyshev_sums_on_a_sparse_laplacian_equal_the_dense_ones(los_loop):
+    # Clenshaw's sum for a plain theta, the paper's recurrence when a PEFT layer stands in its place
+    _, graph = los_loop
+    index = graph_index(graph)
+    values = torch.tensor(scaled_laplacian_values(graph, index), dtype=torch.float32)
+    sparse = sparse_operator(torch.from_numpy(index), values, 207)
+    dense = torch.tensor(scaled_laplacian(graph.astype(np.float64)), dtype=torch.float32)
+    torch.manual_seed(0)
+    conv = ChebGraphConv(6, 4, order=3)
+    hidden = torch.randn(2, 6, 207, 5)
+    wrapped = ChebGraphConv(6, 4, order=3)
+    wrapped.theta = torch.nn.Sequential(conv.theta)
+    for layer in (conv, wrapped):
+        torch.testing.assert_close(layer(hidden, sparse), layer(hidden, dense), rtol=1e-5, atol=1e-5)
 
 
 def test_sparse_operators_hold_the_dense_values_on_the_edge_list(los_loop):
@@ -224,6 +241,21 @@ def test_a_sparse_model_saves_its_edge_list_and_loads_to_the_same_outputs(name, 
     assert torch.equal(loaded.graph_index, model.graph_index)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).prediction_outputs, model(**batch).prediction_outputs)
+
+
+@pytest.mark.parametrize("name", ["gwnet", "stgcn"])
+def test_bfloat16_models_and_autocast_multiply_the_sparse_graph_in_float32(name, los_loop):
+    # torch has no bfloat16 kernel for sparse CSR products on the CPU
+    splits, graph = los_loop
+    model = build(name, splits, graph, True).eval()
+    batch = batch_of(splits, 2)
+    with torch.no_grad():
+        reference = model(**batch).prediction_outputs
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(**batch).prediction_outputs
+        cast = model.to(torch.bfloat16)(**batch).prediction_outputs
+    for forecast in (autocast, cast):
+        torch.testing.assert_close(forecast.float(), reference, rtol=0.05, atol=0.05 * float(reference.abs().mean()))
 
 
 def test_the_size_threshold_chooses_the_path_and_the_choice_is_written_to_the_config(los_loop, monkeypatch):

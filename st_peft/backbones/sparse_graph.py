@@ -234,11 +234,17 @@ def over_nodes(operator: torch.Tensor, hidden: torch.Tensor, node_dim: int) -> t
         hidden: any shape with ``n`` nodes on axis ``node_dim``.
 
     Returns:
-        The shape of ``hidden``. Exact up to float rounding.
+        The shape and dtype of ``hidden``. Exact up to float rounding.
     """
+    # torch's CPU sparse products have no half-precision kernels (bfloat16 models, autocast):
+    # those multiply in float32, the dense path's accumulation precision
+    dtype = torch.promote_types(operator.dtype, hidden.dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     moved = hidden.movedim(node_dim, 0)
-    product = operator @ moved.reshape(moved.shape[0], -1)
-    return product.view(moved.shape).movedim(0, node_dim)
+    with torch.autocast(hidden.device.type, enabled=False):
+        product = operator.to(dtype) @ moved.reshape(moved.shape[0], -1).to(dtype)
+    return product.view(moved.shape).movedim(0, node_dim).to(hidden.dtype)
 
 
 __all__ = [
