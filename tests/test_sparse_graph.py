@@ -18,7 +18,6 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 import st_peft.backbones.sparse_graph as sparse_graph
 from st_peft.backbones import BACKBONES, STGCN, STGCNConfig
 from st_peft.backbones.graph_ops import scaled_laplacian, transition_matrix
-from st_peft.backbones.stgcn import ChebGraphConv
 from st_peft.backbones.sparse_graph import (
     EIGENVALUE_TOLERANCE,
     graph_index,
@@ -27,6 +26,7 @@ from st_peft.backbones.sparse_graph import (
     sparse_operator,
     transition_values,
 )
+from st_peft.backbones.stgcn import ChebGraphConv
 from st_peft.checks import as_adjacency
 from st_peft.data import build_splits, load, read_adjacency
 from st_peft.data.builtin import BUILTIN_ROOT
