@@ -270,6 +270,21 @@ def test_the_size_threshold_chooses_the_path_and_the_choice_is_written_to_the_co
     assert not forced_dense.graph_is_sparse and forced_dense.forward_transition.shape == (207, 207)
 
 
+def test_a_checkpoint_saved_before_the_sparse_path_loads_dense_above_the_threshold(los_loop, tmp_path, monkeypatch):
+    splits, graph = los_loop
+    model = build("gwnet", splits, graph, False).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["sparse_graph"], config["graph_entries"]  # as written before these fields existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sparse_graph, "SPARSE_GRAPH_MIN_NODES", 200)
+    loaded = BACKBONES["gwnet"].from_pretrained(tmp_path).eval()
+    assert not loaded.graph_is_sparse
+    batch = batch_of(splits, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).prediction_outputs, model(**batch).prediction_outputs)
+
+
 def test_a_sparse_config_without_its_edge_count_cannot_be_loaded():
     with torch.device("meta"), pytest.raises(ValueError, match="sparse graph but no graph_entries"):
         STGCN(STGCNConfig(num_nodes=5, sparse_graph=True))

@@ -91,7 +91,8 @@ class STGraphBackboneConfig(STBackboneConfig):
         sparse_graph (`bool`, *optional*): keep the graph as an edge list and multiply with
             `torch.sparse` matrices (`st_peft.backbones.sparse_graph`) instead of dense `(N, N)`
             buffers; `None` chooses sparse from `sparse_graph.SPARSE_GRAPH_MIN_NODES` nodes on. A model
-            built with a graph writes the choice here, so that its checkpoint loads the same way.
+            built with a graph writes the choice here, so that its checkpoint loads the same way (a
+            checkpoint saved before this field existed loads dense).
         graph_entries (`int`, *optional*): entries `M` of a sparse graph's `(2, M)` edge list, written
             by the model built with the graph; `from_pretrained` reads it to shape the buffers.
     """

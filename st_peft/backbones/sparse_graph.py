@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from st_peft.backbones.graph_ops import building_to_load
+
 # From this many nodes a graph backbone whose config leaves ``sparse_graph`` unset keeps its
 # graph sparse. Below it the dense path is the one every model saved so far was built with.
 SPARSE_GRAPH_MIN_NODES = 1024
@@ -42,10 +44,14 @@ LANCZOS_MAX_STEPS = 2000
 
 def uses_sparse_graph(config: Any) -> bool:
     """Whether a model of ``config`` keeps its graph sparse: ``config.sparse_graph``, or when that is
-    None, ``config.num_nodes >= SPARSE_GRAPH_MIN_NODES``."""
+    None, ``config.num_nodes >= SPARSE_GRAPH_MIN_NODES``.
+
+    A model built to be loaded (``graph_ops.building_to_load``) whose config has None was saved
+    before the field existed, when every graph was dense: a sparse model writes True there.
+    """
     if config.sparse_graph is not None:
         return config.sparse_graph
-    return config.num_nodes >= SPARSE_GRAPH_MIN_NODES
+    return config.num_nodes >= SPARSE_GRAPH_MIN_NODES and not building_to_load()
 
 
 def graph_index(adjacency: np.ndarray) -> np.ndarray:
