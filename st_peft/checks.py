@@ -178,16 +178,19 @@ def check_time_features(
     return time_features
 
 
-def as_adjacency(adjacency: AdjacencyLike, *, model: str, num_nodes: int) -> np.ndarray:
+def as_adjacency(adjacency: AdjacencyLike, *, model: str, num_nodes: int, keep_float_dtype: bool = False) -> np.ndarray:
     """Validate a graph given as an array, tensor or nested list and return it as float64 ``(N, N)``.
 
     Binary and weighted graphs are both accepted; weights must be finite and non-negative
-    because every normalisation used by the backbones divides by node degrees.
+    because every normalisation used by the backbones divides by node degrees. With
+    ``keep_float_dtype`` a floating-point array keeps its dtype, without a copy (a sparse graph
+    path reads only its non-zero entries, so an ``(N, N)`` float64 copy would be waste).
     """
     if isinstance(adjacency, torch.Tensor):
         adjacency = adjacency.detach().cpu().numpy()
+    floating = keep_float_dtype and isinstance(adjacency, np.ndarray) and np.issubdtype(adjacency.dtype, np.floating)
     try:
-        matrix = np.asarray(adjacency, dtype=np.float64)
+        matrix = np.asarray(adjacency, dtype=None if floating else np.float64)
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"{model}: adjacency must be a numeric (num_nodes, num_nodes) matrix; {error}"

@@ -84,7 +84,31 @@ class STIDConfig(STBackboneConfig):
 
 
 @strict
-class GWNetConfig(STBackboneConfig):
+class STGraphBackboneConfig(STBackboneConfig):
+    r"""What a graph backbone's configuration adds: how its graph is stored and multiplied.
+
+    Args:
+        sparse_graph (`bool`, *optional*): keep the graph as an edge list and multiply with
+            `torch.sparse` matrices (`st_peft.backbones.sparse_graph`) instead of dense `(N, N)`
+            buffers; `None` chooses sparse from `sparse_graph.SPARSE_GRAPH_MIN_NODES` nodes on. A model
+            built with a graph writes the choice here, so that its checkpoint loads the same way (a
+            checkpoint saved before this field existed loads dense).
+        graph_entries (`int`, *optional*): entries `M` of a sparse graph's `(2, M)` edge list, written
+            by the model built with the graph; `from_pretrained` reads it to shape the buffers.
+    """
+
+    sparse_graph: bool | None = None
+    graph_entries: int | None = None
+
+    def validate_architecture(self):
+        """Refuse an edge list of fewer than one entry."""
+        super().validate_architecture()
+        if self.graph_entries is not None and self.graph_entries < 1:
+            raise ValueError(f"`graph_entries` must be at least 1, got {self.graph_entries}.")
+
+
+@strict
+class GWNetConfig(STGraphBackboneConfig):
     r"""Configuration of [`GWNet`] (the paper's widths 32, 32, 256, 512).
 
     Args:
@@ -127,7 +151,7 @@ class GWNetConfig(STBackboneConfig):
 
 
 @strict
-class STGCNConfig(STBackboneConfig):
+class STGCNConfig(STGraphBackboneConfig):
     r"""Configuration of [`STGCN`], Chebyshev variant (the paper's widths 64, 16, 64).
 
     Args:
@@ -164,4 +188,4 @@ class STGCNConfig(STBackboneConfig):
             )
 
 
-__all__ = ["GWNetConfig", "STBackboneConfig", "STGCNConfig", "STIDConfig"]
+__all__ = ["GWNetConfig", "STBackboneConfig", "STGCNConfig", "STGraphBackboneConfig", "STIDConfig"]

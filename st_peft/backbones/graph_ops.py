@@ -63,8 +63,11 @@ def building_to_load() -> bool:
     return torch.empty(0).device.type == "meta"
 
 
-def graph_matrix(adjacency: AdjacencyLike | None, use_graph: bool, *, model: str, num_nodes: int) -> np.ndarray | None:
+def graph_matrix(adjacency: AdjacencyLike | None, use_graph: bool, *, model: str, num_nodes: int,
+                 keep_float_dtype: bool = False) -> np.ndarray | None:
     """The validated float64 ``(N, N)`` graph a model is built with; None for a model built to be loaded.
+
+    With ``keep_float_dtype`` a floating-point graph keeps its dtype (``checks.as_adjacency``).
 
     Raises:
         ValueError: a graph is given to a model configured without one, or a model configured
@@ -78,7 +81,7 @@ def graph_matrix(adjacency: AdjacencyLike | None, use_graph: bool, *, model: str
         if building_to_load():
             return None
         raise ValueError(f"{model} needs an adjacency matrix of shape ({num_nodes}, {num_nodes}); got None")
-    return as_adjacency(adjacency, model=model, num_nodes=num_nodes)
+    return as_adjacency(adjacency, model=model, num_nodes=num_nodes, keep_float_dtype=keep_float_dtype)
 
 
 def register_graph(module: nn.Module, name: str, matrix: np.ndarray | None, num_nodes: int) -> None:

@@ -23,6 +23,14 @@ from torch import nn
 
 from st_peft.backbones.configuration_backbones import GWNetConfig
 from st_peft.backbones.graph_ops import graph_matrix, register_graph, transition_matrix
+from st_peft.backbones.sparse_graph import (
+    adjacency_values,
+    over_nodes,
+    register_sparse_graph,
+    sparse_operator,
+    transition_values,
+    uses_sparse_graph,
+)
 from st_peft.checks import AdjacencyLike, with_calendar_channels
 from st_peft.forecasting import STPreTrainedModel
 from st_peft.scaling import STScaler
@@ -32,15 +40,18 @@ def diffuse(support: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """One diffusion step ``out[:, :, n] = sum_m support[n, m] * hidden[:, :, m]``.
 
     This is the paper's ``P X`` with a row-normalised ``P``: each node averages what its
-    out-neighbours hold. (The authors' public code multiplies by ``P^T`` instead.)
+    out-neighbours hold. (The authors' public code multiplies by ``P^T`` instead.) A sparse
+    ``support`` is multiplied sparsely (``sparse_graph.over_nodes``), exact up to float rounding.
 
     Args:
-        support: ``(N, N)`` row-normalised transition matrix.
+        support: ``(N, N)`` row-normalised transition matrix, dense or sparse CSR.
         hidden: ``(B, C, N, T)``.
 
     Returns:
         ``(B, C, N, T)``.
     """
+    if support.layout == torch.sparse_csr:
+        return over_nodes(support, hidden, node_dim=2)
     return torch.einsum("nm,bcmt->bcnt", support, hidden)
 
 
@@ -131,6 +142,14 @@ class GWNet(STPreTrainedModel):
             the weights, so ``from_pretrained`` needs no graph.
         **fields: fields of :class:`GWNetConfig`, when ``config`` is None.
 
+    Small graphs are held as dense ``(N, N)`` buffers ``adjacency``, ``forward_transition`` and
+    ``backward_transition``. A sparse graph (``config.sparse_graph``, by default from
+    ``sparse_graph.SPARSE_GRAPH_MIN_NODES`` nodes) is held as the edge list ``graph_index``
+    ``(2, M)`` with ``adjacency_values``, ``forward_transition_values`` and
+    ``backward_transition_values`` ``(M,)``, and diffuses by sparse products, which equal the dense
+    ones up to float rounding. The adaptive adjacency is dense by nature: ``(n, n)`` over the
+    batch's nodes.
+
     The history is left-padded with zeros up to the receptive field, as the paper's code does,
     so the last layer sees exactly one time step.
     """
@@ -143,7 +162,9 @@ class GWNet(STPreTrainedModel):
         if config is None:
             config = GWNetConfig(**{"use_graph": adjacency is not None, **fields})
         super().__init__(config)
-        matrix = graph_matrix(adjacency, config.use_graph, model="GWNet", num_nodes=config.num_nodes)
+        sparse = config.use_graph and uses_sparse_graph(config)
+        matrix = graph_matrix(adjacency, config.use_graph, model="GWNet", num_nodes=config.num_nodes,
+                              keep_float_dtype=sparse)
         if config.calendar_channels and config.steps_per_day is None:
             raise ValueError("GWNet with calendar_channels needs steps_per_day, the time-of-day slots per day "
                              "(288 for 5-minute data, splits.steps_per_day)")
@@ -164,7 +185,16 @@ class GWNet(STPreTrainedModel):
                 f"{math.ceil((config.input_len - 1) / per_block)} or blocks=None"
             )
 
-        if config.use_graph:
+        self.graph_is_sparse = sparse
+        if sparse:
+            self.config.sparse_graph = True
+            register_sparse_graph(self, self.config, matrix, {
+                "adjacency": adjacency_values,
+                "forward_transition": transition_values,
+                "backward_transition": lambda graph, index: transition_values(graph, index, backward=True),
+            })
+        elif config.use_graph:
+            self.config.sparse_graph = False
             register_graph(self, "adjacency", matrix, config.num_nodes)
             register_graph(self, "forward_transition", None if matrix is None else transition_matrix(matrix),
                            config.num_nodes)
@@ -221,14 +251,18 @@ class GWNet(STPreTrainedModel):
         ``past_time_features`` (int64 ``(B, L, 2)``) is needed with ``calendar_channels`` and
         ignored otherwise, like ``future_time_features`` and ``past_observed_mask`` (the scaled history
         holds 0 where not observed). With ``node_index`` the supports are
-        restricted to those nodes (sub-matrices of the full graph's operators).
+        restricted to those nodes (sub-matrices of the full graph's operators, sparse ones too).
         """
         config = self.config
         x = scaled_past
         batch, _, nodes, _ = x.shape
-        supports = [self.forward_transition, self.backward_transition] if config.use_graph else []
-        if node_index is not None:
-            supports = [support[node_index][:, node_index] for support in supports]
+        if self.graph_is_sparse:
+            supports = [sparse_operator(self.graph_index, values, config.num_nodes, node_index)
+                        for values in (self.forward_transition_values, self.backward_transition_values)]
+        else:
+            supports = [self.forward_transition, self.backward_transition] if config.use_graph else []
+            if node_index is not None:
+                supports = [support[node_index][:, node_index] for support in supports]
         if config.adaptive_adjacency:
             supports.append(self.adaptive_adjacency(node_index))
 

@@ -23,6 +23,14 @@ from torch import nn
 
 from st_peft.backbones.configuration_backbones import STGCNConfig
 from st_peft.backbones.graph_ops import graph_matrix, register_graph, scaled_laplacian
+from st_peft.backbones.sparse_graph import (
+    adjacency_values,
+    over_nodes,
+    register_sparse_graph,
+    scaled_laplacian_values,
+    sparse_operator,
+    uses_sparse_graph,
+)
 from st_peft.checks import AdjacencyLike, with_calendar_channels
 from st_peft.forecasting import STPreTrainedModel
 from st_peft.scaling import STScaler
@@ -143,7 +151,10 @@ class ChebGraphConv(nn.Module):
 
 
 def _over_nodes(laplacian: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """``L~ X`` for ``hidden`` ``(B, N, T, C)`` and ``laplacian`` ``(N, N)``."""
+    """``L~ X`` for ``hidden`` ``(B, N, T, C)`` and ``laplacian`` ``(N, N)``, dense or sparse CSR (whose
+    product equals the dense one up to float rounding)."""
+    if laplacian.layout == torch.sparse_csr:
+        return over_nodes(laplacian, hidden, node_dim=1)
     batch, nodes, steps, channels = hidden.shape
     return torch.matmul(laplacian, hidden.reshape(batch, nodes, steps * channels)).view(batch, nodes, steps, channels)
 
@@ -224,6 +235,14 @@ class STGCN(STPreTrainedModel):
             symmetrised and turned into the rescaled normalised Laplacian; both are buffers saved
             with the weights, so ``from_pretrained`` needs no graph.
         **fields: fields of :class:`STGCNConfig`, when ``config`` is None.
+
+    Small graphs are held as dense ``(N, N)`` buffers ``adjacency`` and ``laplacian``, whose
+    ``lambda_max`` comes from a dense ``eigvalsh`` (exact). A sparse graph (``config.sparse_graph``,
+    by default from ``sparse_graph.SPARSE_GRAPH_MIN_NODES`` nodes) is held as the edge list
+    ``graph_index`` ``(2, M)`` with ``adjacency_values`` and ``laplacian_values`` ``(M,)``; its
+    ``lambda_max`` comes from Lanczos iterations (approximate, to a relative
+    ``sparse_graph.EIGENVALUE_TOLERANCE``) and its Chebyshev terms from sparse products (exact up to
+    float rounding), so that the model forms no ``(N, N)`` matrix of its own.
     """
 
     config_class = STGCNConfig
@@ -233,15 +252,23 @@ class STGCN(STPreTrainedModel):
                  **fields: Any) -> None:
         config = STGCNConfig(**fields) if config is None else config
         super().__init__(config)
-        matrix = graph_matrix(adjacency, True, model="STGCN", num_nodes=config.num_nodes)
+        sparse = uses_sparse_graph(config)
+        matrix = graph_matrix(adjacency, True, model="STGCN", num_nodes=config.num_nodes,
+                              keep_float_dtype=sparse)
         if config.calendar_channels and config.steps_per_day is None:
             raise ValueError("STGCN with calendar_channels needs steps_per_day, the time-of-day slots per day "
                              "(288 for 5-minute data, splits.steps_per_day)")
         # registered first, so a saved scaler of another graph is reported before any other mismatch
         self.scaler = STScaler(config.num_nodes, config.in_channels, config.out_channels, config.scaling,
                                model=type(self).__name__)
-        register_graph(self, "adjacency", matrix, config.num_nodes)
-        register_graph(self, "laplacian", None if matrix is None else scaled_laplacian(matrix), config.num_nodes)
+        self.graph_is_sparse = self.config.sparse_graph = sparse
+        if sparse:
+            register_sparse_graph(self, self.config, matrix,
+                                  {"adjacency": adjacency_values, "laplacian": scaled_laplacian_values})
+        else:
+            register_graph(self, "adjacency", matrix, config.num_nodes)
+            register_graph(self, "laplacian", None if matrix is None else scaled_laplacian(matrix),
+                           config.num_nodes)
 
         block_channels = list(config.block_channels)
         remaining = config.input_len - config.num_blocks * 2 * (config.kt - 1)
@@ -267,12 +294,15 @@ class STGCN(STPreTrainedModel):
         ``past_time_features`` (int64 ``(B, L, 2)``) is needed with ``calendar_channels`` and
         ignored otherwise, like ``future_time_features`` and ``past_observed_mask`` (the scaled history
         holds 0 where not observed). With ``node_index`` the Laplacian is
-        restricted to those nodes (a sub-matrix of the full graph's operator).
+        restricted to those nodes (a sub-matrix of the full graph's operator, sparse or dense).
         """
         config = self.config
         x = scaled_past
         batch, _, nodes, _ = x.shape
-        laplacian = self.laplacian if node_index is None else self.laplacian[node_index][:, node_index]
+        if self.graph_is_sparse:
+            laplacian = sparse_operator(self.graph_index, self.laplacian_values, config.num_nodes, node_index)
+        else:
+            laplacian = self.laplacian if node_index is None else self.laplacian[node_index][:, node_index]
         if config.calendar_channels:
             x = with_calendar_channels(x, past_time_features, model="STGCN", input_len=config.input_len,
                                        steps_per_day=config.steps_per_day)
