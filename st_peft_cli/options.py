@@ -14,8 +14,12 @@ under that; it has no range or finiteness checks, and it turns a YAML ``resume: 
 without a word. This module keeps its conventions (dataclasses, ``metadata={"help": ...}``, ``None``
 for "not given") on the standard library alone, so it imports in milliseconds.
 
-This module imports nothing heavy; registries that list choices (``--model``, ``--adapter``) are read
-when a parser is built.
+It lives outside the ``st_peft`` package because importing anything under ``st_peft`` runs
+``st_peft/__init__.py``, which registers the PEFT methods and so imports torch, transformers and peft
+(about 10 s). For the same reason the choices that registries hold (``--model``, ``--adapter``,
+``--loss``, ``pretrain --size``) are written out here; ``tests/test_cli_front.py`` keeps them equal to
+the registries, and :func:`add_arguments` / :func:`validate` take the registries' own names where the
+caller has them (``st_peft.cli``, where a user may register an adapter).
 """
 
 from __future__ import annotations
@@ -26,33 +30,24 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+MODEL_NAMES = ("gwnet", "st_link", "stgcn", "stid")
+"""``--model``'s choices: ``st_peft.backbones.BACKBONES`` and ``st_peft.cli.MODELS``."""
+ADAPTER_NAMES = ("factost", "none", "st_lora")
+"""``--adapter``'s choices: ``st_peft.cli.ADAPTERS``."""
+LOSS_NAMES = ("huber", "mae", "mse")
+"""``--loss``'s choices: ``st_peft.losses.LOSSES``."""
+FACTOST_SIZE_NAMES = ("base", "cpu", "medium", "small", "tiny", "tiny-long")
+"""``pretrain --size``'s choices: ``st_peft.models.factost.FACTOST_SIZES``."""
 
-def model_names() -> list[str]:
-    """``--model``'s choices: the backbones and the transformers models of the command line's registries."""
-    from st_peft.backbones import BACKBONES
-    from st_peft.cli import MODELS
-
-    return sorted([*BACKBONES, *MODELS])
-
-
-def adapter_names() -> list[str]:
-    """``--adapter``'s choices: the entries of ``st_peft.cli.ADAPTERS`` (a user may add one)."""
-    from st_peft.cli import ADAPTERS
-
-    return sorted(ADAPTERS)
-
-
-def loss_names() -> list[str]:
-    """``--loss``'s choices."""
-    from st_peft.losses import LOSSES
-
-    return sorted(LOSSES)
+Choices = Mapping[str, Sequence[str]]
+"""Choices of named options that replace the schema's own (a registry's names), e.g. ``{"adapter": [...]}``."""
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+NON_EMPTY = re.compile(r".*\S.*")
 
 
 class OptionError(ValueError):
@@ -65,27 +60,26 @@ class OptionWarning(UserWarning):
 
 def option(default: Any = None, help: str = "", *, parse: Callable[[str], Any] | None = None,
            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
-           choices: Iterable[str] | Callable[[], Iterable[str]] | None = None, pattern: re.Pattern | None = None,
+           choices: Iterable[str] | None = None, pattern: re.Pattern | None = None,
            recorded: bool = True, positional: bool = False) -> Any:
     """A dataclass field declaring one option.
 
     Args:
-        default: the value when neither the command line nor the YAML file gives one (a dict is copied).
+        default: the value when neither the command line nor the YAML file gives one (a dict or list is copied).
         help: the line ``--help`` shows (with the default appended).
         parse: reads the flag's text (default: from the field's type).
         minimum, maximum: inclusive bounds of a number.
         above: an exclusive lower bound of a number.
-        choices: the allowed values of a text option, or a function that lists them (a registry's names,
-            read when the parser is built).
+        choices: the allowed values of a text option.
         pattern: a regular expression a text option must match whole.
         recorded: whether ``run.json`` keeps it (options that change what a run computes).
         positional: an argument without a flag (``RUN_DIR``).
     """
     metadata = {"help": help, "parse": parse, "minimum": minimum, "maximum": maximum, "above": above,
-                "choices": choices if callable(choices) or choices is None else tuple(choices), "pattern": pattern,
+                "choices": None if choices is None else tuple(choices), "pattern": pattern,
                 "recorded": recorded, "positional": positional}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=metadata)
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -159,21 +153,21 @@ class DataOptions:
 class TrainOptions(DataOptions):
     """``st-peft train``."""
 
-    model: str = option("stid", "backbone", choices=model_names)
+    model: str = option("stid", "backbone", choices=MODEL_NAMES)
     model_args: dict[str, Any] = option({}, "backbone keyword arguments (YAML mapping)", parse=parse_mapping)
     backbone_from: str | None = option(help="folder of an earlier `st-peft train --adapter none` run to start from")
-    adapter: str = option("none", "adapter wrapped around the backbone", choices=adapter_names)
+    adapter: str = option("none", "adapter wrapped around the backbone", choices=ADAPTER_NAMES)
     adapter_args: dict[str, Any] = option({}, "adapter settings (YAML mapping)", parse=parse_mapping)
     epochs: float = option(10.0, "passes over the training windows", above=0.0)
     max_steps: int | None = option(help="optimizer steps; overrides --epochs", minimum=1)
     lr: float = option(1e-3, "learning rate", above=0.0)
     weight_decay: float = option(1e-4, "weight decay of AdamW", minimum=0.0)
-    loss: str = option("mae", "training loss in original units, an argument of the model", choices=loss_names)
+    loss: str = option("mae", "training loss in original units, an argument of the model", choices=LOSS_NAMES)
     patience: int = option(5, "early-stopping patience in evaluations", minimum=1)
     resume: bool = option(False, "continue the unfinished run in --output-dir from its newest complete checkpoint",
                           recorded=False)
     output_dir: str | None = option(help="the run folder: model, checkpoints, options and metrics",
-                                    pattern=re.compile(r".*\S.*"))
+                                    pattern=NON_EMPTY)
     overwrite: bool = option(False, "remove the run in --output-dir and start over", recorded=False)
     allow_changed_data: bool = option(False, "--resume even if a data or graph file changed since the run started",
                                       recorded=False)
@@ -213,6 +207,41 @@ class PushOptions(RunDirOptions):
     save_dir: str | None = option(help="write the upload folder here and do not upload")
 
 
+@dataclass
+class PretrainOptions:
+    """``st-peft pretrain``: a FactoST backbone on the streamed corpus (``st_peft.models.factost.pretraining``).
+
+    The defaults of the corpus and the optimiser are those of ``CorpusConfig`` and ``PretrainingOptions``
+    (``tests/test_cli_front.py`` keeps them equal); the loop checks the values again.
+    """
+
+    size: str = option("cpu", "named model size", choices=FACTOST_SIZE_NAMES)
+    data: list[str] = option(["nyc-taxi", "etth1", "chickenpox"], "built-in data set names or files whose series "
+                             "form the real part of the corpus")
+    hf_dataset: str | None = option(help="a datasets.Dataset saved with save_to_disk (one series per row), used "
+                                    "instead of --data")
+    column: str = option("target", "series column of --hf-dataset")
+    output: str | None = option(help="run folder; a folder with a checkpoint is resumed (required)",
+                                pattern=NON_EMPTY)
+    max_steps: int = option(2000, "optimizer steps; the learning-rate schedule spans them", minimum=1)
+    max_minutes: float | None = option(help="stop with a checkpoint after this much wall-clock time; run again to "
+                                       "resume", above=0.0)
+    learning_rate: float = option(1e-3, "peak AdamW learning rate", above=0.0)
+    warmup_steps: int = option(100, "linear warm-up steps (at most --max-steps)", minimum=0)
+    tokens_per_batch: int = option(4096, "target of windows x (context + horizon) / patch length per batch",
+                                   minimum=1)
+    max_batch_size: int = option(256, "most windows in a batch", minimum=1)
+    long_context_probability: float = option(0.25, "share of batches whose context is drawn from the upper half "
+                                             "of the lengths", minimum=0.0, maximum=1.0)
+    synthetic_weight: float = option(0.5, "relative share of synthetic windows", minimum=0.0)
+    real_weight: float = option(0.3, "relative share of real windows", minimum=0.0)
+    mixup_weight: float = option(0.2, "relative share of TSMixup windows", minimum=0.0)
+    seed: int = option(0, "seed of the weights, the training and the corpus", minimum=0, maximum=2**32 - 1)
+    validate_every: int = option(500, "steps between validation scores", minimum=1)
+    log_every: int = option(50, "steps between logged training losses", minimum=1)
+    cpu: bool = option(False, "stay on the CPU even with an accelerator")
+
+
 # ---- building flags, validating values ---------------------------------------------------------------
 
 
@@ -240,9 +269,11 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _choices(meta: dict[str, Any]) -> tuple[str, ...] | None:
-    choices = meta["choices"]
-    return tuple(choices()) if callable(choices) else choices
+def _choices(item: dataclasses.Field, choices: Choices | None) -> tuple[str, ...] | None:
+    """The allowed values of the option ``item``: ``choices``' entry for it, else its declaration's."""
+    if choices and item.name in choices:
+        return tuple(choices[item.name])
+    return item.metadata["choices"]
 
 
 def flag(name: str) -> str:
@@ -250,8 +281,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, schema: type) -> None:
-    """Add one argparse argument per field of ``schema``; ``--help`` shows each default."""
+def add_arguments(parser: argparse.ArgumentParser, schema: type, choices: Choices | None = None) -> None:
+    """Add one argparse argument per field of ``schema``; ``--help`` shows each default.
+
+    ``choices`` replaces the declared choices of the options it names (a registry's names).
+    """
     for item, annotation in _fields(schema):
         meta = item.metadata
         default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
@@ -261,8 +295,8 @@ def add_arguments(parser: argparse.ArgumentParser, schema: type) -> None:
             parser.add_argument(flag(item.name), action="store_true", **kwargs)
             continue
         kwargs["type"] = meta["parse"] or (base if base in (int, float) else str)
-        if meta["choices"]:
-            kwargs["choices"] = _choices(meta)
+        if _choices(item, choices):
+            kwargs["choices"] = _choices(item, choices)
         if many:
             kwargs["nargs"] = "+"
         if meta["positional"]:
@@ -292,14 +326,15 @@ def _check_number(value: Any, whole: bool, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _problem(value: Any, annotation: Any, meta: dict[str, Any]) -> str | None:
-    """Why ``value`` is not allowed for an option of type ``annotation`` with ``meta``, or None."""
+def _problem(value: Any, annotation: Any, meta: dict[str, Any], allowed: tuple[str, ...] | None) -> str | None:
+    """Why ``value`` is not allowed for an option of type ``annotation`` with ``meta`` and the choices
+    ``allowed``, or None."""
     base, many = _base(annotation)
     if many:
         if not isinstance(value, list) or not value:
             return f"expected a list of one or more values, got {value!r}"
         for element in value:
-            problem = _problem(element, base, meta)
+            problem = _problem(element, base, meta, allowed)
             if problem:
                 return problem
         return None
@@ -318,19 +353,19 @@ def _problem(value: Any, annotation: Any, meta: dict[str, Any]) -> str | None:
         return None if ok else f"expected a channel index or name, got {value!r}"
     if not isinstance(value, str):
         return f"expected text, got {value!r}"
-    choices = _choices(meta)
-    if choices and value not in choices:
-        return f"{value!r} is not one of {list(choices)}{did_you_mean(value, choices)}"
+    if allowed and value not in allowed:
+        return f"{value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}"
     if meta["pattern"] is not None and not meta["pattern"].fullmatch(value):
         what = "a repository id such as org/name" if meta["pattern"] is HUB_ID else "a non-empty path"
         return f"expected {what}, got {value!r}"
     return None
 
 
-def validate(schema: type, values: dict[str, Any]) -> None:
+def validate(schema: type, values: dict[str, Any], choices: Choices | None = None) -> None:
     """Check every option of ``schema`` in ``values`` (parsed flags with YAML values under them).
 
-    ``None`` means "not given" and is allowed wherever the default is None.
+    ``None`` means "not given" and is allowed wherever the default is None; ``choices`` replaces the
+    declared choices of the options it names.
 
     Raises:
         OptionError: the first refused value, naming its flag and YAML key.
@@ -339,7 +374,7 @@ def validate(schema: type, values: dict[str, Any]) -> None:
         value = values.get(item.name)
         if value is None and item.default is None:
             continue
-        problem = _problem(value, annotation, item.metadata)
+        problem = _problem(value, annotation, item.metadata, _choices(item, choices))
         if problem:
             raise OptionError(f"{_describe(item)}: {problem}")
 
@@ -387,7 +422,7 @@ def option_table(schema: type) -> str:
         base, many = _base(annotation)
         allowed = []
         if meta["choices"]:
-            allowed.append(", ".join(_choices(meta)))
+            allowed.append(", ".join(meta["choices"]))
         if base is bool:
             allowed.append("true, false")
         for key, sign in (("minimum", ">="), ("above", ">"), ("maximum", "<=")):
@@ -404,46 +439,37 @@ def option_table(schema: type) -> str:
     return "\n".join(lines)
 
 
-def check_graph(model: str, accepted: set[str], *, has_graph: bool, given: str | None,
-                model_args: dict[str, Any]) -> None:
-    """Refuse a graph model without a graph, and warn of a graph given to a model that reads none.
+@dataclass(frozen=True)
+class Command:
+    """A subcommand as the parser knows it: its one-line help and the dataclass of its options.
 
-    Args:
-        model: ``--model``.
-        accepted: the keyword arguments the model takes (a graph model takes ``adjacency``).
-        has_graph: whether the data carries a graph (its own, or ``--adjacency``).
-        given: ``--adjacency``.
-        model_args: ``--model-args``; ``adaptive_adjacency: true`` asks for a learned graph only.
-
-    Raises:
-        OptionError: a graph model, no graph, and no explicit request for a learned graph only.
+    What it runs is ``st_peft.cli.RUNNERS[name]``, imported only once its options are parsed.
     """
-    import warnings
 
-    if "adjacency" in accepted and not has_graph and model_args.get("adaptive_adjacency") is not True:
-        learned = " or --model-args '{adaptive_adjacency: true}' for a learned graph only" \
-            if "adaptive_adjacency" in accepted else ""
-        raise OptionError(f"--model {model} is a graph model and the data has no graph: pass --adjacency{learned}")
-    if "adjacency" not in accepted and given is not None:
-        warnings.warn(f"--adjacency {given}: {model} reads no graph and ignores it", OptionWarning, stacklevel=2)
+    help: str
+    schema: type
 
 
-COMMAND_SCHEMAS = {"train": TrainOptions, "evaluate": EvaluateOptions, "push": PushOptions}
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a backbone or an adapter and write model + metrics", TrainOptions),
+    "evaluate": Command("evaluate a trained model folder and write metrics JSON", EvaluateOptions),
+    "pretrain": Command("pretrain a FactoST backbone on univariate series", PretrainOptions),
+    "push": Command("push a trained model folder to the Hub with its model card", PushOptions),
+}
 
 
 def options_markdown() -> str:
-    """``docs/options.md``: one table per subcommand, generated from the schema (``python -m st_peft.options``)."""
+    """``docs/options.md``: one table per subcommand, generated from the schema (``python -m st_peft_cli.options``)."""
     parts = [
         "# Command-line options",
         "",
-        "Generated from `st_peft/options.py` by `python -m st_peft.options > docs/options.md`; "
+        "Generated from `st_peft_cli/options.py` by `python -m st_peft_cli.options > docs/options.md`; "
         "`tests/test_options_docs.py` fails when they differ. Every option is also a key of a "
         "`--config` YAML file (`input_len` or `input-len`); flags override the file. Values are checked "
-        "for type, range and finiteness wherever they come from, and YAML booleans must be `true` / `false`. "
-        "`pretrain` declares its own options: `st-peft pretrain --help`.",
+        "for type, range and finiteness wherever they come from, and YAML booleans must be `true` / `false`.",
     ]
-    for name, schema in COMMAND_SCHEMAS.items():
-        parts += ["", f"## st-peft {name}", "", option_table(schema)]
+    for name, command in COMMANDS.items():
+        parts += ["", f"## st-peft {name}", "", option_table(command.schema)]
     return "\n".join(parts) + "\n"
 
 
