@@ -40,6 +40,7 @@ from torch import nn
 
 from st_peft.data.errors import DataError
 from st_peft.data.fingerprint import changes, data_fingerprints
+from st_peft.data.missing_inputs import MASK_CHANNEL, MEAN
 from st_peft.hub import HubError, card_dataset, push_adapter, push_backbone, save_for_hub
 from st_peft.losses import LOSSES
 from st_peft.models.st_link import STLinkForForecasting
@@ -161,7 +162,12 @@ def build_model(options: argparse.Namespace, splits: Any) -> nn.Module:
     """The backbone (optionally initialised from the finished run ``--backbone-from``) wrapped by ``--adapter``."""
     backbone = build_backbone(options, splits)
     if options.backbone_from:
-        RunFolder(options.backbone_from).load_model(backbone)
+        start = RunFolder(options.backbone_from)
+        theirs = start.finished_run().options.get("missing_inputs", MEAN)
+        if theirs != splits.missing_inputs:
+            raise UsageError(f"--backbone-from {options.backbone_from} read missing inputs as {theirs} and this run "
+                             f"as {splits.missing_inputs}: pass --missing-inputs {theirs}")
+        start.load_model(backbone)
     return ADAPTERS[options.adapter](backbone, splits, options)
 
 
@@ -201,9 +207,27 @@ def _channel_indices(channels: list[int | str] | None, data: Any, flag: str) -> 
     return indices
 
 
+def missing_inputs_of(options: argparse.Namespace) -> str:
+    """The treatment of missing inputs a run uses: ``--missing-inputs``, else ``mask-channel`` (measured best,
+    ``benchmarks/missing_inputs.py``), or ``mean`` under ``--adapter factost``, whose backbone reads the mask itself.
+
+    Raises:
+        UsageError: another treatment than ``mean`` asked of ``--adapter factost``.
+    """
+    given = getattr(options, "missing_inputs", None)
+    factost = getattr(options, "adapter", "none") == "factost"
+    if given is None:
+        return MEAN if factost else MASK_CHANNEL
+    if factost and given != MEAN:
+        raise UsageError(f"--missing-inputs {given}: --adapter factost's backbone reads the observed mask itself; "
+                         f"use --missing-inputs mean (its default)")
+    return given
+
+
 def splits_for(options: argparse.Namespace) -> Any:
     """The windows of ``--dataset`` (with ``--steps-per-day``, ``--start``, ``--adjacency`` and the reader's
-    options) for ``--input-len`` / ``--horizon`` / ``--few-shot`` over ``--channels`` / ``--target-channels``."""
+    options) for ``--input-len`` / ``--horizon`` / ``--few-shot`` over ``--channels`` / ``--target-channels``,
+    their missing inputs treated as :func:`missing_inputs_of` says."""
     import st_peft.data
 
     data = st_peft.data.load(options.dataset, steps_per_day=options.steps_per_day, start=options.start,
@@ -212,7 +236,8 @@ def splits_for(options: argparse.Namespace) -> Any:
     targets = _channel_indices(getattr(options, "target_channels", None), data, "--target-channels")
     return st_peft.data.build_splits(data, input_len=options.input_len, horizon=options.horizon,
                                      few_shot=options.few_shot, input_channels=inputs,
-                                     target_channels=targets if targets is not None else inputs)
+                                     target_channels=targets if targets is not None else inputs,
+                                     missing_inputs=missing_inputs_of(options))
 
 
 def summary_of(options: argparse.Namespace, splits: Any) -> dict[str, Any]:
@@ -241,8 +266,9 @@ def load_run(folder: RunFolder, allow_changed_data: bool = False,
     """
     run = folder.finished_run()
     check_same_data(run.options, folder, allow_changed_data, doing)
-    options = argparse.Namespace(command="train", **{key: value for key, value in run.options.items()
-                                                      if key != DATA_FINGERPRINTS})
+    # a run recorded before --missing-inputs existed read its missing inputs as the mean
+    options = argparse.Namespace(command="train", **{"missing_inputs": MEAN, **{
+        key: value for key, value in run.options.items() if key != DATA_FINGERPRINTS}})
     options.backbone_from = None  # the weights come from the run folder, not from the run's starting point
     with _user_input(f"the run in {folder.path}"):
         splits = splits_for(options)
@@ -324,6 +350,7 @@ def train(options: argparse.Namespace) -> None:
     _require(options, "dataset", "output_dir")
     if options.resume and options.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts over: pass one of them")
+    options.missing_inputs = missing_inputs_of(options)  # run.json records the treatment, default or not
     set_seed(options.seed)
     # a mistake in the data or the model is reported before the run folder is touched
     with _user_input(f"--model {options.model} --adapter {options.adapter} on {options.dataset}"):

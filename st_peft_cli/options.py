@@ -42,6 +42,8 @@ LOSS_NAMES = ("huber", "mae", "mse")
 """``--loss``'s choices: ``st_peft.losses.LOSSES``."""
 FACTOST_SIZE_NAMES = ("base", "cpu", "medium", "small", "tiny", "tiny-long")
 """``pretrain --size``'s choices: ``st_peft.models.factost.FACTOST_SIZES``."""
+MISSING_INPUTS = ("mean", "carry-forward", "mask-channel")
+"""``--missing-inputs``' choices: ``st_peft.data.missing_inputs.MISSING_INPUTS``."""
 
 Choices = Mapping[str, Sequence[str]]
 """Choices of named options that replace the schema's own (a registry's names), e.g. ``{"adapter": [...]}``."""
@@ -140,6 +142,12 @@ class DataOptions:
     missing_value: float | str | None = option(
         help="the value that means 'missing' (a number), or none when every value, zeros included, is real "
         "(default: the format's: 0 for .npz and .h5, empty cells for .csv)", parse=parse_missing_value)
+    missing_inputs: str | None = option(
+        help="how missing inputs reach the model: mask-channel (the observed mask of each input channel with a "
+        "missing entry in the training span is one more input channel), carry-forward (the node's last observed "
+        "value) or mean (the training mean alone) (default: mask-channel, measured best in "
+        "benchmarks/missing_inputs.py; mean with --adapter factost, whose backbone reads the mask itself)",
+        choices=MISSING_INPUTS)
     date_column: str | None = option(help="the date column of a .csv (default: date); none when it has none")
     columns: list[str] | None = option(help="the node columns of a .csv to read (default: all but the date)")
     input_len: int = option(12, "history steps L", minimum=1)
@@ -237,7 +245,7 @@ class PretrainOptions:
     real_weight: float = option(0.3, "relative share of real windows", minimum=0.0)
     mixup_weight: float = option(0.2, "relative share of TSMixup windows", minimum=0.0)
     seed: int = option(0, "seed of the weights, the training and the corpus", minimum=0, maximum=2**32 - 1)
-    validate_every: int = option(500, "steps between validation scores", minimum=1)
+    validate_every: int = option(500, "steps between validation scores (0: only at the end)", minimum=0)
     log_every: int = option(50, "steps between logged training losses", minimum=1)
     cpu: bool = option(False, "stay on the CPU even with an accelerator")
 

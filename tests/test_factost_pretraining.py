@@ -263,7 +263,7 @@ def test_the_command_line_refuses_bad_options_and_changed_resumes_in_one_line(tm
 
     common = ["pretrain", "--size", "cpu", "--data", "chickenpox", "--output", str(tmp_path), "--cpu"]
     assert cli.main([*common, "--real-weight", "-1"]) == 2
-    assert "CorpusConfig.real_weight must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert "--real-weight (real_weight in YAML): must be at least 0, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "options.json").exists()
     assert cli.main([*common, "--max-steps", "2", "--warmup-steps", "1", "--validate-every", "0"]) == 0
     capsys.readouterr()
