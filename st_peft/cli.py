@@ -471,6 +471,10 @@ def push(options: argparse.Namespace) -> None:
         "input_len": splits.input_len,
         "horizon": splits.horizon,
     }
+    if splits.mask_channels:  # a user of the pushed model must build these channels: the card says what they are
+        names = splits.data.channel_names
+        card["inputs"] = [*(names[i] for i in splits.input_channels),
+                          *(f"the observed mask of {names[i]}" for i in splits.mask_channels)]
     if isinstance(model, PeftModel):
         if options.base_model is None:
             raise UsageError("an adapter's card names its backbone: pass --base-model org/backbone")

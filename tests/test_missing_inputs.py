@@ -99,6 +99,10 @@ def test_the_default_reads_the_mask_says_so_records_it_and_evaluate_reproduces_i
     assert cli.main(["evaluate", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads((out / "metrics-test.json").read_text())["mae"] == metrics["mae"]
+    # the model card says which inputs the pushed model expects
+    assert cli.main(["push", str(out), "--repo-id", "org/bike", "--save-dir", str(tmp_path / "card")]) == 0
+    card = " ".join((tmp_path / "card" / "README.md").read_text().split())
+    assert "Its 4 input channels are, in order: c0; c1; the observed mask of c0; the observed mask of c1." in card
 
 
 @pytest.mark.parametrize(("how", "channels", "line"), [
