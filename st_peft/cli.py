@@ -11,7 +11,7 @@ flags with ``_`` or ``-``); flags given on the command line override the file.
 A mistake in the input (a flag, a data file, a busy or finished run folder, the Hub) prints
 one line that says what to fix and exits with status 2; ``--debug`` shows the traceback.
 
-The installed ``st-peft`` script is :func:`st_peft_cli.main`: it parses the arguments without
+The installed ``st-peft`` script is :func:`st_peft_cli.parser.main`: it parses the arguments without
 importing this package (so ``--help`` and argument errors answer at once), then calls :func:`run`.
 ``python -m st_peft.cli`` and :func:`main` parse with this module's registries instead, so an
 adapter a user adds to :data:`ADAPTERS` is a valid ``--adapter``.
@@ -366,6 +366,12 @@ def train(options: argparse.Namespace) -> None:
         previous = folder.read_run() if main and options.resume else None
         if previous is not None:
             check_same_data(previous.options, folder, options.allow_changed_data, "resume")
+        if previous is not None and "missing_inputs" not in previous.options:
+            # a run begun before --missing-inputs existed read its inputs as the mean and records no treatment
+            if options.missing_inputs != MEAN:
+                raise UsageError(f"the run in {folder.path} began before --missing-inputs existed and reads missing "
+                                 f"inputs as the mean: resume it with --missing-inputs mean")
+            del recorded["missing_inputs"]
         run = folder.begin(recorded, overwrite=options.overwrite, resume=options.resume) if main \
             else folder.read_run()
         if main:

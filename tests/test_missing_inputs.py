@@ -133,6 +133,21 @@ def test_a_run_recorded_before_the_option_existed_reads_missing_inputs_as_the_me
     assert json.loads((out / "metrics-test.json").read_text())["mae"] == metrics["mae"]
 
 
+def test_a_run_begun_before_the_option_existed_resumes_with_the_mean(bike, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, bike, "--missing-inputs", "mean") == 0
+    run = json.loads((out / "run.json").read_text())
+    del run["options"]["missing_inputs"]
+    run["status"] = "failed"
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert train(out, bike, "--resume") == 2
+    assert "began before --missing-inputs existed and reads missing inputs as the mean: resume it with " \
+        "--missing-inputs mean" in one_line_error(capsys)
+    assert train(out, bike, "--resume", "--missing-inputs", "mean") == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 def one_line_error(capsys) -> str:
     printed = capsys.readouterr().err.strip()
     lines = [line for line in printed.splitlines() if not line.startswith("st-peft: warning: ")]
