@@ -293,6 +293,7 @@ def run_options(options: argparse.Namespace) -> dict[str, Any]:
     from st_peft.data import BUILTIN_DATASETS
 
     recorded = recorded_options(TrainOptions, vars(options))
+    recorded["missing_inputs"] = missing_inputs_of(options)  # the treatment, default or not
     for key in ("dataset", "adjacency", "backbone_from"):
         value = recorded.get(key)
         if value and value not in BUILTIN_DATASETS and Path(value).expanduser().exists():
@@ -350,7 +351,6 @@ def train(options: argparse.Namespace) -> None:
     _require(options, "dataset", "output_dir")
     if options.resume and options.overwrite:
         raise UsageError("--resume continues a run and --overwrite starts over: pass one of them")
-    options.missing_inputs = missing_inputs_of(options)  # run.json records the treatment, default or not
     set_seed(options.seed)
     # a mistake in the data or the model is reported before the run folder is touched
     with _user_input(f"--model {options.model} --adapter {options.adapter} on {options.dataset}"):
@@ -368,7 +368,7 @@ def train(options: argparse.Namespace) -> None:
             check_same_data(previous.options, folder, options.allow_changed_data, "resume")
         if previous is not None and "missing_inputs" not in previous.options:
             # a run begun before --missing-inputs existed read its inputs as the mean and records no treatment
-            if options.missing_inputs != MEAN:
+            if recorded["missing_inputs"] != MEAN:
                 raise UsageError(f"the run in {folder.path} began before --missing-inputs existed and reads missing "
                                  f"inputs as the mean: resume it with --missing-inputs mean")
             del recorded["missing_inputs"]
