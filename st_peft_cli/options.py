@@ -17,8 +17,8 @@ for "not given") on the standard library alone, so it imports in milliseconds.
 It lives outside the ``st_peft`` package because importing anything under ``st_peft`` runs
 ``st_peft/__init__.py``, which registers the PEFT methods and so imports torch, transformers and peft
 (about 10 s). For the same reason the choices that registries hold (``--model``, ``--adapter``,
-``--loss``, ``pretrain --size``) are written out here; ``tests/test_cli_front.py`` keeps them equal to
-the registries, and :func:`add_arguments` / :func:`validate` take the registries' own names where the
+``--loss``, ``--missing-inputs``, ``pretrain --size``) are written out here; ``tests/test_cli_front.py``
+and ``tests/test_missing_inputs.py`` keep them equal to the registries, and :func:`add_arguments` / :func:`validate` take the registries' own names where the
 caller has them (``st_peft.cli``, where a user may register an adapter).
 """
 
