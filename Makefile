@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/st_lora.py
 	$(PY) benchmarks/factost.py
 	$(PY) benchmarks/st_link.py
+	$(PY) benchmarks/cli_startup.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -12,8 +12,7 @@ from st_peft.tuners.checkpoint_keys import loading_backbone_weights
 from st_peft.tuners.factost import FactoSTAdapterConfig
 from st_peft.tuners.st_lora import STLoraConfig
 from st_peft.tuners.st_lora.seamed import SeamedForecaster
-
-__version__ = "0.1.0"
+from st_peft_cli import __version__
 
 __all__ = [
     "FactoSTAdapterConfig",

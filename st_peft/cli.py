@@ -11,9 +11,14 @@ flags with ``_`` or ``-``); flags given on the command line override the file.
 A mistake in the input (a flag, a data file, a busy or finished run folder, the Hub) prints
 one line that says what to fix and exits with status 2; ``--debug`` shows the traceback.
 
+The installed ``st-peft`` script is :func:`st_peft_cli.parser.main`: it parses the arguments without
+importing this package (so ``--help`` and argument errors answer at once), then calls :func:`run`.
+``python -m st_peft.cli`` and :func:`main` parse with this module's registries instead, so an
+adapter a user adds to :data:`ADAPTERS` is a valid ``--adapter``.
+
 Extending the script:
-    * a subcommand is a function ``(options) -> None`` plus one :class:`Command` entry in
-      :data:`COMMANDS`;
+    * a subcommand is its options' dataclass and help in :data:`st_peft_cli.options.COMMANDS`
+      plus a function ``(options) -> None`` in :data:`RUNNERS`;
     * an adapter is a function ``(backbone, splits, options) -> model`` plus one entry in
       :data:`ADAPTERS` (``options.adapter_args`` carries its settings).
 """
@@ -24,36 +29,22 @@ import argparse
 import errno
 import inspect
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import yaml
 from torch import nn
 
 from st_peft.data.errors import DataError
 from st_peft.data.fingerprint import changes, data_fingerprints
+from st_peft.data.missing_inputs import MASK_CHANNEL, MEAN
 from st_peft.hub import HubError, card_dataset, push_adapter, push_backbone, save_for_hub
+from st_peft.losses import LOSSES
 from st_peft.models.st_link import STLinkForForecasting
-from st_peft.options import (
-    DefaultsHelpFormatter,
-    EvaluateOptions,
-    OptionError,
-    OptionWarning,
-    PushOptions,
-    TrainOptions,
-    add_arguments,
-    check_graph,
-    did_you_mean,
-    recorded_options,
-    validate,
-    yaml_value,
-)
+from st_peft.options import Choices, OptionError, OptionWarning, TrainOptions, check_graph, recorded_options
 from st_peft.runs import (
     DATA_FINGERPRINTS,
     DATA_SUMMARY_FILE,
@@ -66,8 +57,9 @@ from st_peft.runs import (
 from st_peft.training.trainer import NonFiniteLossError
 from st_peft.tuners.factost.model import factost_cli_adapter
 from st_peft.tuners.st_lora.model import st_lora_cli_adapter
+from st_peft_cli import parser as front
+from st_peft_cli.parser import USAGE_ERROR
 
-USAGE_ERROR = 2
 RUN_FAILED = 1
 
 
@@ -170,7 +162,12 @@ def build_model(options: argparse.Namespace, splits: Any) -> nn.Module:
     """The backbone (optionally initialised from the finished run ``--backbone-from``) wrapped by ``--adapter``."""
     backbone = build_backbone(options, splits)
     if options.backbone_from:
-        RunFolder(options.backbone_from).load_model(backbone)
+        start = RunFolder(options.backbone_from)
+        theirs = start.finished_run().options.get("missing_inputs", MEAN)
+        if theirs != splits.missing_inputs:
+            raise UsageError(f"--backbone-from {options.backbone_from} read missing inputs as {theirs} and this run "
+                             f"as {splits.missing_inputs}: pass --missing-inputs {theirs}")
+        start.load_model(backbone)
     return ADAPTERS[options.adapter](backbone, splits, options)
 
 
@@ -210,9 +207,27 @@ def _channel_indices(channels: list[int | str] | None, data: Any, flag: str) -> 
     return indices
 
 
+def missing_inputs_of(options: argparse.Namespace) -> str:
+    """The treatment of missing inputs a run uses: ``--missing-inputs``, else ``mask-channel`` (measured best,
+    ``benchmarks/missing_inputs.py``), or ``mean`` under ``--adapter factost``, whose backbone reads the mask itself.
+
+    Raises:
+        UsageError: another treatment than ``mean`` asked of ``--adapter factost``.
+    """
+    given = getattr(options, "missing_inputs", None)
+    factost = getattr(options, "adapter", "none") == "factost"
+    if given is None:
+        return MEAN if factost else MASK_CHANNEL
+    if factost and given != MEAN:
+        raise UsageError(f"--missing-inputs {given}: --adapter factost's backbone reads the observed mask itself; "
+                         f"use --missing-inputs mean (its default)")
+    return given
+
+
 def splits_for(options: argparse.Namespace) -> Any:
     """The windows of ``--dataset`` (with ``--steps-per-day``, ``--start``, ``--adjacency`` and the reader's
-    options) for ``--input-len`` / ``--horizon`` / ``--few-shot`` over ``--channels`` / ``--target-channels``."""
+    options) for ``--input-len`` / ``--horizon`` / ``--few-shot`` over ``--channels`` / ``--target-channels``,
+    their missing inputs treated as :func:`missing_inputs_of` says."""
     import st_peft.data
 
     data = st_peft.data.load(options.dataset, steps_per_day=options.steps_per_day, start=options.start,
@@ -221,7 +236,8 @@ def splits_for(options: argparse.Namespace) -> Any:
     targets = _channel_indices(getattr(options, "target_channels", None), data, "--target-channels")
     return st_peft.data.build_splits(data, input_len=options.input_len, horizon=options.horizon,
                                      few_shot=options.few_shot, input_channels=inputs,
-                                     target_channels=targets if targets is not None else inputs)
+                                     target_channels=targets if targets is not None else inputs,
+                                     missing_inputs=missing_inputs_of(options))
 
 
 def summary_of(options: argparse.Namespace, splits: Any) -> dict[str, Any]:
@@ -250,8 +266,9 @@ def load_run(folder: RunFolder, allow_changed_data: bool = False,
     """
     run = folder.finished_run()
     check_same_data(run.options, folder, allow_changed_data, doing)
-    options = argparse.Namespace(command="train", **{key: value for key, value in run.options.items()
-                                                      if key != DATA_FINGERPRINTS})
+    # a run recorded before --missing-inputs existed read its missing inputs as the mean
+    options = argparse.Namespace(command="train", **{"missing_inputs": MEAN, **{
+        key: value for key, value in run.options.items() if key != DATA_FINGERPRINTS}})
     options.backbone_from = None  # the weights come from the run folder, not from the run's starting point
     with _user_input(f"the run in {folder.path}"):
         splits = splits_for(options)
@@ -276,6 +293,7 @@ def run_options(options: argparse.Namespace) -> dict[str, Any]:
     from st_peft.data import BUILTIN_DATASETS
 
     recorded = recorded_options(TrainOptions, vars(options))
+    recorded["missing_inputs"] = missing_inputs_of(options)  # the treatment, default or not
     for key in ("dataset", "adjacency", "backbone_from"):
         value = recorded.get(key)
         if value and value not in BUILTIN_DATASETS and Path(value).expanduser().exists():
@@ -348,6 +366,12 @@ def train(options: argparse.Namespace) -> None:
         previous = folder.read_run() if main and options.resume else None
         if previous is not None:
             check_same_data(previous.options, folder, options.allow_changed_data, "resume")
+        if previous is not None and "missing_inputs" not in previous.options:
+            # a run begun before --missing-inputs existed read its inputs as the mean and records no treatment
+            if recorded["missing_inputs"] != MEAN:
+                raise UsageError(f"the run in {folder.path} began before --missing-inputs existed and reads missing "
+                                 f"inputs as the mean: resume it with --missing-inputs mean")
+            del recorded["missing_inputs"]
         run = folder.begin(recorded, overwrite=options.overwrite, resume=options.resume) if main \
             else folder.read_run()
         if main:
@@ -453,6 +477,10 @@ def push(options: argparse.Namespace) -> None:
         "input_len": splits.input_len,
         "horizon": splits.horizon,
     }
+    if splits.mask_channels:  # a user of the pushed model must build these channels: the card says what they are
+        names = splits.data.channel_names
+        card["inputs"] = [*(names[i] for i in splits.input_channels),
+                          *(f"the observed mask of {names[i]}" for i in splits.mask_channels)]
     if isinstance(model, PeftModel):
         if options.base_model is None:
             raise UsageError("an adapter's card names its backbone: pass --base-model org/backbone")
@@ -468,142 +496,38 @@ def push(options: argparse.Namespace) -> None:
     print(url)
 
 
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: what it runs, its one-line help and its options.
-
-    ``schema`` is the dataclass of :mod:`st_peft.options` that declares the options; a command of
-    another module may instead bring its own ``add_arguments(parser)``.
-    """
-
-    run: Callable[[argparse.Namespace], None]
-    help: str
-    schema: type | None = None
-    add_arguments: Callable[[argparse.ArgumentParser], Any] | None = None
-
-
 def _pretrain(options: argparse.Namespace) -> None:
     from st_peft.models.factost.pretraining import run_pretrain
 
     run_pretrain(options)
 
 
-def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    from st_peft.models.factost.pretraining import add_pretrain_arguments
-
-    add_pretrain_arguments(parser)
-
-
-COMMANDS: dict[str, Command] = {
-    "train": Command(train, "train a backbone or an adapter and write model + metrics", TrainOptions),
-    "evaluate": Command(evaluate, "evaluate a trained model folder and write metrics JSON", EvaluateOptions),
-    "pretrain": Command(_pretrain, "pretrain a FactoST backbone on univariate series",
-                        add_arguments=_add_pretrain_arguments),
-    "push": Command(push, "push a trained model folder to the Hub with its model card", PushOptions),
+RUNNERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": train,
+    "evaluate": evaluate,
+    "pretrain": _pretrain,
+    "push": push,
 }
+"""What each subcommand of :data:`st_peft_cli.options.COMMANDS` runs."""
 
 USER_ERRORS = (UsageError, OptionError, DataError, RunFolderError, HubError, FileExistsError, FileNotFoundError)
 """Errors in what the user gave: one line and exit status 2 (``--debug`` shows the traceback)."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, with the closest flag or choice when one is near;
-    ``--help`` shows every option's default."""
+def registry_choices() -> Choices:
+    """The choices of ``--model``, ``--adapter`` and ``--loss`` as this process's registries hold them."""
+    from st_peft.backbones import BACKBONES
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        unknown = re.match(r"unrecognized arguments: (\S+)", message)
-        choice = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
-        if unknown:
-            message += did_you_mean(unknown.group(1).split("=")[0], self._option_string_actions)
-        elif choice:
-            message += did_you_mean(choice.group(2), re.findall(r"'([^']*)'", choice.group(3)))
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and one sub-parser per entry of :data:`COMMANDS`."""
-    from st_peft import __version__
-
-    parser = OneLineParser(prog="st-peft", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"st-peft {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    commands = {}
-    for name, command in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        sub.add_argument("--config", help="YAML file of options; command-line flags override it")
-        sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        if command.schema is not None:
-            add_arguments(sub, command.schema)
-        else:
-            command.add_arguments(sub)
-        commands[name] = sub
-    return parser, commands
-
-
-def _yaml_defaults(path: str, sub: argparse.ArgumentParser, schema: type | None) -> dict[str, Any]:
-    """The options of a ``--config`` YAML file, read like the flags (validated with them afterwards)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle) or {}
-    except UnicodeDecodeError as error:
-        sub.error(f"--config {path}: not a UTF-8 text file ({error.reason} at byte {error.start})")
-    except (OSError, yaml.YAMLError) as error:
-        sub.error(f"--config {path}: {' '.join(str(error).split())}")
-    if not isinstance(content, dict):
-        sub.error(f"{path}: expected a mapping of options, got {type(content).__name__}")
-    settings = {str(key).replace("-", "_"): value for key, value in content.items()}
-    known = {action.dest for action in sub._actions} - {"help", "config"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        sub.error(f"{path}: unknown options {unknown}{did_you_mean(unknown[0], known)}")
-    for action in sub._actions:
-        if action.dest not in settings:
-            continue
-        value = settings[action.dest]
-        try:
-            if schema is not None:
-                settings[action.dest] = yaml_value(schema, action.dest, value)
-            elif isinstance(value, str) and action.type is not None:
-                # PyYAML reads `1e-3` as a string: it gets the flag's conversion
-                settings[action.dest] = action.type(value)
-        except (OptionError, ValueError, argparse.ArgumentTypeError) as error:
-            sub.error(f"{path}: {error}")
-        if schema is None and action.choices is not None and settings[action.dest] not in action.choices:
-            sub.error(f"{path}: {action.dest}={value!r} is not one of {list(action.choices)}"
-                      f"{did_you_mean(str(value), action.choices)}")
-    return settings
+    return {"model": sorted([*BACKBONES, *MODELS]), "adapter": sorted(ADAPTERS), "loss": sorted(LOSSES)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` with ``--config`` YAML values as defaults under the flags.
+    """Parse ``argv`` as :func:`st_peft_cli.parser.parse_args` does, with the choices of :func:`registry_choices`.
 
     Raises:
         SystemExit: with status 2 after argparse's one-line message, for a bad flag or file.
     """
-    parser, commands = build_parser()
-
-    def parse() -> argparse.Namespace:
-        options, unknown = parser.parse_known_args(argv)
-        if unknown:  # named by the subcommand, whose flags the closest match comes from
-            commands[options.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-        return options
-
-    options = parse()
-    schema = COMMANDS[options.command].schema
-    if options.config:
-        sub = commands[options.command]
-        sub.set_defaults(**_yaml_defaults(options.config, sub, schema))
-        options = parse()
-    if schema is not None:
-        try:
-            validate(schema, vars(options))
-        except OptionError as error:
-            commands[options.command].error(f"{f'{options.config}: ' if options.config else ''}{error}")
-    return options
+    return front.parse_args(argv, registry_choices())
 
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -649,18 +573,14 @@ def _quiet_transformers_progress() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``st-peft`` console script (also under ``accelerate launch``).
+def run(options: argparse.Namespace) -> int:
+    """Run the parsed command ``options.command`` (of :func:`parse_args`); what a mistake prints is one line.
 
     Returns:
         0 on success, 2 for a mistake in the input, 1 when training failed (a non-finite loss).
     """
     from st_peft.training.distributed import leave_process_group
 
-    try:
-        options = parse_args(argv)
-    except SystemExit as error:  # --help, --version, or a refused option already printed in one line
-        return error.code if isinstance(error.code, int) else USAGE_ERROR
     prefix = f"st-peft {options.command}"
     try:
         with warnings.catch_warnings(), _quiet_transformers_progress():
@@ -668,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always", OptionWarning)
             if not options.debug:
                 warnings.showwarning = _warnings_as_lines(warnings.showwarning)
-            COMMANDS[options.command].run(options)
+            RUNNERS[options.command](options)
     except USER_ERRORS as error:
         if options.debug:
             raise
@@ -692,6 +612,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     leave_process_group()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m st_peft.cli`` (also under ``accelerate launch``): :func:`parse_args`, then :func:`run`.
+
+    Returns:
+        0 on success, 2 for a mistake in the input, 1 when training failed (a non-finite loss).
+    """
+    try:
+        options = parse_args(argv)
+    except SystemExit as error:  # --help, --version, or a refused option already printed in one line
+        return error.code if isinstance(error.code, int) else USAGE_ERROR
+    return run(options)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ def card_fields(
     base_model: str | None = None,
     license: str = "apache-2.0",
     tags: Sequence[str] = (),
+    inputs: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Everything a card template can use, including the YAML front matter ``card_data``.
 
@@ -222,6 +223,8 @@ def card_fields(
             config's ``base_model_name_or_path``); required for adapters.
         license: the card's licence identifier.
         tags: extra tags, added to ``spatio-temporal``, ``time-series-forecasting``, ``st-peft``.
+        inputs: what each of the model's ``C_in`` input channels holds, in order, where a user could not
+            guess it (the observed masks ``st-peft train --missing-inputs mask-channel`` adds); None: nothing.
 
     Returns:
         A dict of strings and numbers for the template, with ``card_data`` the YAML text.
@@ -286,6 +289,7 @@ def card_fields(
         metrics_table=_metrics_table(checked_metrics),
         base_class=fields["model_class"],
         base_module=fields["model_module"],
+        inputs=list(inputs) if inputs else None,
     )
     return fields
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import st_peft  # noqa: F401  (registers the Auto classes)
+from st_peft import cli
 from st_peft.models.factost import FactoSTConfig, FactoSTModel
 from st_peft.models.factost.corpus import (
     CorpusConfig,
@@ -31,7 +31,6 @@ from st_peft.models.factost.pretraining import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
     PretrainingOptions,
-    add_pretrain_arguments,
     build_corpus,
     pretrain,
     run_pretrain,
@@ -216,9 +215,8 @@ def test_pretraining_learns_from_a_saved_hf_dataset_through_the_command_line(tmp
     series = [np.sin(2 * np.pi * steps / period + rng.uniform(0, 6)) for period in (8, 12, 16, 24)]
     series[0][5:9] = np.nan
     datasets.Dataset.from_dict({"target": [s.tolist() for s in series]}).save_to_disk(tmp_path / "corpus")
-    parser = add_pretrain_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(
-        ["--hf-dataset", str(tmp_path / "corpus"), "--output", str(tmp_path / "run"), "--max-steps", "80",
+    args = cli.parse_args(
+        ["pretrain", "--hf-dataset", str(tmp_path / "corpus"), "--output", str(tmp_path / "run"), "--max-steps", "80",
          "--warmup-steps", "5", "--synthetic-weight", "0", "--mixup-weight", "0", "--max-batch-size", "32",
          "--validate-every", "40", "--log-every", "10", "--cpu"]
     )
@@ -265,7 +263,7 @@ def test_the_command_line_refuses_bad_options_and_changed_resumes_in_one_line(tm
 
     common = ["pretrain", "--size", "cpu", "--data", "chickenpox", "--output", str(tmp_path), "--cpu"]
     assert cli.main([*common, "--real-weight", "-1"]) == 2
-    assert "CorpusConfig.real_weight must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert "--real-weight (real_weight in YAML): must be at least 0, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "options.json").exists()
     assert cli.main([*common, "--max-steps", "2", "--warmup-steps", "1", "--validate-every", "0"]) == 0
     capsys.readouterr()

@@ -22,7 +22,7 @@ from st_peft.tuners.st_lora.seamed import SeamedForecaster
 
 REPO = Path(__file__).resolve().parents[1]
 # what a fresh `pip install` builds from: the package and its declarative build files
-BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "README.md", "st_peft")
+BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "README.md", "st_peft", "st_peft_cli")
 
 PEFT_ALONE = """
 import sys
@@ -44,7 +44,8 @@ print("st_peft imported:", any(name.split(".")[0] == "st_peft" for name in sys.m
 
 def test_installed_package_leaves_peft_untouched_until_imported(tmp_path):
     """Install st-peft from this working tree into a fresh environment, as `make install` does for CI,
-    then start an interpreter that imports peft but not st_peft: peft is exactly as it ships.
+    then start an interpreter that imports peft but not st_peft: peft is exactly as it ships; and the
+    installed `st-peft` script answers `train --help` without importing st_peft.
 
     The environment sees this interpreter's packages (peft, torch, ...) through a path entry, so
     no ``.pth`` of theirs runs; only what installing st-peft itself adds can act at start-up.
@@ -71,7 +72,7 @@ def test_installed_package_leaves_peft_untouched_until_imported(tmp_path):
         check=True, capture_output=True, timeout=300,
     )
     added = {path.name for path in site_packages.iterdir()} - before - {"__pycache__"}
-    assert added == {"st_peft", "st_peft-0.1.0.dist-info"}, added
+    assert added == {"st_peft", "st_peft_cli", "st_peft-0.1.0.dist-info"}, added
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -86,6 +87,15 @@ def test_installed_package_leaves_peft_untouched_until_imported(tmp_path):
         "KeyError: ('STLORA',)",
         "st_peft imported: False",
     ]
+
+    # the installed console script answers --help from its front, without importing st_peft (or torch)
+    script = env_dir / "bin" / "st-peft"
+    result = subprocess.run([python, "-X", "importtime", str(script), "train", "--help"], cwd=tmp_path, env=clean_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "(default: stid)" in " ".join(result.stdout.split()), result.stderr
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "st_peft_cli" in imported and not imported & {"st_peft", "torch", "transformers", "peft"}
 
 
 def test_peft_still_refuses_a_method_outside_its_enum():

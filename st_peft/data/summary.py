@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from st_peft.data.missing_inputs import describe
 from st_peft.data.windows import ForecastingSplits
 
 STEPS_PER_DAY_GIVEN = "given with --steps-per-day"
@@ -58,7 +59,8 @@ def data_summary(splits: ForecastingSplits, *, steps_per_day_from: str, missing:
         ``observed`` fraction and ``zeros`` (fraction of observed values that are 0); ``steps_per_day``
         and ``steps_per_day_from``; ``dates`` (first and last, or None); ``observed`` and ``zeros``
         over all channels; ``missing``; ``inputs`` and ``targets`` (channel names the model reads and
-        the ones it forecasts and is scored on); ``windows`` per split.
+        the ones it forecasts and is scored on); ``missing_inputs`` (the treatment) and ``mask_channels``
+        (the channels whose observed mask the model reads as one more input); ``windows`` per split.
     """
     data = splits.data
     channels = []
@@ -82,6 +84,8 @@ def data_summary(splits: ForecastingSplits, *, steps_per_day_from: str, missing:
         "missing": missing,
         "inputs": [data.channel_names[i] for i in splits.input_channels],
         "targets": [data.channel_names[i] for i in splits.target_channels],
+        "missing_inputs": splits.missing_inputs,
+        "mask_channels": [data.channel_names[i] for i in splits.mask_channels],
         "windows": {name: len(splits.split(name)) for name in ("train", "val", "test")},
     }
 
@@ -113,5 +117,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  the model reads {', '.join(summary['inputs'])}; it forecasts and is scored on "
                  f"{', '.join(summary['targets'])} (--channels, --target-channels); windows: "
                  f"{windows['train']} train, {windows['val']} val, {windows['test']} test")
+    lines.append(f"  missing inputs (--missing-inputs): {describe(summary['missing_inputs'], summary['mask_channels'])}")
     return "\n".join(lines)
 

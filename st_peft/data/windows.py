@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch
 
 from st_peft.data.container import STData
 from st_peft.data.errors import DataError
+from st_peft.data.missing_inputs import MEAN, treat_missing_inputs
 from st_peft.data.scaler import StandardScaler
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -118,6 +119,11 @@ class ForecastingSplits:
             scales inside.
         input_len, horizon: L and H.
         input_channels, target_channels: channel indices of ``data`` used as x and y.
+        missing_inputs: how missing inputs reach the model (:mod:`st_peft.data.missing_inputs`).
+        mask_channels: channel indices of ``data`` whose observed mask the model reads as one more input
+            channel each, after ``input_channels`` (``mask-channel``).
+        input_statistics: the training span's statistics of the inputs as the model reads them, when
+            ``missing_inputs`` changes them; None: ``scaler``'s of ``input_channels``.
     """
 
     data: STData
@@ -130,6 +136,9 @@ class ForecastingSplits:
     horizon: int
     input_channels: list[int]
     target_channels: list[int]
+    missing_inputs: str = MEAN
+    mask_channels: list[int] = field(default_factory=list)
+    input_statistics: StandardScaler | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -138,8 +147,8 @@ class ForecastingSplits:
 
     @property
     def in_channels(self) -> int:
-        """C_in."""
-        return len(self.input_channels)
+        """C_in: the input channels, and one per mask channel."""
+        return len(self.input_channels) + len(self.mask_channels)
 
     @property
     def out_channels(self) -> int:
@@ -180,9 +189,16 @@ class ForecastingSplits:
         def per_node(values: np.ndarray, channels: list[int]) -> list[list[float]]:
             return np.broadcast_to(values[channels], (self.num_nodes, len(channels))).tolist()
 
+        if self.input_statistics is None:
+            past_loc = per_node(self.scaler.mean, self.input_channels)
+            past_scale = per_node(self.scaler.std, self.input_channels)
+        else:
+            every = list(range(self.in_channels))
+            past_loc = per_node(self.input_statistics.mean, every)
+            past_scale = per_node(self.input_statistics.std, every)
         return {
-            "past_loc": per_node(self.scaler.mean, self.input_channels),
-            "past_scale": per_node(self.scaler.std, self.input_channels),
+            "past_loc": past_loc,
+            "past_scale": past_scale,
             "future_loc": per_node(self.scaler.mean, self.target_channels),
             "future_scale": per_node(self.scaler.std, self.target_channels),
         }
@@ -217,6 +233,7 @@ def build_splits(
     few_shot: float = 1.0,
     input_channels: Sequence[int] | None = None,
     target_channels: Sequence[int] | None = None,
+    missing_inputs: str = MEAN,
 ) -> ForecastingSplits:
     """Cut ``data`` into chronological train / validation / test windows.
 
@@ -240,6 +257,8 @@ def build_splits(
         few_shot: fraction in ``(0, 1]`` of training windows kept.
         input_channels: channels of ``data`` fed to the model (all by default).
         target_channels: channels to forecast (all by default).
+        missing_inputs: how missing inputs reach the model: ``mean`` (the training mean, as ever),
+            ``carry-forward`` or ``mask-channel`` (:mod:`st_peft.data.missing_inputs`).
 
     Returns:
         The splits, the collator and the training span's statistics.
@@ -259,9 +278,15 @@ def build_splits(
     fit_span = slice(int(starts["train"][0]), int(starts["train"][-1]) + input_len + horizon)
     refuse_dominant_values(data, fit_span)
     scaler = StandardScaler.fit(data.values[fit_span], data.mask[fit_span])
+    inputs = np.ascontiguousarray(data.values[..., input_channels])
+    input_mask = np.ascontiguousarray(data.mask[..., input_channels])
+    treated = None
+    if missing_inputs != MEAN:
+        treated = treat_missing_inputs(inputs, input_mask, scaler.select(input_channels), missing_inputs, fit_span)
+        inputs, input_mask = treated.values, treated.mask
     collator = WindowCollator(
-        inputs=np.ascontiguousarray(data.values[..., input_channels]),
-        input_mask=np.ascontiguousarray(data.mask[..., input_channels]),
+        inputs=inputs,
+        input_mask=input_mask,
         targets=np.ascontiguousarray(data.values[..., target_channels]),
         target_mask=np.ascontiguousarray(data.mask[..., target_channels]),
         calendar=data.calendar(),
@@ -277,6 +302,9 @@ def build_splits(
         horizon=horizon,
         input_channels=input_channels,
         target_channels=target_channels,
+        missing_inputs=missing_inputs,
+        mask_channels=[] if treated is None else [input_channels[c] for c in treated.mask_channels],
+        input_statistics=None if treated is None else treated.statistics,
         **split_sets,
     )
 

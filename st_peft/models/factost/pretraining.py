@@ -35,7 +35,7 @@ import resource
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 
 from st_peft.metrics import pinball_loss
-from st_peft.models.factost.configuration_factost import FACTOST_SIZES, FactoSTConfig
+from st_peft.models.factost.configuration_factost import FactoSTConfig
 from st_peft.models.factost.corpus import (
     CorpusBatch,
     CorpusConfig,
@@ -417,45 +417,6 @@ def pretrain(
     return log
 
 
-def _corpus_defaults() -> dict[str, Any]:
-    return {item.name: item.default for item in fields(CorpusConfig)}
-
-
-def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``st-peft pretrain`` to ``parser`` and return it."""
-    corpus = _corpus_defaults()
-    parser.add_argument("--size", default="cpu", choices=sorted(FACTOST_SIZES), help="named model size")
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        default=["nyc-taxi", "etth1", "chickenpox"],
-        help="built-in data set names or files whose series form the real part of the corpus",
-    )
-    parser.add_argument(
-        "--hf-dataset",
-        default=None,
-        help="a datasets.Dataset saved with save_to_disk (one series per row), used instead of --data",
-    )
-    parser.add_argument("--column", default="target", help="series column of --hf-dataset")
-    parser.add_argument("--output", help="run folder; a folder with a checkpoint is resumed (required)")
-    parser.add_argument("--max-steps", type=int, default=PretrainingOptions.max_steps)
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop with a checkpoint after this much wall-clock time; run again to resume")
-    parser.add_argument("--learning-rate", type=float, default=PretrainingOptions.learning_rate)
-    parser.add_argument("--warmup-steps", type=int, default=PretrainingOptions.warmup_steps)
-    parser.add_argument("--tokens-per-batch", type=int, default=corpus["tokens_per_batch"])
-    parser.add_argument("--max-batch-size", type=int, default=corpus["max_batch_size"])
-    parser.add_argument("--long-context-probability", type=float, default=corpus["long_context_probability"])
-    parser.add_argument("--synthetic-weight", type=float, default=corpus["synthetic_weight"])
-    parser.add_argument("--real-weight", type=float, default=corpus["real_weight"])
-    parser.add_argument("--mixup-weight", type=float, default=corpus["mixup_weight"])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the training and the corpus")
-    parser.add_argument("--validate-every", type=int, default=500, help="steps between validation scores")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between logged training losses")
-    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with an accelerator")
-    return parser
-
-
 def build_corpus(config: FactoSTConfig, real_series: list[RealSeries], **settings: Any) -> PretrainingCorpus:
     """A corpus whose lengths fit ``config``: contexts up to its ``max_context_length``, horizons up to its ``max_horizon``.
 
@@ -475,7 +436,8 @@ def build_corpus(config: FactoSTConfig, real_series: list[RealSeries], **setting
 
 
 def run_pretrain(args: argparse.Namespace) -> dict:
-    """Run ``st-peft pretrain`` with parsed ``args``; returns the pretraining log."""
+    """Run ``st-peft pretrain`` with ``args`` parsed by the command line (``st_peft_cli.options.PretrainOptions``);
+    returns the pretraining log."""
     if args.output is None:
         raise SystemExit("st-peft pretrain: missing --output (flag or --config key)")
     if args.hf_dataset is not None:
@@ -501,7 +463,3 @@ def run_pretrain(args: argparse.Namespace) -> dict:
                         validate_every=args.validate_every, log_every=args.log_every, cpu=args.cpu)
     except (ResumeRefused, PretrainingOptionError) as error:
         raise SystemExit(f"st-peft pretrain: error: {error}") from None
-
-
-if __name__ == "__main__":
-    run_pretrain(add_pretrain_arguments(argparse.ArgumentParser(description=__doc__)).parse_args())
