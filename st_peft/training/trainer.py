@@ -343,6 +343,9 @@ class STTrainer(Trainer):
                 if resume_from_checkpoint is None:
                     raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             load_sampler_state(self.node_collator, self._sampler_state_file(resume_from_checkpoint))
+        elif self.node_collator is not None:
+            # draws are counted from here, like the batches trained: an earlier train() may have drawn ahead
+            self.node_collator.load_state_dict(self.node_collator.state_dict())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _sampler_state_file(self, folder: str) -> Path:
