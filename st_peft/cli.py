@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import errno
 import inspect
+import json
 import os
 import sys
 import warnings
@@ -272,6 +273,7 @@ def load_run(folder: RunFolder, allow_changed_data: bool = False,
     options.backbone_from = None  # the weights come from the run folder, not from the run's starting point
     with _user_input(f"the run in {folder.path}"):
         splits = splits_for(options)
+        check_same_nodes(folder, splits)
         model = build_model(options, splits)
     from safetensors import SafetensorError
 
@@ -334,6 +336,44 @@ def adapter_sampler(model: nn.Module, splits: Any, options: argparse.Namespace) 
     return config.replay_sampler(splits.train["start"], batch_size=options.batch_size, seed=options.seed)
 
 
+def node_sampler_for(options: argparse.Namespace, splits: Any) -> Any:
+    """The ``NodeSampler`` of ``--node-batch-size`` / ``--node-sampler``, or None to train on every node.
+
+    A size of at least the graph's node count trains on every node (above it, with a note). Each
+    process of a launched run draws its own nodes (its seed is ``[--seed, rank]``).
+    """
+    size, strategy = options.node_batch_size, options.node_sampler
+    if size is None:
+        if strategy is not None:
+            raise UsageError(f"--node-sampler {strategy} draws the nodes of --node-batch-size: give that too")
+        return None
+    nodes = splits.num_nodes
+    if size >= nodes:
+        if size > nodes:
+            warnings.warn(f"--node-batch-size {size} is more than the {nodes} nodes of {options.dataset}: every batch "
+                          f"carries all {nodes}", OptionWarning, stacklevel=2)
+        return None
+    from st_peft.data.node_batching import NodeSampler
+
+    return NodeSampler(nodes, size, strategy or "uniform", splits.adjacency,
+                       seed=[options.seed, int(os.environ.get("RANK", "0"))])
+
+
+def check_same_nodes(folder: RunFolder, splits: Any) -> None:
+    """Refuse to rebuild the run of ``folder`` on data of another node count than it trained on, naming both.
+
+    Raises:
+        RunFolderError: its data summary records another number of nodes.
+    """
+    summary = folder.path / DATA_SUMMARY_FILE
+    if not summary.is_file():
+        return
+    trained = json.loads(summary.read_text(encoding="utf-8"))["shape"][1]
+    if trained != splits.num_nodes:
+        raise RunFolderError(f"the model in {folder.path} was trained on data of {trained} nodes, but its data now "
+                             f"has {splits.num_nodes} nodes")
+
+
 def is_main_process() -> bool:
     """True in the process that writes the run folder (rank 0 of a launched run, or the only one)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -359,6 +399,7 @@ def train(options: argparse.Namespace) -> None:
         if is_main_process():
             print(format_summary(data_summary), flush=True)
         model = build_model(options, splits)
+        node_sampler = node_sampler_for(options, splits)
     folder = RunFolder(options.output_dir)
     main = is_main_process()
     with folder.locked() if main else nullcontext():
@@ -390,7 +431,7 @@ def train(options: argparse.Namespace) -> None:
             )
             callbacks = [ProgressPrinter(), *([folder.checkpoint_marker(run)] if main else [])]
             trainer = STTrainer(model, args, splits.train, splits.val, splits.collator,
-                                train_sampler=adapter_sampler(model, splits, options),
+                                train_sampler=adapter_sampler(model, splits, options), node_sampler=node_sampler,
                                 early_stopping_patience=options.patience, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # ProgressPrinter prints one line per epoch instead
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -441,7 +482,8 @@ def evaluate(options: argparse.Namespace) -> None:
         model, splits, run = load_run(folder, options.allow_changed_data)
         args = st_training_args(scratch, batch_size=options.batch_size, eval_strategy="no", save_strategy="no",
                                 load_best_model_at_end=False, disable_tqdm=True)
-        trainer = STTrainer(model, args, data_collator=splits.collator)
+        trainer = STTrainer(model, args, data_collator=splits.collator,
+                            eval_node_chunk=getattr(run, "node_batch_size", None))
         metrics = with_baselines(trainer.evaluate_test(splits.split(options.split)), splits, options.split,
                                  forecaster_name(run), default_horizons(splits.horizon))
         if trainer.is_world_process_zero():

@@ -191,6 +191,9 @@ class STPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # False for a model that is a part of a forecaster (ST-LINK's token encoder), not one itself
     forecasts = True
+    # True where each node's forecast reads that node's own inputs only (no graph, no attention across
+    # nodes): evaluation may then run a few nodes at a time (st_peft.training.node_batches)
+    forecasts_nodes_independently = False
 
     def __init__(self, config: PreTrainedConfig, *inputs: Any, **kwargs: Any) -> None:
         super().__init__(config, *inputs, **kwargs)

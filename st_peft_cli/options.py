@@ -171,6 +171,13 @@ class TrainOptions(DataOptions):
     lr: float = option(1e-3, "learning rate", above=0.0)
     weight_decay: float = option(1e-4, "weight decay of AdamW", minimum=0.0)
     loss: str = option("mae", "training loss in original units, an argument of the model", choices=LOSS_NAMES)
+    node_batch_size: int | None = option(
+        help="train on this many nodes per batch, drawn anew for every batch (default: every node); evaluation "
+        "still scores every node, in chunks of this size where the model forecasts each node on its own",
+        minimum=1)
+    node_sampler: str | None = option(
+        help="how --node-batch-size draws its nodes: uniform, or bfs (graph-local patches grown by breadth-first "
+        "search, so that graph convolutions see neighbours) (default: uniform)", choices=("uniform", "bfs"))
     patience: int = option(5, "early-stopping patience in evaluations", minimum=1)
     resume: bool = option(False, "continue the unfinished run in --output-dir from its newest complete checkpoint",
                           recorded=False)

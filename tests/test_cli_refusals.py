@@ -111,7 +111,9 @@ def test_evaluate_on_a_model_that_does_not_load_is_one_line(damage, trained, bik
         run_json = run / "run.json"
         run_json.write_text(run_json.read_text().replace(str(bike / "bike.npz"), str(tmp_path / "bike.npz")))
     assert cli.main(["evaluate", str(run), *(["--allow-changed-data"] if damage == "other nodes" else [])]) == 2
-    assert f"the model in {run} does not load into the model its run.json describes" in one_line_error(capsys)
+    expected = f"the model in {run} was trained on data of 8 nodes, but its data now has 5 nodes" \
+        if damage == "other nodes" else f"the model in {run} does not load into the model its run.json describes"
+    assert expected in one_line_error(capsys)
 
 
 def replace_values(path: Path) -> None:

@@ -52,6 +52,7 @@ class STID(STPreTrainedModel):
 
     config_class = STIDConfig
     base_model_prefix = "stid"
+    forecasts_nodes_independently = True  # a per-node MLP: nothing crosses nodes
 
     def __init__(self, config: STIDConfig | None = None, **fields: Any) -> None:
         config = STIDConfig(**fields) if config is None else config

@@ -10,6 +10,12 @@ A graph too large for one batch is trained on node subsets. Two ways to draw the
 Every node-indexed tensor of the batch (``past_values``, ``past_observed_mask``,
 ``future_values``, ``future_observed_mask``) keeps the drawn nodes in increasing order, and
 ``node_index`` ``(K,)`` says which they are; calendar features have no node axis and are unchanged.
+
+Resuming: a data loader may call the collator ahead of training (Accelerate's loader fetches one
+batch ahead), so the sampler's state *now* is not the state at the first batch not yet trained on.
+:class:`NodeBatchCollator` keeps the sampler's state before each of its recent draws;
+``state_dict(draw)`` gives the state before draw number ``draw`` (counted from construction or
+the last ``load_state_dict``), from which the draws resume exactly.
 """
 
 from __future__ import annotations
@@ -43,11 +49,11 @@ class NodeSampler:
         nodes_per_batch: ``K``; above ``N`` it is capped at ``N`` with a note, below 1 refused.
         strategy: ``"uniform"`` or ``"bfs"`` (see the module docstring).
         adjacency: ``(N, N)`` graph, required for ``"bfs"``.
-        seed: seed of the draws.
+        seed: seed of the draws (a whole number, or a sequence of them such as ``[seed, rank]``).
     """
 
     def __init__(self, num_nodes: int, nodes_per_batch: int, strategy: str = "uniform",
-                 adjacency: np.ndarray | None = None, seed: int = 0):
+                 adjacency: np.ndarray | None = None, seed: int | Sequence[int] = 0):
         if isinstance(nodes_per_batch, bool) or not isinstance(nodes_per_batch, (int, np.integer)) or nodes_per_batch < 1:
             raise DataError(f"the node batch size must be a whole number >= 1, got {nodes_per_batch!r}")
         if strategy not in NODE_SAMPLING:
@@ -106,7 +112,13 @@ class NodeBatchCollator:
     Args:
         collator: the splits' collator (``splits.collator``).
         sampler: draws the nodes of each batch.
+
+    Attributes:
+        draws: draws made since construction or the last :meth:`load_state_dict`.
     """
+
+    KEPT_STATES = 64
+    """Sampler states kept for the most recent draws: a loader fetches at most a few batches ahead."""
 
     def __init__(self, collator: WindowCollator, sampler: NodeSampler):
         nodes = collator.inputs.shape[1]
@@ -114,6 +126,33 @@ class NodeBatchCollator:
             raise DataError(f"the node sampler draws from {sampler.num_nodes} nodes but the data has {nodes}")
         self.collator = collator
         self.sampler = sampler
+        self.draws = 0
+        self._states: dict[int, dict] = {}
+
+    def state_dict(self, draw: int | None = None) -> dict:
+        """The sampler's state before draw number ``draw`` (default: the next one), to resume the draws there.
+
+        Raises:
+            ValueError: ``draw`` is in the future, or too far back to be kept.
+        """
+        if draw is None or draw == self.draws:
+            return self.sampler.state_dict()
+        if draw not in self._states:
+            raise ValueError(f"the node sampler's state before draw {draw} is not kept: {self.draws} draws were "
+                             f"made, and states of the last {self.KEPT_STATES} only are kept")
+        return self._states[draw]
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the draws from a :meth:`state_dict`; draws are counted from here again."""
+        self.sampler.load_state_dict(state)
+        self.draws = 0
+        self._states.clear()
+
+    def _draw(self) -> np.ndarray:
+        self._states[self.draws] = self.sampler.state_dict()
+        self._states.pop(self.draws - self.KEPT_STATES, None)
+        self.draws += 1
+        return self.sampler()
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Collate rows ``{"start": s}`` of a split (the ``data_collator`` of a Trainer)."""
@@ -127,7 +166,7 @@ class NodeBatchCollator:
             The batch of ``WindowCollator.gather`` with ``(B, L|H, K, C)`` node-indexed tensors and
             ``node_index`` int64 ``(K,)``.
         """
-        nodes = self.sampler() if nodes is None else np.asarray(nodes, dtype=np.int64)
+        nodes = self._draw() if nodes is None else np.asarray(nodes, dtype=np.int64)
         collator = self.collator
         starts = np.asarray(starts, dtype=np.int64)
         past = starts[:, None] + np.arange(collator.input_len)

@@ -4,14 +4,18 @@ The batch is the project's dict of transformers' time-series names (see
 ``docs/ARCHITECTURE.md``). Every st-peft model returns its own masked ``loss`` in original
 units when given ``future_values``, so plain ``transformers.Trainer`` trains them too;
 ``STTrainer`` adds what it lacks: per-horizon metrics, early stopping on validation MAE,
-batch samplers (few-shot, memory replay), and a user's own module whose ``forward`` takes
+batch samplers (few-shot, memory replay), node batches (each training batch on ``K`` of the
+graph's nodes, evaluation over every node), and a user's own module whose ``forward`` takes
 only some of the batch's keys and returns a bare tensor. Anything ``Trainer`` can train (a
 plain ``nn.Module``, a ``PeftModel``, a ``PreTrainedModel``) goes through the same code path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,13 +23,23 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from st_peft.checks import check_future_values
+from st_peft.data.node_batching import NodeBatchCollator, NodeSampler
 from st_peft.forecasting import forecast_loss, inputs_for
 from st_peft.losses import masked_mae
 from st_peft.metrics import POINT_METRICS, horizon_metrics
 from st_peft.outputs import TARGET_NAMES, prediction_of
+from st_peft.training.node_batches import (
+    check_same_graph,
+    forecasts_nodes_independently,
+    load_sampler_state,
+    node_chunks,
+    sampler_state_file,
+    save_sampler_state,
+)
 from st_peft.training.samplers import MemoryReplaySampler
 
 logger = logging.get_logger(__name__)
@@ -105,6 +119,14 @@ class STTrainer(Trainer):
             ``torch.utils.data.BatchSampler`` or :class:`MemoryReplaySampler`) yielding lists
             of them, used instead of the random sampler for training.
         horizons: 1-based steps reported by evaluation; by default 3, 6 and 12 where they fit.
+        node_sampler: train on node batches: each training batch carries the ``K`` nodes this
+            :class:`~st_peft.data.node_batching.NodeSampler` draws, with their ``node_index``
+            (``data_collator`` is then the splits' whole-graph collator). Its draws are part of
+            every checkpoint, so a resumed run draws what the uninterrupted one would have.
+        eval_node_chunk: evaluate and predict in chunks of this many nodes where the model
+            forecasts each node from its own series only (``forecasts_nodes_independently``);
+            default: the node sampler's ``K``. Metrics are always over every node; a graph
+            model is evaluated on the whole graph.
         early_stopping_patience: stop after this many evaluations without a better
             ``metric_for_best_model`` (needs evaluation and ``metric_for_best_model`` set).
         **kwargs: anything else ``transformers.Trainer`` takes (``callbacks``, ``optimizers``, ...).
@@ -129,6 +151,8 @@ class STTrainer(Trainer):
         data_collator: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None,
         train_sampler: Sampler | None = None,
         horizons: Sequence[int] | None = None,
+        node_sampler: NodeSampler | None = None,
+        eval_node_chunk: int | None = None,
         early_stopping_patience: int | None = None,
         compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
         **kwargs: Any,
@@ -149,6 +173,16 @@ class STTrainer(Trainer):
         )
         self.train_sampler = train_sampler
         self.horizons = tuple(horizons) if horizons is not None else None
+        self.node_collator = None
+        if node_sampler is not None:
+            if data_collator is None:
+                raise ValueError("STTrainer: node batches are gathered by the splits' collator; pass data_collator")
+            check_same_graph(model, node_sampler.num_nodes, "the node sampler's graph")
+            self.node_collator = NodeBatchCollator(data_collator, node_sampler)
+        if eval_node_chunk is not None and eval_node_chunk < 1:
+            raise ValueError(f"STTrainer: eval_node_chunk must be at least 1, got {eval_node_chunk}")
+        self.eval_node_chunk = eval_node_chunk or (node_sampler.nodes_per_batch if node_sampler else None)
+        self._node_batches_trained = 0
 
     def compute_loss(
         self,
@@ -193,6 +227,8 @@ class STTrainer(Trainer):
                 optimizer applies anything from it).
         """
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.node_collator is not None:
+            self._node_batches_trained += 1
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1
             raise NonFiniteLossError(
@@ -214,12 +250,46 @@ class STTrainer(Trainer):
         """
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, prediction = self.compute_loss(model, inputs, return_outputs=True)
+            chunk = self._node_chunk(model, inputs)
+            if chunk is None:
+                loss, prediction = self.compute_loss(model, inputs, return_outputs=True)
+            else:
+                loss, prediction = self._loss_in_node_chunks(model, inputs, chunk)
         loss = loss.detach()
         if prediction_loss_only:
             return loss, None, None
         labels = (inputs["future_values"], inputs["future_observed_mask"].to(prediction.dtype))
         return loss, prediction.detach(), labels
+
+    def _node_chunk(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> int | None:
+        """Nodes per chunk for this whole-graph evaluation batch, or None for one pass over every node."""
+        if self.eval_node_chunk is None or "node_index" in inputs:
+            return None
+        nodes = inputs["past_values"].shape[2]
+        # the model would take a node_index into a graph of another size without a word
+        check_same_graph(self.accelerator.unwrap_model(model), nodes, "the evaluated data")
+        if self.eval_node_chunk >= nodes or not forecasts_nodes_independently(self.accelerator.unwrap_model(model)):
+            return None
+        return self.eval_node_chunk
+
+    def _loss_in_node_chunks(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and forecast ``(B, H, N, C_out)`` of a whole-graph batch, computed ``chunk`` nodes at a time.
+
+        The loss is each chunk's masked mean weighted by its observed targets, which is the
+        whole graph's masked mean (plus the model's ``aux_loss``, the same in every chunk).
+        """
+        losses, weights, predictions = [], [], []
+        for piece in node_chunks(inputs, chunk):
+            loss, prediction = self.compute_loss(model, piece, return_outputs=True)
+            losses.append(loss)
+            weights.append(piece["future_observed_mask"].sum())
+            predictions.append(prediction)
+        losses, weights = torch.stack(losses), torch.stack(weights).to(losses[0].dtype)
+        total = weights.sum()
+        loss = (losses * weights).sum() / total if total > 0 else losses.mean()
+        return loss, torch.cat(predictions, dim=2)
 
     def _horizon_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
         target, mask = eval_prediction.label_ids
@@ -232,8 +302,25 @@ class STTrainer(Trainer):
             return self.train_sampler
         return super()._get_train_sampler(train_dataset)
 
+    @contextmanager
+    def _training_collator(self) -> Iterator[None]:
+        """The node-batch collator as ``data_collator`` while the training loader is built (evaluation
+        keeps the whole-graph one)."""
+        whole_graph = self.data_collator
+        if self.node_collator is not None:
+            self.data_collator = self.node_collator
+        try:
+            yield
+        finally:
+            self.data_collator = whole_graph
+
     def get_train_dataloader(self) -> DataLoader:
-        """The training loader; a batch sampler given as ``train_sampler`` decides every batch."""
+        """The training loader; a batch sampler given as ``train_sampler`` decides every batch, and a
+        node sampler the nodes of every batch."""
+        with self._training_collator():
+            return self._train_dataloader()
+
+    def _train_dataloader(self) -> DataLoader:
         if not isinstance(self.train_sampler, (BatchSampler, MemoryReplaySampler)):
             return super().get_train_dataloader()
         if self.train_dataset is None:
@@ -246,6 +333,30 @@ class STTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; resuming node-batched training also resumes the node draws of the checkpoint."""
+        self._node_batches_trained = 0
+        if self.node_collator is not None and resume_from_checkpoint not in (None, False):
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            load_sampler_state(self.node_collator, self._sampler_state_file(resume_from_checkpoint))
+        elif self.node_collator is not None:
+            # draws are counted from here, like the batches trained: an earlier train() may have drawn ahead
+            self.node_collator.load_state_dict(self.node_collator.state_dict())
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _sampler_state_file(self, folder: str) -> Path:
+        return sampler_state_file(folder, self.args.process_index, self.args.world_size)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Trainer's random states, and the node sampler's before the first batch not yet trained on."""
+        super()._save_rng_state(output_dir)
+        if self.node_collator is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            save_sampler_state(self.node_collator, self._node_batches_trained, self._sampler_state_file(output_dir))
 
     def evaluate_test(self, test_dataset: Any, horizons: Sequence[int] | None = None) -> dict[str, float]:
         """Metrics of the current model on ``test_dataset`` (e.g. ``splits.test``).

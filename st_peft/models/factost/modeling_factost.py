@@ -286,6 +286,8 @@ class FactoSTModel(FactoSTPreTrainedModel):
     spatio-temporal parts through ``token_hook``.
     """
 
+    forecasts_nodes_independently = True
+
     def __init__(self, config: FactoSTConfig):
         super().__init__(config)
         self.patch_embedding = FactoSTPatchEmbedding(config)

@@ -51,6 +51,13 @@ class FactoSTAdapterModel(PerNodeCheckpointMixin, BaseTuner):
     tuner_layer_cls = FactoSTAdapterLayer
     target_module_mapping: dict[str, list[str]] = {"factost": ["token_hook"]}
 
+    @property
+    def forecasts_nodes_independently(self) -> bool:
+        """Whether each node's forecast reads its own series only: the backbone's, unless an active
+        adapter's interaction filtering attends across nodes."""
+        mixing = any(self.peft_config[name].use_interaction for name in self.active_adapters if name in self.peft_config)
+        return not mixing and bool(getattr(self.model, "forecasts_nodes_independently", False))
+
     def _prepare_model(self, peft_config: FactoSTAdapterConfig, model: nn.Module) -> None:
         """Refuse a config without num_nodes, backbones without a FactoST token hook, and layer indices that
         would not apply to it."""

@@ -87,6 +87,11 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
     tuner_layer_cls = STLoraLayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    @property
+    def forecasts_nodes_independently(self) -> bool:
+        """The forecaster's: the predictor and the node-adaptive layers work on each node on its own."""
+        return bool(getattr(self.model, "forecasts_nodes_independently", False))
+
     def _prepare_adapter_config(self, peft_config: STLoraConfig, model_config: dict) -> STLoraConfig:
         """ST-LoRA needs no ``target_modules``: its predictor is always a target."""
         return peft_config
