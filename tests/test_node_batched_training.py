@@ -19,6 +19,7 @@ from st_peft.backbones import STID, GWNet
 from st_peft.data import build_splits, load
 from st_peft.data.node_batching import NodeBatchCollator, NodeSampler
 from st_peft.models.factost import FactoSTConfig, FactoSTModel
+from st_peft.runs import RunFolder
 from st_peft.training import STTrainer, st_training_args
 from st_peft.training.node_batches import SAMPLER_STATE, forecasts_nodes_independently
 from st_peft.tuners.factost import FactoSTAdapterConfig
@@ -272,8 +273,8 @@ def test_node_batched_training_under_accelerate_launch_with_two_processes(tmp_pa
     checkpoint = next((run / "checkpoints").glob("checkpoint-*"))
     states = [json.loads((checkpoint / f"node_sampler_{rank}.json").read_text()) for rank in (0, 1)]
     assert states[0] != states[1]
-    # the run's model loads and forecasts every node
-    splits = build_splits(load(str(data), steps_per_day=96), input_len=12, horizon=12)
+    # the run's model loads and forecasts every node, on the inputs the run's data options make
+    _, splits, _ = cli.load_run(RunFolder(run))
     model = STID.from_pretrained(str(run))
     batch = splits.collator.gather(np.asarray(splits.test["start"])[:2])
     assert model(**batch).prediction_outputs.shape == (2, 12, 60, 1)
