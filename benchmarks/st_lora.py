@@ -41,7 +41,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_backbone, markdown_table, parameter_count, timed, write_results  # noqa: E402
+from common import build_backbone, markdown_table, parameter_count, write_results  # noqa: E402
 from side_by_side import REPO, TreeWorker, export_package, revision, serve  # noqa: E402
 
 from st_peft.data import ForecastingSplits, build_splits, load  # noqa: E402
@@ -118,35 +118,43 @@ class SpeedCase:
         with torch.no_grad():
             model(**self.inputs)
 
-    def seconds(self, measure: str) -> float:
-        """Wall-clock seconds of one call of ``measure`` (one of :data:`MEASURES`).
+    def seconds(self, measure: str) -> tuple[float, float]:
+        """Wall-clock and CPU seconds (of this thread) of one call of ``measure`` (one of :data:`MEASURES`).
 
         The model is put in training mode (training steps) or evaluation mode (inference) before
-        the clock starts.
+        the clocks start. On a loaded machine the CPU time leaves out the waits for a core.
         """
         model = self.plain if measure.endswith("backbone") else self.with_adapter
         training = measure.startswith("train")
         model.train(training)
-        return timed(lambda: (self.step if training else self.infer)(model), 1)[0]
+        run = self.step if training else self.infer
+        wall, cpu = time.perf_counter(), time.thread_time()
+        run(model)
+        return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def summary(times: dict[str, list[float]]) -> dict:
-    """Medians of the :data:`MEASURES` and their ratios; ``step_over_forward`` is ST-LoRA's training step
+def ratios(medians: dict[str, float]) -> dict[str, float]:
+    """The ratios of the medians of the :data:`MEASURES`; ``step_over_forward`` is ST-LoRA's training step
     over the plain backbone's inference (issue 25's target: at most 1.1x on GWNet)."""
-    medians = {key: statistics.median(values) for key, values in times.items()}
     return {
-        **medians,
         "train_ratio": medians["train_st_lora"] / medians["train_backbone"],
         "infer_ratio": medians["infer_st_lora"] / medians["infer_backbone"],
         "step_over_forward": medians["train_st_lora"] / medians["infer_backbone"],
-        "repeats": len(times["train_st_lora"]),
     }
+
+
+def summary(times: dict[str, list[tuple[float, float]]]) -> dict:
+    """Median wall-clock seconds of the :data:`MEASURES` and their :func:`ratios`, and the same of the CPU
+    seconds under ``"cpu"``, from ``(wall, cpu)`` pairs per repeat."""
+    wall = {key: statistics.median(pair[0] for pair in pairs) for key, pairs in times.items()}
+    cpu = {key: statistics.median(pair[1] for pair in pairs) for key, pairs in times.items()}
+    return {**wall, **ratios(wall), "cpu": {**cpu, **ratios(cpu)}, "repeats": len(times["train_st_lora"])}
 
 
 def speed(name: str, splits: ForecastingSplits, repeats: int, paper_size: bool) -> dict:
     """Median seconds of a training step and of inference, with and without ST-LoRA, interleaved."""
     case = SpeedCase(name, splits, paper_size)
-    times: dict[str, list[float]] = {measure: [] for measure in MEASURES}
+    times: dict[str, list[tuple[float, float]]] = {measure: [] for measure in MEASURES}
     for _ in range(repeats):
         for measure in MEASURES:
             times[measure].append(case.seconds(measure))
@@ -175,7 +183,7 @@ def worker(options: argparse.Namespace) -> None:
 
     def handle(request: str) -> str:
         name, measure = request.split()
-        return repr(cases[name].seconds(measure))
+        return json.dumps(cases[name].seconds(measure))
 
     serve(json.dumps({"st_peft": str(Path(st_peft.__file__).resolve().parent)}), handle)
 
@@ -186,7 +194,7 @@ def compare(options: argparse.Namespace) -> dict:
     arguments = ["--datasets", options.datasets[-1], "--models", *options.models,
                  *(["--paper-size"] if options.paper_size else [])]
     with tempfile.TemporaryDirectory(prefix="st_lora_old_") as folder:
-        old_commit = export_package(options.compare_with, Path(folder))
+        old_commit, new_commit = export_package(options.compare_with, Path(folder)), revision("HEAD")
         workers = {"old": TreeWorker(Path(__file__), arguments, Path(folder)),
                    "new": TreeWorker(Path(__file__), arguments, REPO)}
         try:
@@ -198,29 +206,31 @@ def compare(options: argparse.Namespace) -> dict:
                 for name in options.models:
                     for measure in MEASURES:
                         for version in order:
-                            times[version][name][measure].append(float(workers[version].ask(f"{name} {measure}")))
+                            reply = workers[version].ask(f"{name} {measure}")
+                            times[version][name][measure].append(tuple(json.loads(reply)))
         finally:
             for w in workers.values():
                 w.close()
     return {
         "old": {"ref": options.compare_with, "commit": old_commit, "st_peft": packages["old"]},
-        "new": {"commit": revision("HEAD"), "st_peft": packages["new"]},
+        "new": {"commit": new_commit, "st_peft": packages["new"]},
         "speed": {name: {version: summary(times[version][name]) for version in workers} for name in options.models},
     }
 
 
-def compare_table(results: dict, options: argparse.Namespace) -> str:
-    """ST-LoRA's training step over the backbone's inference, old against new, as a titled markdown table."""
+def compare_table(results: dict, options: argparse.Namespace, clock: str) -> str:
+    """ST-LoRA's training step over the backbone's inference, old against new, as a titled markdown table
+    of medians of the ``clock`` (``"wall"`` or ``"cpu"``) seconds."""
     rows = []
     for name, versions in results["speed"].items():
-        old, new = versions["old"], versions["new"]
+        old, new = (versions[v] if clock == "wall" else versions[v]["cpu"] for v in ("old", "new"))
         rows.append([name, old["train_st_lora"], old["infer_backbone"], f"{old['step_over_forward']:.2f}x",
                      new["train_st_lora"], new["infer_backbone"], f"{new['step_over_forward']:.2f}x",
                      f"{new['train_st_lora'] / old['train_st_lora']:.2f}x"])
     size = "the papers' backbone sizes" if options.paper_size else "benchmark-size backbones"
     title = (f"\nST-LoRA training step over the plain backbone's forward-only step on {options.datasets[-1]}, {size}, "
              f"batch {BATCH}: old = st_peft of {options.compare_with} ({results['old']['commit'][:10]}), new = this "
-             f"checkout ({results['new']['commit'][:10]}); median seconds of {options.repeats} interleaved repeats\n\n")
+             f"checkout ({results['new']['commit'][:10]}); median {clock} seconds of {options.repeats} interleaved repeats\n\n")
     return title + markdown_table(["backbone", "old step", "old forward", "old ratio", "new step", "new forward",
                                    "new ratio", "new step / old step"], rows)
 
@@ -249,7 +259,7 @@ def main() -> None:
     if options.compare_with:
         results = {"protocol": __doc__.split("\n\n", 2)[2].strip(), "options": vars(options), **compare(options),
                    "seconds": time.perf_counter() - began}
-        print(compare_table(results, options))
+        print(compare_table(results, options, "wall") + "\n" + compare_table(results, options, "cpu"))
         path = write_results(options.output + "_speed_compare" + ("_paper_size" if options.paper_size else ""), results)
         print(f"\nwrote {path} in {results['seconds']:.0f}s")
         return
