@@ -145,10 +145,19 @@ def ratios(medians: dict[str, float]) -> dict[str, float]:
 
 def summary(times: dict[str, list[tuple[float, float]]]) -> dict:
     """Median wall-clock seconds of the :data:`MEASURES` and their :func:`ratios`, and the same of the CPU
-    seconds under ``"cpu"``, from ``(wall, cpu)`` pairs per repeat."""
-    wall = {key: statistics.median(pair[0] for pair in pairs) for key, pairs in times.items()}
-    cpu = {key: statistics.median(pair[1] for pair in pairs) for key, pairs in times.items()}
-    return {**wall, **ratios(wall), "cpu": {**cpu, **ratios(cpu)}, "repeats": len(times["train_st_lora"])}
+    seconds under ``"cpu"``, from ``(wall, cpu)`` pairs per repeat.
+
+    ``step_over_forward_paired`` is the median over repeats of each repeat's own ratio: the two
+    calls of a repeat run one after the other, so a slow drift of the machine's load cancels.
+    """
+
+    def of_clock(index: int) -> dict[str, float]:
+        medians = {key: statistics.median(pair[index] for pair in pairs) for key, pairs in times.items()}
+        paired = statistics.median(step[index] / forward[index]
+                                   for step, forward in zip(times["train_st_lora"], times["infer_backbone"], strict=True))
+        return {**medians, **ratios(medians), "step_over_forward_paired": paired}
+
+    return {**of_clock(0), "cpu": of_clock(1), "repeats": len(times["train_st_lora"])}
 
 
 def speed(name: str, splits: ForecastingSplits, repeats: int, paper_size: bool) -> dict:
@@ -224,13 +233,15 @@ def compare_table(results: dict, options: argparse.Namespace, clock: str) -> str
     rows = []
     for name, versions in results["speed"].items():
         old, new = (versions[v] if clock == "wall" else versions[v]["cpu"] for v in ("old", "new"))
-        rows.append([name, old["train_st_lora"], old["infer_backbone"], f"{old['step_over_forward']:.2f}x",
-                     new["train_st_lora"], new["infer_backbone"], f"{new['step_over_forward']:.2f}x",
+        rows.append([name, old["train_st_lora"], old["infer_backbone"],
+                     f"{old['step_over_forward']:.2f}x ({old['step_over_forward_paired']:.2f}x)",
+                     new["train_st_lora"], new["infer_backbone"],
+                     f"{new['step_over_forward']:.2f}x ({new['step_over_forward_paired']:.2f}x)",
                      f"{new['train_st_lora'] / old['train_st_lora']:.2f}x"])
     size = "the papers' backbone sizes" if options.paper_size else "benchmark-size backbones"
     title = (f"\nST-LoRA training step over the plain backbone's forward-only step on {options.datasets[-1]}, {size}, "
              f"batch {BATCH}: old = st_peft of {options.compare_with} ({results['old']['commit'][:10]}), new = this "
-             f"checkout ({results['new']['commit'][:10]}); median {clock} seconds of {options.repeats} interleaved repeats\n\n")
+             f"checkout ({results['new']['commit'][:10]}); median {clock} seconds of {options.repeats} interleaved repeats; ratio of the medians (median of each repeat's ratio)\n\n")
     return title + markdown_table(["backbone", "old step", "old forward", "old ratio", "new step", "new forward",
                                    "new ratio", "new step / old step"], rows)
 
