@@ -1,7 +1,7 @@
 """ST-LoRA's cost on STID, GWNet and STGCN: speed of training and inference, added parameters.
 
     python benchmarks/st_lora.py [--repeats 21] [--paper-size] [--datasets chickenpox nyc-bike sz-taxi]
-    python benchmarks/st_lora.py --compare-with GIT_REF [--repeats 21] [--paper-size] [--models gwnet]
+    python benchmarks/st_lora.py --compare-with GIT_REF [--rounds 3] [--repeats 21] [--paper-size] [--models gwnet]
 
 No training and no accuracy: whether ST-LoRA makes a forecaster more accurate is measured to
 convergence by ``benchmarks/st_lora_convergence.py``. This script measures what the adapter
@@ -18,7 +18,9 @@ and 12 out:
   the plain backbone's inference (target at most 1.1x on GWNet).
 - ``--compare-with GIT_REF``: the speed only, with ``st_peft`` of that git revision ("old")
   against this checkout ("new") in two worker processes (one thread each) whose requests
-  alternate, same data, batch, sizes and seeds, and the same timing code (this script's).
+  alternate, same data, batch, sizes and seeds, and the same timing code (this script's);
+  ``--rounds`` pools that many fresh pairs of workers. Wall-clock and CPU seconds are both
+  recorded.
 
 Prints markdown tables and writes ``benchmarks/results/st_lora_speed.json``
 (``st_lora_speed_paper_size.json`` with ``--paper-size``, ``st_lora_speed_compare*.json`` with
@@ -199,31 +201,35 @@ def worker(options: argparse.Namespace) -> None:
 
 def compare(options: argparse.Namespace) -> dict:
     """Medians of the :data:`MEASURES` with ``st_peft`` of ``--compare-with`` ("old") and of this checkout
-    ("new"), in two worker processes whose requests alternate (the first of each pair swaps every repeat)."""
+    ("new"), timed by two worker processes whose requests alternate (the first of each pair swaps every
+    repeat). Each of ``--rounds`` rounds starts a fresh pair: on a loaded machine one process can stay a
+    tenth faster or slower than another running the same code, so the medians pool several."""
     arguments = ["--datasets", options.datasets[-1], "--models", *options.models,
                  *(["--paper-size"] if options.paper_size else [])]
+    versions = ("old", "new")
+    times = {version: {name: {measure: [] for measure in MEASURES} for name in options.models} for version in versions}
     with tempfile.TemporaryDirectory(prefix="st_lora_old_") as folder:
         old_commit, new_commit = export_package(options.compare_with, Path(folder)), revision("HEAD")
-        workers = {"old": TreeWorker(Path(__file__), arguments, Path(folder)),
-                   "new": TreeWorker(Path(__file__), arguments, REPO)}
-        try:
-            packages = {version: json.loads(w.wait_ready())["st_peft"] for version, w in workers.items()}
-            times = {version: {name: {measure: [] for measure in MEASURES} for name in options.models}
-                     for version in workers}
-            for repeat in range(options.repeats):
-                order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
-                for name in options.models:
-                    for measure in MEASURES:
-                        for version in order:
-                            reply = workers[version].ask(f"{name} {measure}")
-                            times[version][name][measure].append(tuple(json.loads(reply)))
-        finally:
-            for w in workers.values():
-                w.close()
+        trees = {"old": Path(folder), "new": REPO}
+        for round_ in range(options.rounds):
+            workers = {version: TreeWorker(Path(__file__), arguments, trees[version]) for version in versions}
+            try:
+                packages = {version: json.loads(w.wait_ready())["st_peft"] for version, w in workers.items()}
+                for repeat in range(options.repeats):
+                    order = versions if (round_ * options.repeats + repeat) % 2 == 0 else versions[::-1]
+                    for name in options.models:
+                        for measure in MEASURES:
+                            for version in order:
+                                reply = workers[version].ask(f"{name} {measure}")
+                                times[version][name][measure].append(tuple(json.loads(reply)))
+            finally:
+                for w in workers.values():
+                    w.close()
     return {
         "old": {"ref": options.compare_with, "commit": old_commit, "st_peft": packages["old"]},
         "new": {"commit": new_commit, "st_peft": packages["new"]},
-        "speed": {name: {version: summary(times[version][name]) for version in workers} for name in options.models},
+        "speed": {name: {version: summary(times[version][name]) for version in versions} for name in options.models},
+        "times": times,
     }
 
 
@@ -241,7 +247,8 @@ def compare_table(results: dict, options: argparse.Namespace, clock: str) -> str
     size = "the papers' backbone sizes" if options.paper_size else "benchmark-size backbones"
     title = (f"\nST-LoRA training step over the plain backbone's forward-only step on {options.datasets[-1]}, {size}, "
              f"batch {BATCH}: old = st_peft of {options.compare_with} ({results['old']['commit'][:10]}), new = this "
-             f"checkout ({results['new']['commit'][:10]}); median {clock} seconds of {options.repeats} interleaved repeats; ratio of the medians (median of each repeat's ratio)\n\n")
+             f"checkout ({results['new']['commit'][:10]}); median {clock} seconds of {options.rounds} x "
+             f"{options.repeats} interleaved repeats; ratio of the medians (median of each repeat's ratio)\n\n")
     return title + markdown_table(["backbone", "old step", "old forward", "old ratio", "new step", "new forward",
                                    "new ratio", "new step / old step"], rows)
 
@@ -259,6 +266,8 @@ def main() -> None:
     parser.add_argument("--compare-with", metavar="GIT_REF",
                         help="time only the speed, with st_peft of this git revision against this checkout, side by "
                              "side; writes <output>_speed_compare.json (or _speed_compare_paper_size.json)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare-with: fresh worker processes this many times, --repeats each")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     # tiny models on a shared CPU: one thread each is faster than threads fighting for two cores
