@@ -1,7 +1,7 @@
 """ST-LoRA's cost on STID, GWNet and STGCN: speed of training and inference, added parameters.
 
     python benchmarks/st_lora.py [--repeats 21] [--paper-size] [--datasets chickenpox nyc-bike sz-taxi]
-    python benchmarks/st_lora.py --compare-with GIT_REF [--rounds 3] [--repeats 21] [--paper-size] [--models gwnet]
+    python benchmarks/st_lora.py --compare-with GIT_REF [--rounds 3] [--repeats 21] [--warm] [--paper-size]
 
 No training and no accuracy: whether ST-LoRA makes a forecaster more accurate is measured to
 convergence by ``benchmarks/st_lora_convergence.py``. This script measures what the adapter
@@ -21,10 +21,13 @@ and 12 out:
   alternate, same data, batch, sizes and seeds, and the same timing code (this script's);
   ``--rounds`` pools that many fresh pairs of workers. Wall-clock and CPU seconds are both
   recorded.
+- ``--warm``: an untimed call of the same kind before every timed one, so each is timed in the
+  steady state of a training or inference loop; without it the step timed right after the whole
+  backbone's training step pays for faulting in the memory that step gave back.
 
 Prints markdown tables and writes ``benchmarks/results/st_lora_speed.json``
 (``st_lora_speed_paper_size.json`` with ``--paper-size``, ``st_lora_speed_compare*.json`` with
-``--compare-with``). ``--repeats 1`` is a smoke test.
+``--compare-with``, ``st_lora_warm_*`` with ``--warm``). ``--repeats 1`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -120,16 +123,22 @@ class SpeedCase:
         with torch.no_grad():
             model(**self.inputs)
 
-    def seconds(self, measure: str) -> tuple[float, float]:
+    def seconds(self, measure: str, warm: bool = False) -> tuple[float, float]:
         """Wall-clock and CPU seconds (of this thread) of one call of ``measure`` (one of :data:`MEASURES`).
 
         The model is put in training mode (training steps) or evaluation mode (inference) before
         the clocks start. On a loaded machine the CPU time leaves out the waits for a core.
+        With ``warm``, an untimed call of the same kind comes first, so the timed one finds memory
+        as a loop of such calls leaves it rather than as the previous measurement did (the whole
+        backbone's training step frees far more than the others use, and the allocator gives it
+        back to the system, to be faulted in again by the next call).
         """
         model = self.plain if measure.endswith("backbone") else self.with_adapter
         training = measure.startswith("train")
         model.train(training)
         run = self.step if training else self.infer
+        if warm:
+            run(model)
         wall, cpu = time.perf_counter(), time.thread_time()
         run(model)
         return time.perf_counter() - wall, time.thread_time() - cpu
@@ -162,13 +171,14 @@ def summary(times: dict[str, list[tuple[float, float]]]) -> dict:
     return {**of_clock(0), "cpu": of_clock(1), "repeats": len(times["train_st_lora"])}
 
 
-def speed(name: str, splits: ForecastingSplits, repeats: int, paper_size: bool) -> dict:
-    """Median seconds of a training step and of inference, with and without ST-LoRA, interleaved."""
+def speed(name: str, splits: ForecastingSplits, repeats: int, paper_size: bool, warm: bool = False) -> dict:
+    """Median seconds of a training step and of inference, with and without ST-LoRA, interleaved
+    (``warm``: see :meth:`SpeedCase.seconds`)."""
     case = SpeedCase(name, splits, paper_size)
     times: dict[str, list[tuple[float, float]]] = {measure: [] for measure in MEASURES}
     for _ in range(repeats):
         for measure in MEASURES:
-            times[measure].append(case.seconds(measure))
+            times[measure].append(case.seconds(measure, warm))
     return summary(times)
 
 
@@ -194,7 +204,7 @@ def worker(options: argparse.Namespace) -> None:
 
     def handle(request: str) -> str:
         name, measure = request.split()
-        return json.dumps(cases[name].seconds(measure))
+        return json.dumps(cases[name].seconds(measure, options.warm))
 
     serve(json.dumps({"st_peft": str(Path(st_peft.__file__).resolve().parent)}), handle)
 
@@ -205,7 +215,7 @@ def compare(options: argparse.Namespace) -> dict:
     repeat). Each of ``--rounds`` rounds starts a fresh pair: on a loaded machine one process can stay a
     tenth faster or slower than another running the same code, so the medians pool several."""
     arguments = ["--datasets", options.datasets[-1], "--models", *options.models,
-                 *(["--paper-size"] if options.paper_size else [])]
+                 *(["--paper-size"] if options.paper_size else []), *(["--warm"] if options.warm else [])]
     versions = ("old", "new")
     times = {version: {name: {measure: [] for measure in MEASURES} for name in options.models} for version in versions}
     with tempfile.TemporaryDirectory(prefix="st_lora_old_") as folder:
@@ -268,6 +278,9 @@ def main() -> None:
                              "side; writes <output>_speed_compare.json (or _speed_compare_paper_size.json)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --compare-with: fresh worker processes this many times, --repeats each")
+    parser.add_argument("--warm", action="store_true",
+                        help="an untimed call of the same kind before every timed one (steady state, as in a loop); "
+                             "writes <output>_warm_speed*.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     # tiny models on a shared CPU: one thread each is faster than threads fighting for two cores
@@ -276,11 +289,12 @@ def main() -> None:
         worker(options)
         return
     began = time.perf_counter()
+    stem = options.output + ("_warm" if options.warm else "")
     if options.compare_with:
         results = {"protocol": __doc__.split("\n\n", 2)[2].strip(), "options": vars(options), **compare(options),
                    "seconds": time.perf_counter() - began}
         print(compare_table(results, options, "wall") + "\n" + compare_table(results, options, "cpu"))
-        path = write_results(options.output + "_speed_compare" + ("_paper_size" if options.paper_size else ""), results)
+        path = write_results(stem + "_speed_compare" + ("_paper_size" if options.paper_size else ""), results)
         print(f"\nwrote {path} in {results['seconds']:.0f}s")
         return
 
@@ -294,14 +308,15 @@ def main() -> None:
             results["parameters_paper_size"][f"{dataset}/{name}"] = share
             shares.append([dataset, name, share["backbone_parameters"], share["added_parameters"],
                            f"{share['added_percent']:.2f}%"])
-    results["speed"] = {name: speed(name, splits, options.repeats, options.paper_size) for name in options.models}
+    results["speed"] = {name: speed(name, splits, options.repeats, options.paper_size, options.warm)
+                        for name in options.models}
     results["seconds"] = time.perf_counter() - began
 
     print("\nAdded parameters at the papers' backbone sizes (default STLoraConfig)\n")
     print(markdown_table(["data", "backbone", "backbone parameters", "ST-LoRA parameters", "added"], shares))
     print(speed_table(results, options))
     suffix = "_speed_paper_size" if options.paper_size else "_speed"
-    path = write_results(options.output + suffix, results)
+    path = write_results(stem + suffix, results)
     print(f"\nwrote {path} in {results['seconds']:.0f}s")
 
 
