@@ -283,6 +283,8 @@ def main() -> None:
                              "writes <output>_warm_speed*.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if options.rounds < 1 or options.repeats < 1:
+        parser.error(f"--rounds and --repeats must be at least 1; got {options.rounds} and {options.repeats}")
     # tiny models on a shared CPU: one thread each is faster than threads fighting for two cores
     torch.set_num_threads(1)
     if options.worker:
