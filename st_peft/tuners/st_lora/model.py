@@ -132,13 +132,36 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
                 if self.prefix not in name:
                     parameter.requires_grad_(True)
 
-    def _adapter_modules(self) -> set[int]:
-        """ids of the modules that train with the adapter: adapter parts of ST-LoRA layers, copies of modules_to_save."""
-        return {
-            id(child)
-            for layer in self.model.modules() if isinstance(layer, (STLoraLayer, AuxiliaryTrainingWrapper))
-            for key, child in layer.named_modules() if not key.startswith(("base_layer", "original_module"))
-        }
+    def _call_modules(self, freeze: bool) -> tuple[list[NodeAdaptiveLayer], list[nn.Module]]:
+        """The forecaster's node-adaptive layers and, when ``freeze``, its own modules in training mode.
+
+        One walk of the module tree, in the order of ``self.model.modules()`` (each module once).
+        A module is the adapter's, and keeps following ``model.train()``, when it is an ST-LoRA layer
+        or a PEFT wrapper of ``modules_to_save`` or lies inside one, outside the wrapped
+        ``base_layer`` / ``original_module``; every other module in training mode is the forecaster's own.
+        """
+        layers: list[NodeAdaptiveLayer] = []
+        own_training: list[nn.Module] = []
+        seen: set[int] = set()
+        # one walk instead of three: it runs before every call, and on a small backbone (STID) it was
+        # a few percent of the training step
+        stack: list[tuple[nn.Module, bool]] = [(self.model, False)]
+        while stack:
+            module, adapter = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            wrapper = isinstance(module, (STLoraLayer, AuxiliaryTrainingWrapper))
+            if isinstance(module, NodeAdaptiveLayer):
+                layers.append(module)
+            if freeze and module.training and not (adapter or wrapper):
+                own_training.append(module)
+            children = [
+                (child, adapter or (wrapper and not key.startswith(("base_layer", "original_module"))))
+                for key, child in module._modules.items() if child is not None
+            ]
+            stack.extend(reversed(children))
+        return layers, own_training
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -159,7 +182,8 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
                 config = self.peft_config[name]
                 check_past_values(past_values, model=f"The ST-LoRA adapter {name!r}", num_nodes=config.num_nodes,
                                   input_len=config.input_len, in_channels=config.in_channels, node_index=node_index)
-        layers = [module for module in self.model.modules() if isinstance(module, NodeAdaptiveLayer)]
+        freeze = self.model.training and not any(self.peft_config[name].train_backbone for name in active)
+        layers, frozen = self._call_modules(freeze)
         ran: set[str] = set()
 
         def give_node_index(layer: NodeAdaptiveLayer, layer_args: tuple, layer_kwargs: dict) -> tuple[tuple, dict]:
@@ -178,10 +202,6 @@ class STLoraModel(PerNodeCheckpointMixin, BaseTuner):
                 lambda module, seam_args, seam_kwargs: (seam_args, {**seam_kwargs, "layer_penalties": penalties}),
                 with_kwargs=True,
             ))
-        frozen = []
-        if self.model.training and not any(self.peft_config[name].train_backbone for name in active):
-            adapter_modules = self._adapter_modules()
-            frozen = [module for module in self.model.modules() if module.training and id(module) not in adapter_modules]
         for module in frozen:
             module.training = False
         try:
