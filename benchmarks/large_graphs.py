@@ -1,7 +1,9 @@
-"""Graph backbones on LargeST-sized graphs: build time, one forward, peak memory, dense against sparse.
+"""Graph backbones on LargeST-sized graphs: build and forward (dense against sparse), and training cost.
 
     OMP_NUM_THREADS=1 python benchmarks/large_graphs.py [--quick] [--sizes 716 2352] [--node-batch 1024]
                                                        [--timeout 900]
+    OMP_NUM_THREADS=1 python benchmarks/large_graphs.py --train [--quick] [--steps 5] [--batch-size 32]
+                                                       [--models stid gwnet] [--modes nodes] [--max-step-s 60]
 
 LargeST (Liu et al., NeurIPS 2023) has 8,600 sensors (CA) and subsets of 3,834 (GLA), 2,352 (GBA)
 and 716 (SD). Its files are not on this machine, so each size is a road-like stand-in
@@ -25,6 +27,25 @@ graph and the float64 copy the model validates), and the resident memory before 
 A run that passes ``--timeout`` seconds is reported as such. Prints a markdown table and writes
 ``benchmarks/results/large_graphs_build_forward.json`` (``..._quick.json`` with ``--quick``,
 sizes 716 and 2,352).
+
+``--train`` measures training instead. Each graph carries a :func:`synthetic_signal` of three
+months at 15 minutes (8,832 steps: daily and weekly cycles, noise correlated along the graph), cut
+7:1:2 into 12-in, 12-out windows. STID, STID + ST-LoRA (frozen STID, default adapter), GWNet
+(:data:`common.CPU_WIDTHS`) and STGCN, each on the whole graph (``full``) and on ``--node-batch``
+nodes a batch (``nodes``: uniform draws for STID, breadth-first patches for the graph models),
+train ``--steps`` steps after one warm-up with ``STTrainer`` (``--batch-size`` windows, AdamW,
+clipping), each cell in its own process with its address space capped at :data:`MEMORY_CAP_GB`
+GB and ``--timeout`` seconds. Reported: the median wall and CPU seconds a step; an epoch
+*extrapolated* as that median times the steps of an epoch, an epoch being every (window, node)
+pair once, ``ceil(windows * ceil(N / K) / batch)`` steps; parameters (trainable); peak RSS. A cell
+whose step (CPU s) or peak memory, estimated from the same model and mode at smaller ``N``
+(a power law no slower than linear), passes ``--max-step-s`` or the cap is skipped with that
+estimate. Then per model and mode the exponent ``b`` of peak RSS ~ ``N^b`` and the largest ``N``
+estimated to fit in 24 GiB, and a log-log figure ``docs/large_graphs_training.png``. Writes
+``benchmarks/results/large_graphs_training.json`` after every cell (with ``--quick``: sizes 716 and
+2,352, two measured steps, ``..._quick.json`` and the figure beside it in ``benchmarks/results/``).
+Cells already in that file with the same settings are kept, so runs over some models and modes
+add up, and an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -332,24 +353,36 @@ def figure(results: list[dict], path: Path) -> None:
 
 
 def train_main(options: argparse.Namespace, sizes: tuple[int, ...]) -> None:
-    """Measure every model, mode and size (growing ``N``), print the tables, write JSON and the figure."""
-    from common import markdown_table, write_results
+    """Measure every model, mode and size (growing ``N``), print the tables, write JSON and the figure.
+
+    Cells already in the results file, measured with the same settings, are kept and not measured
+    again, so runs over some models or modes (``--models``, ``--modes``) add up.
+    """
+    from common import RESULTS, markdown_table, write_results
 
     name = "large_graphs_training" + ("_quick" if options.quick else "")
-    settings = {"sizes": list(sizes), "neighbours": NEIGHBOURS, "signal_steps": SIGNAL_STEPS,
-                "steps_per_day": STEPS_PER_DAY, "node_batch": options.node_batch, "batch_size": options.batch_size,
-                "steps_timed": options.steps, "memory_cap_gb": MEMORY_CAP_GB, "max_step_cpu_s": options.max_step_s}
+    settings = {"neighbours": NEIGHBOURS, "signal_steps": SIGNAL_STEPS, "steps_per_day": STEPS_PER_DAY,
+                "node_batch": options.node_batch, "batch_size": options.batch_size, "steps_timed": options.steps,
+                "memory_cap_gb": MEMORY_CAP_GB, "max_step_cpu_s": options.max_step_s}
+    earlier = RESULTS / f"{name}.json"
     results: list[dict] = []
+    if earlier.exists():
+        stored = json.loads(earlier.read_text())
+        if all(stored.get(key) == value for key, value in settings.items()):
+            results = stored["results"]
     for num_nodes in sizes:
         for model_name in options.models:
-            for mode in TRAIN_MODES:
+            for mode in options.modes:
                 done = [r for r in results if r["model"] == model_name and r["mode"] == mode]
-                reason = predicted_skip(done, num_nodes, options)
+                if any(r["nodes"] == num_nodes for r in done):
+                    continue
+                reason = predicted_skip([r for r in done if r["nodes"] < num_nodes], num_nodes, options)
                 result = ({"model": model_name, "nodes": num_nodes, "mode": mode, "skipped": reason} if reason
                           else train_child(model_name, num_nodes, mode, options))
                 results.append(result)
                 print(json.dumps(result), flush=True)
-                write_results(name, {**settings, "complete": False, "results": results})  # a partial run is kept
+                write_results(name, {**settings, "results": results})  # a partial run is kept
+    results.sort(key=lambda r: (r["nodes"], TRAIN_MODELS.index(r["model"]), TRAIN_MODES.index(r["mode"])))
     header = ["model", "mode", "N", "nodes a batch", "parameters (trainable)", "step s (CPU s)",
               "epoch h (CPU h), extrapolated", "steps an epoch", "peak RSS MB", "RSS after data MB"]
     rows = [[r["model"], r["mode"], r["nodes"],
@@ -360,14 +393,15 @@ def train_main(options: argparse.Namespace, sizes: tuple[int, ...]) -> None:
                else ["-", "-", r["skipped"], "-", "-", "-", "-"])] for r in results]
     print(markdown_table(header, rows))
     fits = {f"{m}, {mode}": largest_fitting([r for r in results if r["model"] == m and r["mode"] == mode])
-            for m in options.models for mode in TRAIN_MODES}
+            for m in TRAIN_MODELS for mode in TRAIN_MODES}
     print(markdown_table(["model, mode", "sizes fitted", "peak RSS ~ N^b: b", "b above imports",
                           "largest N in 24 GiB (estimated)"],
                          [[k, " ".join(map(str, f["sizes"])), f"{f['exponent']:.2f}",
                            f"{f['exponent_above_imports']:.2f}", f"{f['largest_n']:,}" if f["largest_n"] else "-"]
                           for k, f in fits.items() if f]))
-    figure(results, Path(__file__).resolve().parents[1] / "docs" / f"{name}.png")
-    path = write_results(name, {**settings, "complete": True, "results": results, "fits": fits})
+    root = Path(__file__).resolve().parents[1]
+    figure(results, (root / "benchmarks" / "results" if options.quick else root / "docs") / f"{name}.png")
+    path = write_results(name, {**settings, "results": results, "fits": fits})
     print(f"wrote {path}")
 
 
@@ -381,6 +415,8 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="measure training steps and epochs instead")
     parser.add_argument("--models", nargs="+", default=list(TRAIN_MODELS), choices=TRAIN_MODELS,
                         help="with --train: the models")
+    parser.add_argument("--modes", nargs="+", default=list(TRAIN_MODES), choices=TRAIN_MODES,
+                        help="with --train: whole graph, node batches, or both")
     parser.add_argument("--batch-size", type=int, default=32, help="with --train: windows a step")
     parser.add_argument("--steps", type=int, help="with --train: measured steps after one warm-up (5; 2 with --quick)")
     parser.add_argument("--max-step-s", type=float, default=60.0,
