@@ -295,16 +295,17 @@ def growth(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def predicted_skip(done: list[dict], num_nodes: int, options: argparse.Namespace) -> str | None:
-    """Why a cell at ``num_nodes`` should not run, from the same model and mode at smaller ``N``
-    (power law through the measured cells; linear in ``N`` from a single one), or None."""
+    """Why a cell at ``num_nodes`` should not run, or None: its step's CPU seconds and its peak memory
+    extrapolated from the largest measured cell of the same model and mode at smaller ``N``, along
+    the power law fitted to those cells but never slower than linear."""
     measured = [r for r in done if "step_cpu_s" in r]
     if not measured:
         return None
+    largest = max(measured, key=lambda r: r["nodes"])
     estimates = {}
     for key in ("step_cpu_s", "peak_rss_mb"):
-        points = [(r["nodes"], r[key]) for r in measured]
-        a, b = growth(points) if len(points) > 1 else (points[0][1] / points[0][0], 1.0)
-        estimates[key] = a * num_nodes ** max(b, 1.0)
+        exponent = growth([(r["nodes"], r[key]) for r in measured])[1] if len(measured) > 1 else 1.0
+        estimates[key] = largest[key] * (num_nodes / largest["nodes"]) ** max(exponent, 1.0)
     if estimates["peak_rss_mb"] > MEMORY_CAP_GB * 1024:
         return f"skipped: about {estimates['peak_rss_mb'] / 1024:.0f} GB estimated from smaller N"
     if estimates["step_cpu_s"] > options.max_step_s:
@@ -369,7 +370,7 @@ def train_main(options: argparse.Namespace, sizes: tuple[int, ...]) -> None:
     if earlier.exists():
         stored = json.loads(earlier.read_text())
         if all(stored.get(key) == value for key, value in settings.items()):
-            results = stored["results"]
+            results = [r for r in stored["results"] if "step_s" in r]  # skips are decided again
     for num_nodes in sizes:
         for model_name in options.models:
             for mode in options.modes:

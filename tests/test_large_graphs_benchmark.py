@@ -69,3 +69,8 @@ def test_cells_estimated_past_the_limits_are_skipped(bench):
     assert "CPU s a step" in bench.predicted_skip(done, 8000, options)  # about 64 CPU s
     assert "GB" in bench.predicted_skip([{**d, "step_cpu_s": 0.1} for d in done], 300_000, options)
     assert bench.predicted_skip([], 8000, options) is None
+    # memory growing slower than N (a fixed cost first) is extrapolated linearly from the largest cell
+    sublinear = [{"nodes": 716, "step_cpu_s": 0.1, "peak_rss_mb": 650.0},
+                 {"nodes": 2352, "step_cpu_s": 0.1, "peak_rss_mb": 1000.0}]
+    assert bench.predicted_skip(sublinear, 8600, options) is None  # about 3.7 GB
+    assert "about 25 GB" in bench.predicted_skip(sublinear, 60_000, options)
