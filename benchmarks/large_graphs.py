@@ -326,7 +326,7 @@ def largest_fitting(cells: list[dict]) -> dict | None:
             "largest_n": int((MEMORY_BUDGET_MB / a) ** (1 / b)) if b > 0 else None}
 
 
-def figure(results: list[dict], path: Path) -> None:
+def figure(results: list[dict], batch_size: int, path: Path) -> None:
     """Peak memory and CPU seconds a step against ``N``, log-log, one line per model and mode."""
     import matplotlib
 
@@ -334,18 +334,23 @@ def figure(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig.suptitle(f"training steps of {batch_size} windows, whole graph (solid) or node batches (dashed)",
+                 fontsize=9)
     for name in TRAIN_MODELS:
         for mode in TRAIN_MODES:
             cells = sorted((r for r in results if r["model"] == name and r["mode"] == mode and "step_s" in r),
                            key=lambda r: r["nodes"])
             if not cells:
                 continue
-            style = {"marker": "o", "linestyle": "-" if mode == "full" else "--", "label": f"{name}, {mode}"}
+            style = {"color": f"C{TRAIN_MODELS.index(name)}", "marker": "o" if mode == "full" else "s",
+                     "linestyle": "-" if mode == "full" else "--", "label": f"{name}, {mode}"}
             axes[0].plot([r["nodes"] for r in cells], [r["peak_rss_mb"] / 1024 for r in cells], **style)
             axes[1].plot([r["nodes"] for r in cells], [r["step_cpu_s"] for r in cells], **style)
-    axes[0].axhline(MEMORY_BUDGET_MB / 1024, color="grey", linewidth=0.8)
+    axes[0].axhline(MEMORY_BUDGET_MB / 1024, color="grey", linewidth=0.8)  # the machine's 24 GiB
     for axis, label in zip(axes, ("peak resident memory (GB)", "CPU seconds per training step"), strict=True):
         axis.set(xscale="log", yscale="log", xlabel="nodes N", ylabel=label)
+        axis.set_xticks(SIZES, [f"{n:,}" for n in SIZES], minor=False)
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
@@ -401,7 +406,7 @@ def train_main(options: argparse.Namespace, sizes: tuple[int, ...]) -> None:
                            f"{f['exponent_above_imports']:.2f}", f"{f['largest_n']:,}" if f["largest_n"] else "-"]
                           for k, f in fits.items() if f]))
     root = Path(__file__).resolve().parents[1]
-    figure(results, (root / "benchmarks" / "results" if options.quick else root / "docs") / f"{name}.png")
+    figure(results, options.batch_size, (root / "benchmarks" / "results" if options.quick else root / "docs") / f"{name}.png")
     path = write_results(name, {**settings, "results": results, "fits": fits})
     print(f"wrote {path}")
 
