@@ -314,16 +314,26 @@ def predicted_skip(done: list[dict], num_nodes: int, options: argparse.Namespace
 
 
 def largest_fitting(cells: list[dict]) -> dict | None:
-    """The largest ``N`` whose peak memory stays within :data:`MEMORY_BUDGET_MB`, from a power law
-    fitted to ``cells`` (one model and mode), and the exponent; None with fewer than two cells."""
+    """The largest ``N`` whose peak memory is estimated to stay within :data:`MEMORY_BUDGET_MB`, from
+    ``cells`` (one model and mode), and the exponent ``b`` of peak RSS ~ ``N^b``; None with fewer
+    than two measured cells.
+
+    Two extrapolations, the smaller ``N`` kept: the fitted power law, and a straight line through
+    the cells (a fixed cost plus MB per node), since an exponent below 1 only says that the fixed
+    cost (imports, model) still dominates, and the per-node cost is linear in the end.
+    """
     measured = [r for r in cells if "peak_rss_mb" in r]
     if len(measured) < 2:
         return None
-    points = [(r["nodes"], r["peak_rss_mb"]) for r in measured]
-    a, b = growth(points)
+    nodes = np.asarray([r["nodes"] for r in measured], dtype=float)
+    peak = np.asarray([r["peak_rss_mb"] for r in measured])
+    a, b = growth(list(zip(nodes, peak, strict=True)))
+    per_node, fixed = np.polyfit(nodes, peak, 1)
+    estimates = [(MEMORY_BUDGET_MB / a) ** (1 / b) if b > 0 else math.inf,
+                 (MEMORY_BUDGET_MB - fixed) / per_node if per_node > 0 else math.inf]
     above = [(r["nodes"], r["peak_rss_mb"] - r["rss_after_imports_mb"]) for r in measured]
-    return {"exponent": b, "exponent_above_imports": growth(above)[1], "sizes": [n for n, _ in points],
-            "largest_n": int((MEMORY_BUDGET_MB / a) ** (1 / b)) if b > 0 else None}
+    return {"exponent": b, "exponent_above_imports": growth(above)[1], "sizes": [r["nodes"] for r in measured],
+            "mb_per_node": float(per_node), "largest_n": int(min(estimates)) if min(estimates) < math.inf else None}
 
 
 def figure(results: list[dict], batch_size: int, path: Path) -> None:
@@ -400,10 +410,11 @@ def train_main(options: argparse.Namespace, sizes: tuple[int, ...]) -> None:
     print(markdown_table(header, rows))
     fits = {f"{m}, {mode}": largest_fitting([r for r in results if r["model"] == m and r["mode"] == mode])
             for m in TRAIN_MODELS for mode in TRAIN_MODES}
-    print(markdown_table(["model, mode", "sizes fitted", "peak RSS ~ N^b: b", "b above imports",
+    print(markdown_table(["model, mode", "sizes fitted", "peak RSS ~ N^b: b", "b above imports", "MB per node",
                           "largest N in 24 GiB (estimated)"],
                          [[k, " ".join(map(str, f["sizes"])), f"{f['exponent']:.2f}",
-                           f"{f['exponent_above_imports']:.2f}", f"{f['largest_n']:,}" if f["largest_n"] else "-"]
+                           f"{f['exponent_above_imports']:.2f}", f"{f['mb_per_node']:.3f}",
+                           f"{f['largest_n']:,}" if f["largest_n"] else "-"]
                           for k, f in fits.items() if f]))
     root = Path(__file__).resolve().parents[1]
     figure(results, options.batch_size, (root / "benchmarks" / "results" if options.quick else root / "docs") / f"{name}.png")

@@ -59,6 +59,8 @@ def test_growth_recovers_a_power_law_and_the_largest_fitting_size(bench):
     fit = bench.largest_fitting(cells)
     assert fit["largest_n"] == pytest.approx(bench.MEMORY_BUDGET_MB / 2, abs=1)
     assert bench.largest_fitting(cells[:1]) is None
+    fixed_cost = [{**c, "peak_rss_mb": 500.0 + 0.25 * c["nodes"]} for c in cells]  # sublinear as a power law
+    assert bench.largest_fitting(fixed_cost)["largest_n"] == pytest.approx((bench.MEMORY_BUDGET_MB - 500) / 0.25, abs=2)
 
 
 def test_cells_estimated_past_the_limits_are_skipped(bench):
