@@ -8,13 +8,19 @@ Protocol (issue 22): 12 steps in, 12 out, chronological splits 7:1:2 with the tr
 scaling (``load_splits`` of ``st_lora_convergence.py``); STID at its paper widths, initialised from
 the seed. Two arms train the same model with the same ``STTrainer`` recipe (``common.train_and_test``:
 AdamW lr 2e-3, weight decay 1e-4, linear decay over the epoch budget, batch 32 windows, gradients
-clipped at 5), evaluate the whole validation split after every epoch (one pass over the training
-windows), keep the best and stop after :data:`PATIENCE` epochs without a lower validation MAE
-(budget :data:`EPOCHS`), then score the whole test split:
+clipped at 5), evaluate the whole validation split after every epoch, keep the best and stop after
+:data:`PATIENCE` epochs without a lower validation MAE (budget :data:`EPOCHS`), then score the
+whole test split:
 
-- ``full``: every batch carries all ``N`` nodes;
+- ``full``: every batch carries all ``N`` nodes; an epoch is one pass over the training windows;
 - ``nodes``: every batch carries ``K = round(N / 3)`` nodes drawn uniformly anew per batch
-  (``STTrainer(node_sampler=NodeSampler(N, K))``), evaluated over every node in chunks of ``K``.
+  (``STTrainer(node_sampler=NodeSampler(N, K))``), evaluated over every node in chunks of ``K``;
+  an epoch is ``ceil(N / K)`` passes over the training windows (the trainer's node-batched epoch),
+  so both arms see every (window, node) pair about once per epoch.
+
+Each run's JSON keeps its validation MAE after every epoch (``val_mae_per_epoch``), from which its
+best epoch can be checked. Node-batched runs made before the node-batched epoch covered
+``ceil(N / K)`` passes (one pass per epoch) are kept under ``node_batching_accuracy_one_pass/``.
 
 Seeds 0, 1, 2 (weights, batch order and node draws). Target: the node-batched test MAE within 2%
 of full-graph training. Each run is a JSON under ``benchmarks/results/node_batching_accuracy/``
@@ -61,13 +67,17 @@ def run(dataset: str, arm: str, seed: int, epochs: int, patience: int) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     metrics, trainer = train_and_test(model, splits, seed, epochs, patience=patience, lr=LR, batch_size=BATCH,
                                       trainer_kwargs={"node_sampler": sampler})
-    steps_per_epoch = -(-len(splits.train) // BATCH)
+    passes = sampler.passes_per_epoch if sampler else 1
+    steps_per_epoch = -(-passes * len(splits.train) // BATCH)
     best_step = trainer.state.best_global_step or trainer.state.global_step
+    curve = [entry["eval_mae"] for entry in trainer.state.log_history if "eval_mae" in entry]
     return {
         "dataset": dataset, "arm": arm, "seed": seed, "num_nodes": splits.num_nodes,
         "nodes_per_batch": sampler.nodes_per_batch if sampler else splits.num_nodes,
         "test": metrics, "best_val_mae": trainer.state.best_metric,
+        "passes_per_epoch": passes, "steps_per_epoch": steps_per_epoch, "optimizer_steps": trainer.state.global_step,
         "best_epoch": best_step // steps_per_epoch, "epochs_run": round(trainer.state.global_step / steps_per_epoch),
+        "val_mae_per_epoch": curve,
         "epoch_budget": epochs, "patience": patience,
         "train_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
     }

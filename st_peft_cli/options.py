@@ -172,8 +172,11 @@ class TrainOptions(DataOptions):
     weight_decay: float = option(1e-4, "weight decay of AdamW", minimum=0.0)
     loss: str = option("mae", "training loss in original units, an argument of the model", choices=LOSS_NAMES)
     node_batch_size: int | None = option(
-        help="train on this many nodes per batch, drawn anew for every batch (default: every node); evaluation "
-        "still scores every node, in chunks of this size where the model forecasts each node on its own",
+        help="train on this many nodes (K of the graph's N) per batch, drawn anew for every batch (default: every "
+        "node); an epoch then visits each training window ceil(N / K) times, so that it sees every (window, node) "
+        "pair about once and --epochs, --patience and the learning-rate schedule mean what they mean on the whole "
+        "graph (--max-steps still counts optimizer steps); evaluation still scores every node, in chunks of this "
+        "size where the model forecasts each node on its own",
         minimum=1)
     node_sampler: str | None = option(
         help="how --node-batch-size draws its nodes: uniform, or bfs (graph-local patches grown by breadth-first "

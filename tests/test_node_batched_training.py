@@ -103,6 +103,32 @@ def test_node_batched_training_updates_only_the_drawn_nodes_rows(splits, tmp_pat
         assert (after[drawn] != before[name][drawn]).any(dim=1).all(), name
 
 
+# ---- the node-batched epoch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("nodes_per_batch", "passes"), [(40, 4), (52, 3), (156, 1)])
+def test_a_node_batched_epoch_visits_every_window_once_per_pass(splits, tmp_path, nodes_per_batch, passes):
+    """ceil(N / K) passes, each a permutation of the windows, so an epoch sees every (window, node) pair about once."""
+    windows = splits.train.select(range(200))
+    sampler = NodeSampler(splits.num_nodes, nodes_per_batch, seed=0)
+    assert sampler.passes_per_epoch == passes
+    trainer = STTrainer(stid(splits), arguments(tmp_path), windows, data_collator=splits.collator, node_sampler=sampler)
+    order = np.asarray(list(trainer._get_train_sampler()))
+    assert len(order) == passes * 200
+    for visit in order.reshape(passes, 200):
+        assert sorted(visit) == list(range(200))
+    trainer.train()
+    assert trainer.state.global_step == -(-passes * 200 // 32)
+    assert trainer.state.epoch == 1
+
+
+def test_whole_graph_training_keeps_one_pass_per_epoch(splits, tmp_path):
+    trainer = STTrainer(stid(splits), arguments(tmp_path), splits.train.select(range(200)),
+                        data_collator=splits.collator)
+    assert len(list(trainer._get_train_sampler())) == 200
+    assert len(trainer.get_train_dataloader()) == 7
+
+
 # ---- resuming the draws -----------------------------------------------------------------------------
 
 

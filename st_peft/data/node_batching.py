@@ -50,6 +50,11 @@ class NodeSampler:
         strategy: ``"uniform"`` or ``"bfs"`` (see the module docstring).
         adjacency: ``(N, N)`` graph, required for ``"bfs"``.
         seed: seed of the draws (a whole number, or a sequence of them such as ``[seed, rank]``).
+
+    Attributes:
+        passes_per_epoch: ``ceil(N / K)``, how often a training epoch visits each window (each
+            visit with its own draw), so that an epoch sees every (window, node) pair about once,
+            as a whole-graph epoch does (see ``STTrainer(node_sampler=...)``).
     """
 
     def __init__(self, num_nodes: int, nodes_per_batch: int, strategy: str = "uniform",
@@ -69,6 +74,7 @@ class NodeSampler:
                 raise DataError(f"the adjacency has shape {np.shape(adjacency)} but the data has {num_nodes} nodes")
         self.num_nodes = int(num_nodes)
         self.nodes_per_batch = int(nodes_per_batch)
+        self.passes_per_epoch = -(-self.num_nodes // self.nodes_per_batch)
         self.strategy = strategy
         self.neighbours = neighbour_lists(adjacency) if strategy == "bfs" else None
         self.rng = np.random.default_rng(seed)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
@@ -121,8 +121,15 @@ class STTrainer(Trainer):
         horizons: 1-based steps reported by evaluation; by default 3, 6 and 12 where they fit.
         node_sampler: train on node batches: each training batch carries the ``K`` nodes this
             :class:`~st_peft.data.node_batching.NodeSampler` draws, with their ``node_index``
-            (``data_collator`` is then the splits' whole-graph collator). Its draws are part of
-            every checkpoint, so a resumed run draws what the uninterrupted one would have.
+            (``data_collator`` is then the splits' whole-graph collator). A training epoch then
+            visits each window ``ceil(N / K)`` times (``node_sampler.passes_per_epoch``, one
+            random order of the windows per pass, a fresh draw of nodes per batch), so that it
+            sees every (window, node) pair about once, as a whole-graph epoch does: the epoch
+            budget, evaluation and save "epoch" strategies, early-stopping patience and the
+            learning-rate schedule count the same node-visits with and without node batches.
+            ``max_steps`` still counts optimizer steps; a ``train_sampler`` of your own decides
+            the epoch itself. The draws are part of every checkpoint, so a resumed run draws
+            what the uninterrupted one would have.
         eval_node_chunk: evaluate and predict in chunks of this many nodes where the model
             forecasts each node from its own series only (``forecasts_nodes_independently``);
             default: the node sampler's ``K``. Metrics are always over every node; a graph
@@ -300,7 +307,16 @@ class STTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
         if self.train_sampler is not None:
             return self.train_sampler
-        return super()._get_train_sampler(train_dataset)
+        sampler = super()._get_train_sampler(train_dataset)
+        if self.node_collator is None or type(sampler) is not RandomSampler or sampler.replacement:
+            return sampler
+        # an epoch visits each window ceil(N / K) times, one fresh permutation per pass, so that it
+        # sees every (window, node) pair about once and epochs, patience and the learning-rate
+        # schedule mean what they mean on the whole graph; Accelerate keeps num_samples when it
+        # makes the sampler seedable, so resuming skips into the same order
+        passes = self.node_collator.sampler.passes_per_epoch
+        return RandomSampler(sampler.data_source, num_samples=passes * len(sampler.data_source),
+                             generator=sampler.generator)
 
     @contextmanager
     def _training_collator(self) -> Iterator[None]:
