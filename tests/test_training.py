@@ -170,8 +170,8 @@ def test_bad_batches_are_named(splits, small, tmp_path):
         trainer.compute_loss(trainer.model, batch)
 
     class OtherNames(nn.Module):
-        def forward(self, x, x_mask=None):
-            return x
+        def forward(self, history, history_mask=None):
+            return history
 
     with pytest.raises(TypeError, match="must take the history as past_values"):
         trainer.compute_loss(OtherNames(), splits.collator([small[0][0]]))
