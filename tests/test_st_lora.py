@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 from safetensors.torch import load_file, save_file
@@ -182,15 +182,17 @@ def test_reference_backbone_output_and_loss_equal_exactly_at_init(chickenpox, na
     model = get_peft_model(backbone, STLoraConfig(**splits.size_kwargs(), target_modules=targets,
                                                   node_axis=node_axis)).eval()
     output = model(**batch)
+    with model.disable_adapter():
+        disabled = model(**batch)
+    assert torch.equal(disabled.prediction_outputs, expected.prediction_outputs)
+    assert torch.equal(output.loc, expected.loc) and torch.equal(output.scale, expected.scale)
     if name == "stgcn" and targets:
-        # a wrapped theta is called on the paper's Chebyshev terms, the plain one sums them by Clenshaw's
-        # recurrence: equal up to rounding, and bit for bit to the same forecaster with the adapter disabled
+        # an enabled wrapped theta is called on the paper's Chebyshev terms, the plain one (and a disabled
+        # wrapper's base layer) sums them by Clenshaw's recurrence: equal up to rounding
         torch.testing.assert_close(output.prediction_outputs, expected.prediction_outputs, rtol=1e-5, atol=1e-5)
-        with model.disable_adapter():
-            expected = model(**batch)
+        return
     assert torch.equal(output.prediction_outputs, expected.prediction_outputs)
     assert torch.equal(output.loss, expected.loss)
-    assert torch.equal(output.loc, expected.loc) and torch.equal(output.scale, expected.scale)
 
 
 # a user's own module --------------------------------------------------------------------------------------
@@ -453,6 +455,24 @@ def test_stgcn_calls_a_wrapped_theta(chickenpox):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     perturb(model)
     assert not torch.allclose(model(**batch).prediction_outputs, expected)
+
+
+def test_stgcn_with_peft_lora_on_theta_disables_bit_for_bit(chickenpox):
+    """A disabled, unmerged LoRA on theta gives the plain forecaster's output bit for bit (its base layer is
+    summed the same way); merged, the LoRA's update is in the weight and the adapter changes the forecast."""
+    splits, batch = chickenpox
+    torch.manual_seed(0)
+    backbone = make_backbone("stgcn", splits).eval()
+    expected = frozen_output(backbone, **batch).prediction_outputs
+    model = get_peft_model(backbone, LoraConfig(r=2, target_modules=["theta"], init_lora_weights=False)).eval()
+    adapted = model(**batch).prediction_outputs
+    assert not torch.allclose(adapted, expected)
+    with model.disable_adapter():
+        assert torch.equal(model(**batch).prediction_outputs, expected)
+    model.merge_adapter()
+    torch.testing.assert_close(model(**batch).prediction_outputs, adapted, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():  # a merged layer is called, so peft unmerges it first
+        torch.testing.assert_close(model(**batch).prediction_outputs, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_to_transform_on_a_layer_named_in_full_is_refused():

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from st_peft.backbones.configuration_backbones import STGCNConfig
@@ -98,7 +99,9 @@ class ChebGraphConv(nn.Module):
     ``sum = X Theta_0 + L~ b_1 - b_2``. When anything else stands in ``theta``'s place (a PEFT
     layer wrapping it, whose update may differ per node), reading the weight would bypass it, so
     the layer is called on the Chebyshev terms of the paper's recurrence instead; its input is
-    then ``(B, N, T, Ks * C_in)``, nodes on axis 1.
+    then ``(B, N, T, Ks * C_in)``, nodes on axis 1. A PEFT layer whose adapters are disabled (and
+    not merged) computes its base layer alone, so that base layer is summed the fast way, and
+    ``disable_adapter()`` gives the plain forecaster's output bit for bit.
     Shapes: ``(B, C_in, N, T) -> (B, C_out, N, T)``.
     """
 
@@ -113,8 +116,9 @@ class ChebGraphConv(nn.Module):
     def forward(self, hidden: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
         """Convolve ``hidden`` ``(B, C_in, N, T)`` over the ``(N, N)`` rescaled Laplacian."""
         nodes_first = hidden.permute(0, 2, 3, 1)
-        if type(self.theta) is nn.Linear:
-            out = self._clenshaw(nodes_first, laplacian)
+        whole_map = _whole_linear_map(self.theta)
+        if whole_map is not None:
+            out = self._clenshaw(nodes_first, laplacian, whole_map)
         else:
             out = self.theta(self._chebyshev_terms(nodes_first, laplacian))
         return F.relu(out.permute(0, 3, 1, 2) + self.align(hidden))
@@ -126,11 +130,11 @@ class ChebGraphConv(nn.Module):
             terms.append(2 * _over_nodes(laplacian, terms[-1]) - terms[-2])
         return torch.cat(terms, dim=-1)
 
-    def _clenshaw(self, hidden: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+    def _clenshaw(self, hidden: torch.Tensor, laplacian: torch.Tensor, theta: nn.Linear) -> torch.Tensor:
         """``sum_k T_k(L~) X Theta_k + b`` ``(B, N, T, C_out)`` for ``hidden`` ``(B, N, T, C_in)``."""
         batch, nodes, steps, _ = hidden.shape
         # (C_out, Ks * C_in) -> (Ks * C_out, C_in): one matmul gives every X Theta_k
-        weight = self.theta.weight.view(self.out_channels, self.order, self.in_channels).transpose(0, 1)
+        weight = theta.weight.view(self.out_channels, self.order, self.in_channels).transpose(0, 1)
         mixed = F.linear(hidden, weight.reshape(-1, self.in_channels))
         terms = mixed.reshape(batch, nodes, steps * self.order * self.out_channels)
         terms = terms.view(batch, nodes, steps, self.order, self.out_channels).unbind(dim=3)
@@ -147,7 +151,19 @@ class ChebGraphConv(nn.Module):
             out = out + _over_nodes(laplacian, later)
         if earlier is not None:
             out = out - earlier
-        return out + self.theta.bias
+        return out + theta.bias
+
+
+def _whole_linear_map(theta: nn.Module) -> nn.Linear | None:
+    """The plain ``nn.Linear`` that is ``theta``'s whole map in this call, or None.
+
+    That is ``theta`` itself, or the base layer of a PEFT layer whose adapters are disabled and
+    unmerged (peft's layers then return ``base_layer(x)``; a merged one must unmerge first, so it
+    is called). Anything else may change the map per node and must be called.
+    """
+    if isinstance(theta, BaseTunerLayer) and theta.disable_adapters and not theta.merged:
+        theta = theta.get_base_layer()
+    return theta if type(theta) is nn.Linear else None
 
 
 def _over_nodes(laplacian: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
