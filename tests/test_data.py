@@ -12,6 +12,7 @@ import torch
 
 import st_peft.data as D
 from st_peft.data.builtin import BUILTIN_ROOT
+from st_peft.data.container import calendar_like
 
 EXPECTED_SHAPES = {
     "los-loop": (2016, 207, 1),
@@ -62,6 +63,25 @@ def test_calendar_from_steps_per_day_without_timestamps():
     data = D.STData(values=np.ones((10, 2, 1)), mask=np.ones((10, 2, 1), bool), steps_per_day=4, start_day_of_week=5)
     assert data.calendar()[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     assert data.calendar()[:, 1].tolist() == [5, 5, 5, 5, 6, 6, 6, 6, 0, 0]
+
+
+def test_calendar_like_finds_clocks_and_leaves_readings_alone(sz_taxi):
+    """Columns (T = 4 days of 4 steps): a time of day, a day of week, a reading, an on/off flag, and a time of
+    day with one missing entry that differs; real sz-taxi speeds are never clocks."""
+    steps = np.arange(16)
+    time_of_day = (steps % 4) / 4
+    reading = time_of_day.copy()
+    reading[9] += 0.5
+    gapped = time_of_day.copy()
+    gapped[9] = 7.0
+    values = np.stack([time_of_day, steps // 4 % 7, reading, steps % 2, gapped], axis=1)
+    mask = np.ones_like(values, dtype=bool)
+    mask[9, 4] = False
+    # the day of week (0, 0, 0, 0, 1, ...) repeats neither daily nor, in four days, weekly
+    assert calendar_like(values, mask, steps_per_day=4).tolist() == [True, False, False, False, True]
+    weeks = np.tile(np.repeat(np.arange(7.0), 4), 2)[:, None]
+    assert calendar_like(weeks, np.ones_like(weeks, dtype=bool), steps_per_day=4).tolist() == [True]
+    assert not calendar_like(sz_taxi.values[..., 0], sz_taxi.mask[..., 0], sz_taxi.steps_per_day).any()
 
 
 def test_hf_dataset_round_trip_is_exact(sz_taxi, tmp_path):

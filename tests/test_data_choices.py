@@ -59,6 +59,14 @@ def test_the_summary_shows_every_channel_and_what_is_missing_and_the_run_keeps_i
     # the time-of-day channel is a fraction of a day: the summary shows its range beside the counts'
     assert summary["channels"][2]["max"] == pytest.approx(23 / 24, abs=1e-4) and summary["channels"][0]["max"] > 10
     assert summary["observed"] < 0.8 and summary["inputs"] == summary["targets"] == ["c0", "c1", "c2"]
+    # ... and says that it is a clock, forecast and scored as if it were demand
+    assert [channel["clock"] for channel in summary["channels"]] == [False, False, True]
+    assert "warning: c2 repeats exactly every day or week (a clock, not a reading), yet forecast and scored" in printed
+
+
+def test_a_clock_channel_read_but_not_scored_draws_no_warning(bike, tmp_path, capsys):
+    assert train(tmp_path, "--dataset", str(bike), "--steps-per-day", "24", "--target-channels", "0", "1") == 0
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_channels_and_missing_value_none_change_what_is_read_and_scored(bike, tmp_path, capsys):
@@ -104,6 +112,8 @@ def test_date_column_and_columns_choose_what_a_csv_holds(hourly, tmp_path):
      "steps_per_day 48 contradicts the dates, which step every 0 days 01:00:00 (24 a day); drop --steps-per-day"),
     ("a row id becomes a sensor", ["ROW_ID"], "column 'row_id' looks like a row id (0, 1, 2, ...), not a sensor; "
      "choose the node columns with --columns"),
+    ("a clock becomes a sensor", ["CLOCK"], "column 'hour' repeats exactly every day or week (0, 1, 2, ...): a "
+     "clock, not a sensor; choose the node columns with --columns"),
     ("a text column", ["TEXT"], "column 'site' is not numeric (e.g. 'north'); choose the node columns with --columns"),
     ("a date column of another name", ["RENAMED"], "no date column 'date' (columns: when, HUFL, HULL, MUFL, MULL, "
      "LUFL, LULL, OT); name it with --date-column"),
@@ -117,10 +127,12 @@ def test_date_column_and_columns_choose_what_a_csv_holds(hourly, tmp_path):
 def test_a_contradiction_in_the_data_is_one_line_with_status_2(case, args, message, hourly, bike, tmp_path, capsys):
     frame = pd.read_csv(hourly / "ett.csv")
     dataset = hourly / "ett.csv"
-    if args and args[0] in ("ROW_ID", "TEXT", "RENAMED"):
+    if args and args[0] in ("ROW_ID", "CLOCK", "TEXT", "RENAMED"):
         change = args.pop(0)
         if change == "ROW_ID":
             frame.insert(1, "row_id", np.arange(len(frame)))
+        elif change == "CLOCK":
+            frame["hour"] = pd.to_datetime(frame["date"]).dt.hour
         elif change == "TEXT":
             frame["site"] = "north"
         else:

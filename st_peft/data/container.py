@@ -265,6 +265,33 @@ def agreed_steps_per_day(steps_per_day: int | None, timestamps: pd.DatetimeIndex
     return implied
 
 
+def calendar_like(values: np.ndarray, mask: np.ndarray, steps_per_day: int) -> np.ndarray:
+    """Which series repeat exactly every day, or every week: a clock (time of day, day of week), not a signal.
+
+    Args:
+        values: ``(T, ...)`` series along axis 0 (a node's column, or one channel at every node).
+        mask: ``(T, ...)`` observed entries; pairs a period apart are compared where both are observed.
+        steps_per_day: the series' steps in a day.
+
+    Returns:
+        ``values.shape[1:]`` booleans: True for a series with at least three distinct observed values
+        whose every observed pair a day (or a week) apart is equal. Real readings never are; a
+        constant or on/off series is left alone.
+    """
+    flat = values.reshape(len(values), -1)
+    observed = mask.reshape(len(mask), -1)
+    clocks = np.zeros(flat.shape[1], dtype=bool)
+    for period in (steps_per_day, 7 * steps_per_day):
+        if len(flat) < 2 * period:
+            continue
+        both = observed[period:] & observed[:-period]
+        equal = (flat[period:] == flat[:-period]) | ~both
+        clocks |= equal.all(axis=0) & (both.sum(axis=0) >= period)
+    for column in np.flatnonzero(clocks):  # few or none: real readings fail the test above
+        clocks[column] = np.unique(flat[observed[:, column], column]).size >= 3
+    return clocks.reshape(values.shape[1:])
+
+
 def checked_steps_per_day(steps_per_day, source: str = "data") -> int:
     """``steps_per_day`` as an int, refused unless it is a whole number in ``[1, 86400]``.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from st_peft.data.container import STData, agreed_steps_per_day, observed_mask
+from st_peft.data.container import STData, agreed_steps_per_day, calendar_like, observed_mask
 from st_peft.data.errors import DataError
 
 
@@ -92,8 +92,9 @@ def read_wide_csv(
     Args:
         columns: the node columns to keep, in this order (all but the date column by default).
             A column that is not numeric, or that looks like a row id (consecutive whole
-            numbers, or named ``id`` / ``index`` / ``Unnamed: 0``), is refused naming it, so
-            it never becomes a sensor unnoticed.
+            numbers, or named ``id`` / ``index`` / ``Unnamed: 0``), or, unless chosen here, that
+            repeats exactly every day or week (a time-of-day or day-of-week column), is refused
+            naming it, so it never becomes a sensor unnoticed.
 
     Raises:
         DataError: one line naming the file, the column and the fix.
@@ -123,7 +124,8 @@ def read_wide_csv(
             raise DataError(f"{path}: no columns {unknown} (columns: {_first_columns(frame)})")
         frame = frame[list(columns)]
     _refuse_non_node_columns(frame, path, chosen=columns is not None)
-    return _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day, **metadata)
+    return _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day,
+                       refuse_clocks=columns is None, **metadata)
 
 
 _ID_NAMES = {"id", "index", "row", "row_id", "rowid", "idx", "unnamed: 0"}
@@ -150,12 +152,24 @@ def _refuse_non_node_columns(frame: pd.DataFrame, path: Path, chosen: bool) -> N
                             f", ...), not a sensor; {fix}")
 
 
+def _refuse_clock_columns(frame: pd.DataFrame, values: np.ndarray, mask: np.ndarray, steps_per_day: int,
+                          path: Path) -> None:
+    """Refuse a column of ``values`` ``(T, N)`` that repeats exactly every day or week (a clock), naming it."""
+    clocks = np.flatnonzero(calendar_like(values, mask, steps_per_day))
+    if clocks.size:
+        column = frame.columns[clocks[0]]
+        shown = ", ".join(f"{value:.4g}" for value in values[:3, clocks[0]])
+        raise DataError(f"{path}: column '{column}' repeats exactly every day or week ({shown}, ...): a clock, not "
+                        "a sensor; choose the node columns with --columns (Python: columns=[...])")
+
+
 def _from_frame(
     frame: pd.DataFrame,
     path: Path,
     missing_value: float | None,
     name: str | None,
     steps_per_day: int | None = None,
+    refuse_clocks: bool = False,
     **metadata,
 ) -> STData:
     try:
@@ -168,9 +182,12 @@ def _from_frame(
         timestamps = frame.index.to_numpy(dtype="datetime64[ns]")
         steps_per_day = agreed_steps_per_day(steps_per_day, frame.index, str(path))
     values = values[..., None]
+    mask = observed_mask(values, missing_value)
+    if refuse_clocks:
+        _refuse_clock_columns(frame, np.nan_to_num(values[..., 0]), mask[..., 0], int(steps_per_day), path)
     return STData(
         values=np.nan_to_num(values),
-        mask=observed_mask(values, missing_value),
+        mask=mask,
         steps_per_day=int(steps_per_day),
         name=name or path.stem,
         timestamps=timestamps,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from st_peft.data.container import calendar_like
 from st_peft.data.missing_inputs import describe
 from st_peft.data.windows import ForecastingSplits
 
@@ -56,7 +57,8 @@ def data_summary(splits: ForecastingSplits, *, steps_per_day_from: str, missing:
 
     Returns:
         ``name``, ``shape`` (T, N, C), per channel its ``name``, observed ``min`` / ``max`` / ``mean``,
-        ``observed`` fraction and ``zeros`` (fraction of observed values that are 0); ``steps_per_day``
+        ``observed`` fraction, ``zeros`` (fraction of observed values that are 0) and ``clock`` (every
+        node's series repeats exactly every day or week: a time-of-day or day-of-week channel); ``steps_per_day``
         and ``steps_per_day_from``; ``dates`` (first and last, or None); ``observed`` and ``zeros``
         over all channels; ``missing``; ``inputs`` and ``targets`` (channel names the model reads and
         the ones it forecasts and is scored on); ``missing_inputs`` (the treatment) and ``mask_channels``
@@ -68,8 +70,9 @@ def data_summary(splits: ForecastingSplits, *, steps_per_day_from: str, missing:
         observed = data.values[..., index][data.mask[..., index]]
         stats = {"min": float(observed.min()), "max": float(observed.max()), "mean": float(observed.mean())} \
             if observed.size else {"min": None, "max": None, "mean": None}
+        clock = bool(calendar_like(data.values[..., index], data.mask[..., index], data.steps_per_day).all())
         channels.append({"name": name, **stats, "observed": float(data.mask[..., index].mean()),
-                         "zeros": float((observed == 0).mean()) if observed.size else None})
+                         "zeros": float((observed == 0).mean()) if observed.size else None, "clock": clock})
     observed_values = data.values[data.mask]
     stamps = data.timestamps
     return {
@@ -118,5 +121,11 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{', '.join(summary['targets'])} (--channels, --target-channels); windows: "
                  f"{windows['train']} train, {windows['val']} val, {windows['test']} test")
     lines.append(f"  missing inputs (--missing-inputs): {describe(summary['missing_inputs'], summary['mask_channels'])}")
+    clocks = [channel["name"] for channel in summary["channels"]
+              if channel.get("clock") and channel["name"] in summary["targets"]]
+    if clocks:
+        named = f"{', '.join(clocks)} repeat" if len(clocks) > 1 else f"{clocks[0]} repeats"
+        lines.append(f"  warning: {named} exactly every day or week (a clock, not a reading), yet forecast and "
+                     "scored; keep it out with --channels or --target-channels")
     return "\n".join(lines)
 
