@@ -5,6 +5,8 @@
     python benchmarks/factost.py --aggregate              # tables, paired intervals, summary JSON
     python benchmarks/factost.py --list                   # the units and which are done
     python benchmarks/factost.py --quick                  # smoke test on one data set, own folder
+    python benchmarks/factost.py --methods stid fracast   # only these rows' units (those without a backbone
+                                                          # can run while it is still pretraining)
 
 Protocol (issue 24), on the protocol of ``benchmarks/st_lora_convergence.py`` (whose splits,
 training loop and bootstrap it imports):
@@ -241,6 +243,9 @@ class Unit:
         return self.method in ("zero-shot", "factost")
 
 
+METHODS = ("last value", "seasonal naive", "zero-shot", "fracast", "stid", "factost")
+
+
 def units(datasets_: tuple[str, ...], seeds: tuple[int, ...]) -> list[Unit]:
     """Every unit of the benchmark, cheapest first."""
     out = []
@@ -324,13 +329,14 @@ def is_done(folder: Path, unit: Unit, digest: str) -> bool:
 
 
 def run_all(folder: Path, datasets_: tuple[str, ...], seeds: tuple[int, ...], backbone_path: Path,
-            stride: int = TEST_STRIDE, max_epochs: int | None = None) -> None:
-    """Run every unit that is not done yet, saving each as it finishes (trained units capped at ``max_epochs``)."""
+            stride: int = TEST_STRIDE, max_epochs: int | None = None, methods: tuple[str, ...] = METHODS) -> None:
+    """Run every unit of ``methods`` that is not done yet, saving each as it finishes (trained units capped at
+    ``max_epochs``)."""
     folder.mkdir(parents=True, exist_ok=True)
     backbone = FactoSTModel.from_pretrained(backbone_path).eval()
     digest = weights_digest(backbone_path)
     for unit in units(datasets_, seeds):
-        if is_done(folder, unit, digest):
+        if unit.method not in methods or is_done(folder, unit, digest):
             continue
         result = run_unit(unit, backbone, backbone_path, stride, max_epochs)
         np.savez(folder / f"{unit.key}.npz", sums=result["sums"], counts=result["counts"])
@@ -439,6 +445,8 @@ def main() -> None:
     parser.add_argument("--aggregate", action="store_true", help="print the tables and write the summary JSON")
     parser.add_argument("--list", action="store_true", help="the units and which are done")
     parser.add_argument("--quick", action="store_true", help="one data set, one seed, a short STID run, own folder")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                        help=f"run only these rows' units: {', '.join(METHODS)} (all by default)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     datasets_, seeds, folder = HELD_OUT, SEEDS, RESULTS
@@ -452,7 +460,7 @@ def main() -> None:
         return
     if not args.aggregate:
         run_all(folder, datasets_, seeds, args.backbone, stride=QUICK_TEST_STRIDE if args.quick else TEST_STRIDE,
-                max_epochs=2 if args.quick else None)
+                max_epochs=2 if args.quick else None, methods=tuple(args.methods))
     summary = aggregate(folder, datasets_)
     if not args.quick:
         write_json_atomic(SUMMARY, summary)
