@@ -1,6 +1,5 @@
 """Two CPU processes launched by ``accelerate launch`` really train one model with DDP."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_module import load_script
 
 import st_peft.data as std
 from st_peft.metrics import masked_mae
@@ -23,13 +23,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ddp_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_two_process_ddp_training(tmp_path):
@@ -53,7 +46,7 @@ def test_two_process_ddp_training(tmp_path):
     assert [r["global_step"] for r in reports] == [math.ceil(reports[0]["sampler_batches"] / 2)] * 2
 
     # the gathered test MAE covers every test window exactly once (no padding duplicates)
-    script = load_script()
+    script = load_script(SCRIPT)
     splits = std.build_splits(std.load("sz-taxi").select_nodes(list(range(16))), input_len=12, horizon=12)
     model = script.NodeLinear(12, 12)
     model.load_state_dict(load_file(tmp_path / "final.safetensors"))

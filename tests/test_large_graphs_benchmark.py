@@ -4,23 +4,18 @@ signal's cycles and spatial correlation, the growth fits and the skip estimate."
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "large_graphs.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("large_graphs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,21 @@ parameter matching, early stopping, the paired bootstrap, and one cached run pai
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "st_lora_convergence.py"
 
 
 @pytest.fixture(scope="module")
 def study_module():
-    spec = importlib.util.spec_from_file_location("st_lora_convergence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_every_run_key_round_trips_and_is_unique(study_module):
