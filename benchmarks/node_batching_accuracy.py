@@ -22,8 +22,10 @@ Each run's JSON keeps its validation MAE after every epoch (``val_mae_per_epoch`
 best epoch can be checked. Node-batched runs made before the node-batched epoch covered
 ``ceil(N / K)`` passes (one pass per epoch) are kept under ``node_batching_accuracy_one_pass/``.
 
-Seeds 0, 1, 2 (weights, batch order and node draws). Target: the node-batched test MAE within 2%
-of full-graph training. Each run is a JSON under ``benchmarks/results/node_batching_accuracy/``
+Seeds 0, 1, 2 (weights, batch order and node draws). Target: the node-batched test MAE (mean over
+seeds) within 2% of full-graph training, that is at most 2% above it: accuracy holds when node
+batching loses at most 2%, and a lower MAE is not a miss (the table shows the signed change, so a
+gain of more than 2% stays visible). Each run is a JSON under ``benchmarks/results/node_batching_accuracy/``
 (runs there are skipped, so an interrupted study resumes); the table is printed and written to
 ``benchmarks/results/node_batching_accuracy.json``.
 """
@@ -119,14 +121,14 @@ def table(folder: Path) -> dict:
         n = next(r["num_nodes"] for r in mine)
         summary[dataset] = {"num_nodes": n, "nodes_per_batch": k, "seeds": seeds, "mae": mae, "best_epoch": epochs,
                             "change_of_mean": change, "changes": changes, "cpu_minutes": cpu,
-                            "within_target": abs(change) <= TOLERANCE}
+                            "within_target": change <= TOLERANCE}
         rows.append([dataset, n, k, len(seeds), f"{statistics.mean(mae['full']):.4f}",
                      f"{statistics.mean(mae['nodes']):.4f}", f"{100 * change:+.2f}%",
                      " ".join(f"{100 * c:+.1f}" for c in changes),
                      f"{statistics.mean(epochs['full']):.0f} / {statistics.mean(epochs['nodes']):.0f}",
-                     f"{cpu['full']:.1f} / {cpu['nodes']:.1f}", "yes" if abs(change) <= TOLERANCE else "no"])
+                     f"{cpu['full']:.1f} / {cpu['nodes']:.1f}", "yes" if change <= TOLERANCE else "no"])
     header = ["data", "N", "K", "seeds", "full MAE", "node-batched MAE", "change", "per seed (%)",
-              "best epoch (full / nodes)", "CPU-min (full / nodes)", "within 2%"]
+              "best epoch (full / nodes)", "CPU-min (full / nodes)", "at most 2% worse"]
     print(markdown_table(header, rows))
     return summary
 
