@@ -124,8 +124,10 @@ def read_wide_csv(
             raise DataError(f"{path}: no columns {unknown} (columns: {_first_columns(frame)})")
         frame = frame[list(columns)]
     _refuse_non_node_columns(frame, path, chosen=columns is not None)
-    return _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day,
-                       refuse_clocks=columns is None, **metadata)
+    data = _from_frame(frame, path, missing_value, name, steps_per_day=steps_per_day, **metadata)
+    if columns is None:
+        _refuse_clock_columns(data, path)
+    return data
 
 
 _ID_NAMES = {"id", "index", "row", "row_id", "rowid", "idx", "unnamed: 0"}
@@ -152,13 +154,13 @@ def _refuse_non_node_columns(frame: pd.DataFrame, path: Path, chosen: bool) -> N
                             f", ...), not a sensor; {fix}")
 
 
-def _refuse_clock_columns(frame: pd.DataFrame, values: np.ndarray, mask: np.ndarray, steps_per_day: int,
-                          path: Path) -> None:
-    """Refuse a column of ``values`` ``(T, N)`` that repeats exactly every day or week (a clock), naming it."""
-    clocks = np.flatnonzero(calendar_like(values, mask, steps_per_day))
+def _refuse_clock_columns(data: STData, path: Path) -> None:
+    """Refuse a node of a one-channel ``data`` read from columns that repeats exactly every day or week (a clock),
+    naming its column."""
+    clocks = np.flatnonzero(calendar_like(data.values[..., 0], data.mask[..., 0], data.steps_per_day))
     if clocks.size:
-        column = frame.columns[clocks[0]]
-        shown = ", ".join(f"{value:.4g}" for value in values[:3, clocks[0]])
+        column = data.node_ids[clocks[0]]
+        shown = ", ".join(f"{value:.4g}" for value in data.values[:3, clocks[0], 0])
         raise DataError(f"{path}: column '{column}' repeats exactly every day or week ({shown}, ...): a clock, not "
                         "a sensor; choose the node columns with --columns (Python: columns=[...])")
 
@@ -169,7 +171,6 @@ def _from_frame(
     missing_value: float | None,
     name: str | None,
     steps_per_day: int | None = None,
-    refuse_clocks: bool = False,
     **metadata,
 ) -> STData:
     try:
@@ -182,12 +183,9 @@ def _from_frame(
         timestamps = frame.index.to_numpy(dtype="datetime64[ns]")
         steps_per_day = agreed_steps_per_day(steps_per_day, frame.index, str(path))
     values = values[..., None]
-    mask = observed_mask(values, missing_value)
-    if refuse_clocks:
-        _refuse_clock_columns(frame, np.nan_to_num(values[..., 0]), mask[..., 0], int(steps_per_day), path)
     return STData(
         values=np.nan_to_num(values),
-        mask=mask,
+        mask=observed_mask(values, missing_value),
         steps_per_day=int(steps_per_day),
         name=name or path.stem,
         timestamps=timestamps,

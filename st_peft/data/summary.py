@@ -122,7 +122,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{windows['train']} train, {windows['val']} val, {windows['test']} test")
     lines.append(f"  missing inputs (--missing-inputs): {describe(summary['missing_inputs'], summary['mask_channels'])}")
     clocks = [channel["name"] for channel in summary["channels"]
-              if channel.get("clock") and channel["name"] in summary["targets"]]
+              if channel["clock"] and channel["name"] in summary["targets"]]
     if clocks:
         named = f"{', '.join(clocks)} repeat" if len(clocks) > 1 else f"{clocks[0]} repeats"
         lines.append(f"  warning: {named} exactly every day or week (a clock, not a reading), yet forecast and "
