@@ -35,7 +35,7 @@ from torch import nn
 from st_peft.backbones.stgcn import ChebGraphConv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, timed, write_results  # noqa: E402
 
 IN_CHANNELS, OUT_CHANNELS, ORDER, STEPS = 64, 16, 3, 10
 
@@ -56,12 +56,7 @@ class OneConv(nn.Module):
 def cpu_median(function: Callable[[], object], repeats: int) -> float:
     """Median CPU seconds of ``repeats`` calls after one warm-up."""
     function()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        function()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    return statistics.median(timed(function, repeats, clock=time.process_time))
 
 
 def measure(num_nodes: int, batch: int, repeats: int) -> dict[str, float]:
