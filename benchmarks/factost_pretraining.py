@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --max-minutes 90   # stop (checkpointed) after 90 min
     python benchmarks/factost_pretraining.py --status                              # steps done, validation, choice
     python benchmarks/factost_pretraining.py --ship                                # the chosen size into the package
+    OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --held-out         # finished sizes zero-shot on held-out sets
     OMP_NUM_THREADS=1 python benchmarks/factost_pretraining.py --quick            # 2-minute smoke test, own folder
 
 Protocol (issue 24):
@@ -24,6 +25,10 @@ Protocol (issue 24):
   (``VALIDATION_BATCHES`` batches: synthetic windows of their own seed stream, and real windows
   forecasting the last 10% of every real series, which no training window reaches) at the end of
   its budget. The held-out data sets play no part in the choice.
+- ``--held-out`` scores every finished size zero-shot on the held-out sets' test windows with
+  ``benchmarks/factost.py``'s units (12-step and long history; results under ``<size>/held_out/``)
+  and ``--status`` reports each MAE against seasonal naive's. This says which knob moves the
+  zero-shot numbers; it is read after the choice, never in it.
 
 The sizes run one after another in the order above; every run folder under
 ``benchmarks/results/factost_pretraining/<size>/`` checkpoints every 10 minutes and at a stop, and
@@ -47,6 +52,9 @@ from st_peft.models.factost.configuration_factost import FactoSTConfig
 from st_peft.models.factost.corpus import read_real_series
 from st_peft.models.factost.modeling_factost import FactoSTModel
 from st_peft.models.factost.pretraining import PretrainingOptions, build_corpus, pretrain, pretraining_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import factost as held_out_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "factost_pretraining"
@@ -104,6 +112,27 @@ def run_size(size: str, root: Path, budget_hours: float, calibration_steps: int,
                     log_every=max(1, min(200, max_steps // 50)))
 
 
+def held_out_zero_shot(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Zero-shot test MAE of a finished size on each held-out set, and its ratio to seasonal naive's.
+
+    ``{dataset: {context: {"mae", "context_steps", "ratio_to_seasonal_naive"}}}`` from the units
+    ``--held-out`` wrote under ``folder / "held_out"``; empty where none ran.
+    """
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for dataset in held_out_benchmark.HELD_OUT:
+        naive = held_out_benchmark.RESULTS / f"seasonal-naive_{dataset}_12_s0.json"
+        for setting in ("12", "long"):
+            path = folder / "held_out" / f"zero-shot_{dataset}_{setting}_s0.json"
+            if not path.exists():
+                continue
+            record = json.loads(path.read_text())
+            row = {"mae": record["metrics"]["mae"], "context_steps": record["context"]}
+            if naive.exists():
+                row["ratio_to_seasonal_naive"] = row["mae"] / json.loads(naive.read_text())["metrics"]["mae"]
+            found.setdefault(dataset, {})[setting] = row
+    return found
+
+
 def status(root: Path) -> dict:
     """Steps done, CPU hours and validation of every size, and the choice once every size is finished."""
     rows = {}
@@ -128,6 +157,7 @@ def status(root: Path) -> dict:
             "peak_rss_mib": state.get("peak_rss_mib"),
             "validation": state["validation"][-1] if state["validation"] else None,
             "calibration": calibration,
+            "held_out_zero_shot": held_out_zero_shot(folder),
         }
     finished = {size: row for size, row in rows.items() if row.get("finished")}
     choice = None
@@ -224,12 +254,21 @@ def main() -> None:
     parser.add_argument("--status", action="store_true", help="print and write the study's state")
     parser.add_argument("--quick", action="store_true", help="a smoke test of a few CPU seconds per size")
     parser.add_argument("--ship", action="store_true", help="copy the chosen size into the package, with its card")
+    parser.add_argument("--held-out", action="store_true",
+                        help="score every finished size zero-shot on the held-out sets (after the choice, not in it)")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "st_peft" / "checkpoints",
                         help="where --ship puts the chosen backbone")
     args = parser.parse_args()
     root = QUICK_RESULTS if args.quick else RESULTS
     if args.ship:
         print(f"shipped {ship(root, args.checkpoints)}")
+        return
+    if args.held_out:
+        torch.set_num_threads(1)
+        for size, row in status(root)["sizes"].items():
+            if row.get("finished"):
+                held_out_benchmark.run_all(root / size / "held_out", held_out_benchmark.HELD_OUT, (0,), root / size,
+                                           methods=("zero-shot",))
         return
     if args.status:
         summary = status(root)
