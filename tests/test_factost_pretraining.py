@@ -173,6 +173,10 @@ def test_pretraining_resumes_bit_identically_after_interruptions(tmp_path, chick
     assert isinstance(model, FactoSTModel)
     saved = json.loads((interrupted / "pretraining_log.json").read_text())
     assert saved["steps"] == 12 and saved["cpu_hours"] > 0 and saved["windows"] > 0 and saved["peak_rss_mib"] > 100
+    files = {path: path.read_bytes() for path in interrupted.rglob("*") if path.is_file()}
+    again = run(interrupted, corpus, options)
+    assert again["finished"] and again["cpu_hours"] == log["cpu_hours"]
+    assert {path: path.read_bytes() for path in interrupted.rglob("*") if path.is_file()} == files
 
 
 def test_resuming_with_changed_options_is_refused_naming_them(tmp_path, chickenpox_series):

@@ -337,6 +337,7 @@ def pretrain(
     state = load_checkpoint(folder, model, optimizer) or {
         "step": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0, "windows": 0, "losses": [], "validation": [],
     }
+    resumed_at = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
@@ -395,9 +396,13 @@ def pretrain(
         if max_minutes is not None and now - started > 60 * max_minutes:
             break
     finished = state["step"] >= options.max_steps
-    if finished and (not state["validation"] or state["validation"][-1]["step"] != state["step"]):
+    unvalidated = finished and (not state["validation"] or state["validation"][-1]["step"] != state["step"])
+    if unvalidated:
         validate()
-    checkpoint()
+    # a finished run called again writes nothing: its checkpoints and log stay as they were
+    changed = state["step"] > resumed_at or unvalidated
+    if changed:
+        checkpoint()
     log = {
         "steps": state["step"],
         "max_steps": options.max_steps,
@@ -411,7 +416,7 @@ def pretrain(
         "losses": state["losses"],
         "validation": state["validation"],
     }
-    if finished and accelerator.is_main_process:
+    if finished and accelerator.is_main_process and (changed or not (folder / "pretraining_log.json").exists()):
         unwrapped.save_pretrained(folder)
         (folder / "pretraining_log.json").write_text(json.dumps(log, indent=1))
     return log
