@@ -266,7 +266,7 @@ def context_of(unit: Unit, splits: ForecastingSplits, backbone: FactoSTModel | N
         return min(splits.steps_per_day + splits.input_len, backbone.config.max_context_length)
     if unit.setting == "long":
         return backbone.config.max_context_length if backbone is not None else 2048
-    return splits.input_len
+    return int(unit.setting) if unit.method == "zero-shot" else splits.input_len
 
 
 def run_unit(unit: Unit, backbone: FactoSTModel | None, backbone_path: Path, stride: int = TEST_STRIDE,
@@ -328,15 +328,15 @@ def is_done(folder: Path, unit: Unit, digest: str) -> bool:
     return not unit.uses_backbone or json.loads(path.read_text()).get("backbone_sha256") == digest
 
 
-def run_all(folder: Path, datasets_: tuple[str, ...], seeds: tuple[int, ...], backbone_path: Path,
-            stride: int = TEST_STRIDE, max_epochs: int | None = None, methods: tuple[str, ...] = METHODS) -> None:
-    """Run every unit of ``methods`` that is not done yet, saving each as it finishes (trained units capped at
+def run_units(folder: Path, todo: list[Unit], backbone_path: Path, stride: int = TEST_STRIDE,
+              max_epochs: int | None = None) -> None:
+    """Run every unit of ``todo`` that is not done yet, saving each as it finishes (trained units capped at
     ``max_epochs``)."""
     folder.mkdir(parents=True, exist_ok=True)
     backbone = FactoSTModel.from_pretrained(backbone_path).eval()
     digest = weights_digest(backbone_path)
-    for unit in units(datasets_, seeds):
-        if unit.method not in methods or is_done(folder, unit, digest):
+    for unit in todo:
+        if is_done(folder, unit, digest):
             continue
         result = run_unit(unit, backbone, backbone_path, stride, max_epochs)
         np.savez(folder / f"{unit.key}.npz", sums=result["sums"], counts=result["counts"])
@@ -344,6 +344,12 @@ def run_all(folder: Path, datasets_: tuple[str, ...], seeds: tuple[int, ...], ba
         print(f"{unit.key}: MAE {result['record']['metrics']['mae']:.4f} "
               f"({result['record']['cpu_seconds']:.0f} CPU s)", flush=True)
 
+
+def run_all(folder: Path, datasets_: tuple[str, ...], seeds: tuple[int, ...], backbone_path: Path,
+            stride: int = TEST_STRIDE, max_epochs: int | None = None, methods: tuple[str, ...] = METHODS) -> None:
+    """Run the benchmark's units of ``methods`` (see :func:`run_units`)."""
+    todo = [unit for unit in units(datasets_, seeds) if unit.method in methods]
+    run_units(folder, todo, backbone_path, stride, max_epochs)
 
 ROWS = [
     ("last value", "12", "last value"),

@@ -26,7 +26,7 @@ Protocol (issue 24):
   forecasting the last 10% of every real series, which no training window reaches) at the end of
   its budget. The held-out data sets play no part in the choice.
 - ``--held-out`` scores every finished size zero-shot on the held-out sets' test windows with
-  ``benchmarks/factost.py``'s units (12-step and long history; results under ``<size>/held_out/``)
+  ``benchmarks/factost.py``'s units (histories of ``HELD_OUT_CONTEXTS`` steps; results under ``<size>/held_out/``)
   and ``--status`` reports each MAE against seasonal naive's. This says which knob moves the
   zero-shot numbers; it is read after the choice, never in it.
 
@@ -69,6 +69,7 @@ CALIBRATION_STEPS = 30
 VALIDATION_BATCHES = 32
 LEARNING_RATE = 1e-3
 SEED = 0
+HELD_OUT_CONTEXTS = ("12", "256", "1024", "long")  # steps of history; "long" is the size's max_context_length
 
 
 def calibrate(config: FactoSTConfig, corpus, steps: int) -> float:
@@ -121,7 +122,7 @@ def held_out_zero_shot(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
     found: dict[str, dict[str, dict[str, float]]] = {}
     for dataset in held_out_benchmark.HELD_OUT:
         naive = held_out_benchmark.RESULTS / f"seasonal-naive_{dataset}_12_s0.json"
-        for setting in ("12", "long"):
+        for setting in HELD_OUT_CONTEXTS:
             path = folder / "held_out" / f"zero-shot_{dataset}_{setting}_s0.json"
             if not path.exists():
                 continue
@@ -267,8 +268,9 @@ def main() -> None:
         torch.set_num_threads(1)
         for size, row in status(root)["sizes"].items():
             if row.get("finished"):
-                held_out_benchmark.run_all(root / size / "held_out", held_out_benchmark.HELD_OUT, (0,), root / size,
-                                           methods=("zero-shot",))
+                todo = [held_out_benchmark.Unit("zero-shot", dataset, context)
+                        for dataset in held_out_benchmark.HELD_OUT for context in HELD_OUT_CONTEXTS]
+                held_out_benchmark.run_units(root / size / "held_out", todo, root / size)
         return
     if args.status:
         summary = status(root)
