@@ -2,7 +2,7 @@
 
 The one-liner that loads the shipped FactoST backbone wherever Python runs::
 
-    backbone = AutoModel.from_pretrained(shipped_checkpoint("factost-cpu"))  # after import st_peft
+    backbone = AutoModel.from_pretrained(shipped_checkpoint())  # after import st_peft
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from pathlib import Path
 SHIPPED_ROOT = Path(__file__).resolve().parent / "checkpoints"
 """The package's ``checkpoints/`` folder (installed with the package)."""
 
+DEFAULT_FACTOST_BACKBONE = "factost-cpu"
+"""The FactoST backbone that ``shipped_checkpoint()`` and ``st-peft train --adapter factost`` use by default."""
 
-def shipped_checkpoint(name: str = "factost-cpu") -> Path:
+
+def shipped_checkpoint(name: str = DEFAULT_FACTOST_BACKBONE) -> Path:
     """The absolute folder of the checkpoint ``name`` shipped with st-peft, for any ``from_pretrained``.
 
     Raises:

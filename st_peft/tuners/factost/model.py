@@ -117,7 +117,7 @@ def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Name
 
     FACTOST adapts FactoST backbones only, so the ``--model`` backbone the command line built
     is not used. ``--adapter-args`` may name the backbone folder (``backbone``, default: the
-    shipped ``factost-cpu`` checkpoint) and any ``FactoSTAdapterConfig`` field; the sizes
+    shipped ``DEFAULT_FACTOST_BACKBONE``) and any ``FactoSTAdapterConfig`` field; the sizes
     (``splits.size_kwargs()``) and ``steps_per_day`` come from the data, and ``--loss`` sets the
     backbone's training loss (``FactoSTConfig.loss``).
 
@@ -135,7 +135,7 @@ def factost_cli_adapter(backbone: nn.Module, splits: Any, options: argparse.Name
 
     settings = dict(options.adapter_args)
     overrides = {"loss": options.loss} if getattr(options, "loss", None) else {}
-    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", shipped_checkpoint("factost-cpu")), **overrides)
+    pretrained = FactoSTModel.from_pretrained(settings.pop("backbone", shipped_checkpoint()), **overrides)
     for name, value in {**splits.size_kwargs(), "steps_per_day": splits.steps_per_day}.items():
         settings.setdefault(name, value)
     return get_peft_model(pretrained, FactoSTAdapterConfig(**settings))
