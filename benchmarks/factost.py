@@ -39,8 +39,10 @@ training loop and bootstrap it imports):
   (seeds with replacement, test windows in moving blocks of 24 steps).
 
 Every finished unit is a JSON (with an ``.npz`` of per-window error sums) under
-``benchmarks/results/factost/``; units already there are skipped, so the benchmark resumes. A
-FactoST unit records the SHA-256 of the backbone's weights and is run again for another backbone.
+``benchmarks/results/factost/``; units already there are skipped, so the benchmark resumes, and a
+trained unit killed part-way goes on from its last finished epoch (``progress/<unit key>/``, the
+study's ``train``). A FactoST unit records the SHA-256 of the backbone's weights and is run again
+for another backbone.
 """
 
 from __future__ import annotations
@@ -270,10 +272,11 @@ def context_of(unit: Unit, splits: ForecastingSplits, backbone: FactoSTModel | N
 
 
 def run_unit(unit: Unit, backbone: FactoSTModel | None, backbone_path: Path, stride: int = TEST_STRIDE,
-             max_epochs: int | None = None) -> dict:
+             max_epochs: int | None = None, progress: Path | None = None) -> dict:
     """Run one unit on every ``stride``-th test window; return its record and its per-window error sums.
 
-    ``max_epochs`` caps a trained unit's epochs below its recipe's (the quick smoke test).
+    ``max_epochs`` caps a trained unit's epochs below its recipe's (the quick smoke test); a trained
+    unit keeps its progress between epochs in ``progress`` and goes on from there when run again.
     """
     splits = load_splits(unit.dataset)
     record: dict = {"unit": dataclasses.asdict(unit), "test_stride": stride}
@@ -305,7 +308,7 @@ def run_unit(unit: Unit, backbone: FactoSTModel | None, backbone_path: Path, str
             record["context"] = context
         epochs = min(recipe.max_epochs, max_epochs or recipe.max_epochs)
         result, _ = train(model, train_splits, recipe, recipe.optimizer, recipe.lr, recipe.weight_decay, unit.seed,
-                          epochs, keep_eval_mode=keep_eval)
+                          epochs, keep_eval_mode=keep_eval, progress=progress)
         predictions = model_predictions(model, with_context(splits, record.get("context", splits.input_len)), stride)
         record.update(
             training_windows=len(train_splits.train), best_val_mae=result.best_val_mae, best_epoch=result.best_epoch,
@@ -338,7 +341,7 @@ def run_units(folder: Path, todo: list[Unit], backbone_path: Path, stride: int =
     for unit in todo:
         if is_done(folder, unit, digest):
             continue
-        result = run_unit(unit, backbone, backbone_path, stride, max_epochs)
+        result = run_unit(unit, backbone, backbone_path, stride, max_epochs, progress=folder / "progress" / unit.key)
         np.savez(folder / f"{unit.key}.npz", sums=result["sums"], counts=result["counts"])
         write_json_atomic(folder / f"{unit.key}.json", result["record"])
         print(f"{unit.key}: MAE {result['record']['metrics']['mae']:.4f} "

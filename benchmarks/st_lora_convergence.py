@@ -86,7 +86,9 @@ once validation has chosen it. Paired changes against (1), against (1b), and of 
 
 Running it: every finished run is a JSON (plus an ``.npz`` of per-window test error sums for the
 bootstrap) under ``benchmarks/results/st_lora_convergence/``; runs already there are skipped, so
-an interrupted study resumes where it stopped. The best state of every (1) is kept in
+an interrupted study resumes where it stopped, and a run killed part-way goes on from its last
+finished epoch, bit for bit (``progress/<run key>/`` there, safetensors and JSON, written after
+every epoch and removed when the run ends). The best state of every (1) is kept in
 ``checkpoints/`` there; only those whose arms are still to run when a session stops are committed.
 A (1) whose checkpoint is missing is retrained when a run still needs it. Arms on record name the
 (1) they started from (its ``run_id``), so a retrained (1) would void them, unless it reproduces
@@ -106,12 +108,14 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -364,16 +368,100 @@ class TrainResult:
     best_trained_epoch: int = 0
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor of ``model``'s state, in key order: what a run starts from."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tensors_of(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state``'s tensors under ``prefix``, copied so that none shares memory (safetensors refuses that)."""
+    return {f"{prefix}{key}": value.detach().clone().contiguous() for key, value in state.items()}
+
+
+def save_progress(folder: Path, identity: dict, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: TrainResult,
+                  best_state: dict, trained_state: dict) -> None:
+    """Write what :func:`train` needs to go on after ``epoch`` as ``folder``, replacing it whole.
+
+    Tensors (the model, the best and the best trained states, the optimiser's moments and the torch
+    generator) go to ``tensors.safetensors``; the rest (the run's ``identity``, the epoch, the
+    curves, the shuffling generator, the lrs) to ``progress.json``.
+    """
+    tensors = {**tensors_of(model.state_dict(), "model."), **tensors_of(best_state, "best.")}
+    if trained_state is not best_state:
+        tensors.update(tensors_of(trained_state, "trained."))
+    for index, values in optimizer.state_dict()["state"].items():
+        tensors.update({f"optimizer.{index}.{key}": torch.as_tensor(value).clone() for key, value in values.items()})
+    tensors["torch_rng"] = torch.get_rng_state()
+    scheduler_state = {key: value for key, value in scheduler.state_dict().items() if key != "lr_lambdas"}
+    progress = {"identity": identity, "epoch": epoch, "result": asdict(result), "numpy_rng": rng.bit_generator.state,
+                "scheduler": scheduler_state, "lrs": [group["lr"] for group in optimizer.param_groups],
+                "trained_is_best": trained_state is best_state}
+    staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(staging / "tensors.safetensors"))
+    (staging / "progress.json").write_text(json.dumps(progress))
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def load_progress(folder: Path, identity: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
+                  ) -> tuple[int, TrainResult, dict, dict] | None:
+    """Restore a run saved by :func:`save_progress` into ``model``, ``optimizer``, ``scheduler`` and ``rng``.
+
+    Returns:
+        ``(epoch, result, best_state, trained_state)``, or ``None`` (with a warning where something
+        was found) when ``folder`` holds no readable progress of this very run (the same
+        ``identity``: options and starting state).
+    """
+    if not folder.exists():
+        return None
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        tensors = load_file(str(folder / "tensors.safetensors"))
+    except (OSError, ValueError) as error:
+        print(f"warning: unreadable progress in {folder} ({error}); training from the start", flush=True)
+        return None
+    if progress["identity"] != identity:
+        print(f"warning: {folder} holds another run's progress; training from the start", flush=True)
+        return None
+    part = lambda prefix: {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}  # noqa: E731
+    model.load_state_dict(part("model."))
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in part("optimizer.").items():
+        index, entry = key.split(".", 1)
+        moments.setdefault(int(index), {})[entry] = value
+    groups = optimizer.state_dict()["param_groups"]
+    for group, lr in zip(groups, progress["lrs"], strict=True):
+        group["lr"] = lr
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    scheduler.load_state_dict({**progress["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    rng.bit_generator.state = progress["numpy_rng"]
+    torch.set_rng_state(tensors["torch_rng"])
+    best_state = part("best.")
+    trained_state = best_state if progress["trained_is_best"] else part("trained.")
+    return progress["epoch"], TrainResult(**progress["result"]), best_state, trained_state
+
+
 def train(model: nn.Module, splits: ForecastingSplits, recipe: Recipe, optimizer_kind: str, lr: float,
           weight_decay: float, seed: int, max_epochs: int, keep_eval_mode: bool = False,
-          ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+          progress: Path | None = None) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """Train ``model``'s trainable parameters with early stopping on validation MAE; reload the best state.
 
     Epoch 0 is the model as given (evaluated, not trained); each later epoch is one pass over
     the shuffled training windows with ``recipe``'s batch size and lr schedule, followed by an
     evaluation of the whole validation split. Training stops 10 epochs after the best one
     (epoch 0 included). ``keep_eval_mode`` trains with the model in evaluation mode (a frozen
-    backbone without dropout or batch-norm updates).
+    backbone without dropout or batch-norm updates). With ``progress``, the run is saved there
+    after every epoch (:func:`save_progress`) and a run killed part-way goes on from its last
+    epoch, to the same result bit for bit, when called again with the same model, data and
+    options; the folder is removed once training ends.
 
     Returns:
         The curves and best epochs, and the state of the best *trained* epoch (1 or later; the
@@ -384,11 +472,21 @@ def train(model: nn.Module, splits: ForecastingSplits, recipe: Recipe, optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
     rng = np.random.default_rng(seed)
     starts = np.asarray(splits.train["start"], dtype=np.int64)
-    wall, cpu = time.perf_counter(), time.process_time()
-    best, _, _ = evaluate(model, splits, "val")
-    best_state = trained_state = copy.deepcopy(model.state_dict())
-    result = TrainResult(best, 0, 0, [best], [float("nan")], [float("nan")], 0.0, 0.0, False)
-    for epoch in range(1, max_epochs + 1):
+    # in the form progress.json gives back (tuples become lists), so that equal runs compare equal
+    identity = json.loads(json.dumps({
+        "recipe": asdict(recipe), "optimizer": optimizer_kind, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+        "max_epochs": max_epochs, "keep_eval_mode": keep_eval_mode, "windows": len(starts),
+        "start_state": state_digest(model)}))
+    resumed = None if progress is None else load_progress(progress, identity, model, optimizer, scheduler, rng)
+    if resumed is None:
+        done = 0
+        best, _, _ = evaluate(model, splits, "val")
+        best_state = trained_state = copy.deepcopy(model.state_dict())
+        result = TrainResult(best, 0, 0, [best], [float("nan")], [float("nan")], 0.0, 0.0, False)
+    else:
+        done, result, best_state, trained_state = resumed
+    wall, cpu = time.perf_counter() - result.train_seconds, time.process_time() - result.train_cpu_seconds
+    for epoch in range(done + 1, max_epochs + 1):
         model.eval() if keep_eval_mode else model.train()
         losses = []
         result.lr_curve.append(optimizer.param_groups[0]["lr"])
@@ -413,13 +511,18 @@ def train(model: nn.Module, splits: ForecastingSplits, recipe: Recipe, optimizer
         if val < result.best_trained_val_mae:
             result.best_trained_val_mae, result.best_trained_epoch = val, epoch
             trained_state = best_state if result.best_epoch == epoch else copy.deepcopy(model.state_dict())
+        result.train_seconds, result.train_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
         if epoch - result.best_epoch >= PATIENCE:
             result.stopped_early = True
             break
-    result.train_seconds = time.perf_counter() - wall
-    result.train_cpu_seconds = time.process_time() - cpu
+        if progress is not None and epoch < max_epochs:
+            save_progress(progress, identity, epoch, model, optimizer, scheduler, rng, result, best_state,
+                          trained_state)
+    result.train_seconds, result.train_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
     model.load_state_dict(best_state)
     model.eval()
+    if progress is not None:
+        shutil.rmtree(progress, ignore_errors=True)
     return result, trained_state
 
 
@@ -602,6 +705,10 @@ class Study:
     def path(self, unit: Unit, suffix: str = ".json") -> Path:
         """Result file of ``unit``."""
         return self.results / f"{unit.key}{suffix}"
+
+    def progress(self, unit: Unit) -> Path:
+        """Where ``unit``'s training keeps its progress between epochs (see :func:`train`)."""
+        return self.results / "progress" / unit.key
 
     def checkpoint(self, backbone: str, dataset: str, seed: int) -> Path:
         """Best state of (1) for this backbone, data set and seed."""
@@ -838,7 +945,7 @@ def run_unit(study: Study, unit: Unit) -> dict:
     shuffle_seed = unit.seed + 1000 * ARMS.index(TRAIN_SEED_ARM.get(unit.arm, unit.arm))
     result, trained_state = train(model, splits, recipe, settings["optimizer"], settings["lr"],
                                   settings["weight_decay"], seed=shuffle_seed, max_epochs=max_epochs,
-                                  keep_eval_mode=unit.arm in ("2L", "2Lc"))
+                                  keep_eval_mode=unit.arm in ("2L", "2Lc"), progress=study.progress(unit))
     record["peak_rss_mib"] = peak_rss_mib()
     record.update(asdict(result))
     record["start_val_mae"] = result.val_curve[0]

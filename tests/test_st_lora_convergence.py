@@ -3,6 +3,7 @@ parameter matching, early stopping, the paired bootstrap, and one cached run pai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,6 +112,56 @@ def test_training_that_never_improves_stops_after_the_patience_and_keeps_epoch_z
     assert result.epochs_run == study_module.PATIENCE
     assert result.val_curve[0] == start and result.best_val_mae == start
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_a_run_killed_between_epochs_goes_on_to_the_same_result_bit_for_bit(study_module, tmp_path, monkeypatch,
+                                                                           capsys):
+    splits = study_module.load_splits("chickenpox")
+
+    # a new lr every epoch, so the schedule must resume too
+    recipe = dataclasses.replace(study_module.RECIPES["stid"], milestones=(1, 2, 3, 4))
+
+    def run(progress: Path | None, lr: float = 2e-3):
+        model = study_module.build_backbone("stid", splits, seed=0)  # STID has dropout: the torch generator matters
+        torch.manual_seed(0)
+        result, trained = study_module.train(model, splits, recipe, "adam", lr, 1e-4, seed=0, max_epochs=4,
+                                             progress=progress)
+        return model, result, trained
+
+    whole_model, whole, whole_trained = run(None)
+    folder = tmp_path / "progress"
+    evaluate, calls = study_module.evaluate, []
+
+    def killed_during_epoch_three(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 4:  # the validation of epochs 0, 1 and 2 ran; the kill comes in epoch 3's
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "evaluate", killed_during_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder)
+    assert json.loads((folder / "progress.json").read_text())["epoch"] == 2
+    monkeypatch.setattr(study_module, "evaluate", evaluate)
+    other_lr = run(folder, lr=1e-3)[1]  # another run's progress is never taken, and is replaced
+    assert "another run's progress" in capsys.readouterr().out
+    assert other_lr.val_curve[0] == whole.val_curve[0] and not folder.exists()
+    monkeypatch.setattr(study_module, "evaluate", killed_during_epoch_three)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(folder)
+    calls.clear()
+    monkeypatch.setattr(study_module, "evaluate", lambda *args, **kwargs: calls.append(args[2]) or evaluate(*args, **kwargs))
+    resumed_model, resumed, resumed_trained = run(folder)
+    assert calls == ["val", "val"] and "from the start" not in capsys.readouterr().out  # epochs 3 and 4 only
+    for curve in ("val_curve", "train_curve", "lr_curve"):
+        assert np.array_equal(getattr(resumed, curve), getattr(whole, curve), equal_nan=True), curve
+    assert (resumed.best_epoch, resumed.epochs_run, resumed.best_trained_epoch) == (
+        whole.best_epoch, whole.epochs_run, whole.best_trained_epoch)
+    assert resumed.train_cpu_seconds > 0 and not folder.exists()
+    for key, value in whole_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+        assert torch.equal(resumed_trained[key], whole_trained[key]), key
 
 
 def test_a_backbone_and_its_st_lora_arm_are_cached_and_start_from_the_backbone(study_module, tmp_path):
