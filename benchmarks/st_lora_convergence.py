@@ -136,6 +136,7 @@ from common import markdown_table, parameter_count  # noqa: E402
 from st_peft.backbones import BACKBONES
 from st_peft.data import ForecastingSplits, build_splits, load
 from st_peft.metrics import masked_mae, masked_mape, masked_rmse
+from st_peft.optimizer_state import load_optimizer_tensors, optimizer_tensors
 from st_peft.outputs import ForecastOutput, prediction_of
 from st_peft.runs import RunFolder, RunFolderBusy, write_json_atomic
 from st_peft.tuners.st_lora import STLoraConfig
@@ -394,8 +395,7 @@ def save_progress(folder: Path, identity: dict, epoch: int, model: nn.Module, op
     tensors = {**tensors_of(model.state_dict(), "model."), **tensors_of(best_state, "best.")}
     if trained_state is not best_state:
         tensors.update(tensors_of(trained_state, "trained."))
-    for index, values in optimizer.state_dict()["state"].items():
-        tensors.update({f"optimizer.{index}.{key}": torch.as_tensor(value).clone() for key, value in values.items()})
+    tensors.update({f"optimizer.{name}": value for name, value in optimizer_tensors(optimizer).items()})
     tensors["torch_rng"] = torch.get_rng_state()
     scheduler_state = {key: value for key, value in scheduler.state_dict().items() if key != "lr_lambdas"}
     progress = {"identity": identity, "epoch": epoch, "result": asdict(result), "numpy_rng": rng.bit_generator.state,
@@ -433,14 +433,7 @@ def load_progress(folder: Path, identity: dict, model: nn.Module, optimizer: tor
         return None
     part = lambda prefix: {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}  # noqa: E731
     model.load_state_dict(part("model."))
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in part("optimizer.").items():
-        index, entry = key.split(".", 1)
-        moments.setdefault(int(index), {})[entry] = value
-    groups = optimizer.state_dict()["param_groups"]
-    for group, lr in zip(groups, progress["lrs"], strict=True):
-        group["lr"] = lr
-    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    load_optimizer_tensors(optimizer, part("optimizer."), progress["lrs"])
     scheduler.load_state_dict({**progress["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     rng.bit_generator.state = progress["numpy_rng"]
     torch.set_rng_state(tensors["torch_rng"])

@@ -353,3 +353,25 @@ def test_a_non_finite_loss_stops_training_naming_the_step(splits, small, tmp_pat
         trainer.train()
     assert trainer.state.global_step == 2  # the NaN step applied nothing
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_refuses_other_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from st_peft.optimizer_state import load_optimizer_tensors, optimizer_tensors
+
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(torch.randn(4, 3)).square().sum().backward()
+        optimizer.step()
+    save_file(optimizer_tensors(optimizer), str(tmp_path / "optimizer.safetensors"))
+    restored = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    load_optimizer_tensors(restored, load_file(str(tmp_path / "optimizer.safetensors")), lrs=[5e-3])
+    saved, loaded = optimizer.state_dict()["state"], restored.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and restored.param_groups[0]["lr"] == 5e-3
+    assert all(torch.equal(saved[i][entry], loaded[i][entry]) for i in saved for entry in saved[i])
+    with pytest.raises(ValueError, match="'weight' is not the name of an optimiser state tensor"):
+        load_optimizer_tensors(restored, {"weight": torch.zeros(2)})

@@ -59,6 +59,7 @@ from st_peft.models.factost.corpus import (
     read_real_series,
 )
 from st_peft.models.factost.modeling_factost import FactoSTModel, masked_instance_norm
+from st_peft.optimizer_state import load_optimizer_tensors, optimizer_tensors
 
 CHECKPOINT = "checkpoint"
 PREVIOUS_CHECKPOINT = "checkpoint.previous"
@@ -217,11 +218,7 @@ def save_checkpoint(folder: Path, model: FactoSTModel, optimizer: torch.optim.Op
     staging.mkdir(parents=True)
     save_file({name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()},
               str(staging / "model.safetensors"))
-    optimizer_tensors = {}
-    for index, values in optimizer.state_dict()["state"].items():
-        for key, tensor in values.items():
-            optimizer_tensors[f"{index}.{key}"] = torch.as_tensor(tensor).detach().contiguous()
-    save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
+    save_file(optimizer_tensors(optimizer), str(staging / "optimizer.safetensors"))
     (staging / "state.json").write_text(json.dumps(state, indent=1))
     for path in staging.iterdir():
         with open(path, "rb") as handle:
@@ -251,16 +248,12 @@ def load_checkpoint(folder: Path, model: FactoSTModel, optimizer: torch.optim.Op
             expected = set(model.state_dict())
             if set(weights) != expected:
                 raise ValueError(f"its weights have keys {sorted(set(weights) ^ expected)[:4]} that the model does not")
-            grouped: dict[int, dict[str, torch.Tensor]] = {}
-            for key, tensor in moments.items():
-                index, entry = key.split(".", 1)
-                grouped.setdefault(int(index), {})[entry] = tensor
+            load_optimizer_tensors(optimizer, moments)
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
             warnings.warn(f"pretraining checkpoint {path} cannot be read ({error}); trying the one before it.",
                           stacklevel=2)
             continue
         model.load_state_dict(weights)
-        optimizer.load_state_dict({"state": grouped, "param_groups": optimizer.state_dict()["param_groups"]})
         return state
     return None
 
