@@ -121,9 +121,9 @@ def held_out_zero_shot(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
     """
     found: dict[str, dict[str, dict[str, float]]] = {}
     for dataset in held_out_benchmark.HELD_OUT:
-        naive = held_out_benchmark.RESULTS / f"seasonal-naive_{dataset}_12_s0.json"
+        naive = held_out_benchmark.RESULTS / f"{held_out_benchmark.Unit('seasonal naive', dataset, '12').key}.json"
         for setting in HELD_OUT_CONTEXTS:
-            path = folder / "held_out" / f"zero-shot_{dataset}_{setting}_s0.json"
+            path = folder / "held_out" / f"{held_out_benchmark.Unit('zero-shot', dataset, setting).key}.json"
             if not path.exists():
                 continue
             record = json.loads(path.read_text())
